@@ -1,0 +1,109 @@
+// Packing a dense weight into the offset-CSR, CSR-blocked layout of spmm.h.
+#include <cstring>
+
+#include "spmm.h"
+
+namespace sparsecpu {
+namespace kernels {
+
+namespace {
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+}  // namespace
+
+std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
+                                     int64_t in_features, int64_t row_stride, int64_t k_block,
+                                     int64_t row_block) {
+  if (k_block <= 0 || k_block > in_features) k_block = in_features > 0 ? in_features : 1;
+  if (row_block <= 0) row_block = 1;
+  const int64_t num_k_blocks = in_features > 0 ? ceil_div(in_features, k_block) : 1;
+  const int64_t num_row_blocks = ceil_div(out_features, row_block);
+
+  int64_t nnz = 0;
+  for (int64_t o = 0; o < out_features; ++o) {
+    for (int64_t i = 0; i < in_features; ++i) nnz += weight[o * row_stride + i] != 0.0f;
+  }
+  const int64_t segments = out_features * num_k_blocks;
+  std::vector<int32_t> packed(kHeaderWords + segments + 1 + 2 * nnz, 0);
+  int32_t* header = packed.data();
+  header[kMagic] = kPackedMagic;
+  header[kVersion] = kPackedVersion;
+  header[kOutFeatures] = static_cast<int32_t>(out_features);
+  header[kInFeatures] = static_cast<int32_t>(in_features);
+  header[kKBlock] = static_cast<int32_t>(k_block);
+  header[kNumKBlocks] = static_cast<int32_t>(num_k_blocks);
+  header[kRowBlock] = static_cast<int32_t>(row_block);
+  header[kNumRowBlocks] = static_cast<int32_t>(num_row_blocks);
+  header[kNnz] = static_cast<int32_t>(nnz);
+
+  int32_t* seg_ptr = header + kHeaderWords;
+  int32_t* values = seg_ptr + segments + 1;
+  int32_t* offsets = values + nnz;
+  int64_t segment = 0;
+  int32_t next = 0;
+  for (int64_t rb = 0; rb < num_row_blocks; ++rb) {
+    const int64_t row_begin = rb * row_block;
+    const int64_t row_end = row_begin + row_block < out_features ? row_begin + row_block : out_features;
+    for (int64_t kb = 0; kb < num_k_blocks; ++kb) {
+      const int64_t col_begin = kb * k_block;
+      const int64_t col_end = col_begin + k_block < in_features ? col_begin + k_block : in_features;
+      for (int64_t o = row_begin; o < row_end; ++o) {
+        seg_ptr[segment++] = next;
+        for (int64_t i = col_begin; i < col_end; ++i) {
+          const float v = weight[o * row_stride + i];
+          if (v == 0.0f) continue;
+          std::memcpy(&values[next], &v, sizeof(float));
+          offsets[next] = static_cast<int32_t>(i);
+          ++next;
+        }
+      }
+    }
+  }
+  seg_ptr[segment] = next;
+  return packed;
+}
+
+bool view_packed_linear(const int32_t* data, int64_t words, PackedLinearView* view,
+                        std::string* error) {
+  if (words < kHeaderWords) {
+    *error = "buffer shorter than the header";
+    return false;
+  }
+  if (data[kMagic] != kPackedMagic) {
+    *error = "bad magic number (not a sparsecpu packed linear weight)";
+    return false;
+  }
+  if (data[kVersion] != kPackedVersion) {
+    *error = "format version " + std::to_string(data[kVersion]) + ", this build reads version " +
+             std::to_string(kPackedVersion) + "; repack the weight";
+    return false;
+  }
+  PackedLinearView v;
+  v.out_features = data[kOutFeatures];
+  v.in_features = data[kInFeatures];
+  v.k_block = data[kKBlock];
+  v.num_k_blocks = data[kNumKBlocks];
+  v.row_block = data[kRowBlock];
+  v.num_row_blocks = data[kNumRowBlocks];
+  v.nnz = data[kNnz];
+  const bool dims_ok = v.out_features >= 0 && v.in_features >= 0 && v.k_block > 0 &&
+                       v.row_block > 0 && v.nnz >= 0 &&
+                       v.num_row_blocks == ceil_div(v.out_features, v.row_block) &&
+                       v.num_k_blocks == (v.in_features > 0 ? ceil_div(v.in_features, v.k_block) : 1);
+  const int64_t segments = v.out_features * v.num_k_blocks;
+  if (!dims_ok || words != kHeaderWords + segments + 1 + 2 * v.nnz) {
+    *error = "inconsistent header or buffer size";
+    return false;
+  }
+  v.seg_ptr = data + kHeaderWords;
+  if (v.seg_ptr[0] != 0 || v.seg_ptr[segments] != v.nnz) {
+    *error = "segment pointers do not cover the nonzeros";
+    return false;
+  }
+  v.values = reinterpret_cast<const float*>(v.seg_ptr + segments + 1);
+  v.offsets = v.seg_ptr + segments + 1 + v.nnz;
+  *view = v;
+  return true;
+}
+
+}  // namespace kernels
+}  // namespace sparsecpu

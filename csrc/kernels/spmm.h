@@ -1,0 +1,128 @@
+// Torch-free interface of the sparse kernels: the packed weight layout and the
+// per-ISA kernel table. Nothing here includes a torch header, so every ISA
+// translation unit can include it under its own `#pragma GCC target`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sparsecpu {
+namespace kernels {
+
+// ---------------------------------------------------------------------------
+// Packed weight: offset-CSR, CSR-blocked (format version 1). One int32 buffer:
+//
+//   header      kHeaderWords words, see HeaderField
+//   seg_ptr     out_features * num_k_blocks + 1 words: start of each segment
+//   values      nnz words, fp32 bit patterns
+//   offsets     nnz words, input feature index of each value
+//
+// Output rows are grouped in row blocks of `row_block` rows and the input
+// dimension in K-blocks of `k_block` features. A segment holds the nonzeros of
+// one row inside one K-block; segments are ordered
+//   for row block rb: for K-block kb: for row r in rb
+// so that a row block's partial sums can stay in one L1-resident tile while a
+// K-block's activations stay in L1 too. The kernel multiplies an offset by the
+// row stride of the activation panel it reads (`panel_width` floats).
+// ---------------------------------------------------------------------------
+constexpr int32_t kPackedMagic = 0x31435053;  // "SPC1" little-endian
+constexpr int32_t kPackedVersion = 1;
+constexpr int64_t kHeaderWords = 16;
+
+enum HeaderField : int {
+  kMagic = 0,
+  kVersion = 1,
+  kOutFeatures = 2,
+  kInFeatures = 3,
+  kKBlock = 4,
+  kNumKBlocks = 5,
+  kRowBlock = 6,
+  kNumRowBlocks = 7,
+  kNnz = 8,
+};
+
+// Read-only view of a packed buffer; pointers into it.
+struct PackedLinearView {
+  int64_t out_features = 0;
+  int64_t in_features = 0;
+  int64_t k_block = 0;
+  int64_t num_k_blocks = 0;
+  int64_t row_block = 0;
+  int64_t num_row_blocks = 0;
+  int64_t nnz = 0;
+  const int32_t* seg_ptr = nullptr;
+  const float* values = nullptr;
+  const int32_t* offsets = nullptr;
+
+  int64_t rows_in_block(int64_t rb) const {
+    const int64_t begin = rb * row_block;
+    return (out_features - begin < row_block) ? out_features - begin : row_block;
+  }
+  // Index of the segment (row block rb, K-block kb, row r of the block).
+  int64_t segment(int64_t rb, int64_t kb, int64_t r) const {
+    return rb * row_block * num_k_blocks + kb * rows_in_block(rb) + r;
+  }
+  int64_t block_nnz(int64_t rb) const {
+    const int64_t first = segment(rb, 0, 0);
+    const int64_t end = first + rows_in_block(rb) * num_k_blocks;
+    return seg_ptr[end] - seg_ptr[first];
+  }
+};
+
+// Packs a dense row-major [out_features, in_features] matrix (row stride
+// `row_stride` floats). k_block <= 0 means one K-block over all inputs.
+std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
+                                     int64_t in_features, int64_t row_stride,
+                                     int64_t k_block, int64_t row_block);
+
+// Validates a packed buffer of `words` int32 and returns a view of it. On a
+// bad buffer returns false and writes the reason to `error`.
+bool view_packed_linear(const int32_t* data, int64_t words,
+                        PackedLinearView* view, std::string* error);
+
+// ---------------------------------------------------------------------------
+// Kernels.
+// ---------------------------------------------------------------------------
+enum class Activation : int { kNone = 0, kRelu, kGeluErf, kGeluTanh, kSilu };
+
+// An activation panel holds up to `max_panel_width` tokens of the input,
+// feature-major: panel[i * panel_width + t] is feature i of token t.
+// panel_width is a multiple of `vector_width`; padding tokens are zero.
+struct SpmmKernels {
+  const char* isa;
+  int64_t vector_width;     // floats per SIMD register (1 for scalar)
+  int64_t max_panel_width;  // tokens per full panel
+
+  // Copies tokens [0, tokens) of x (token stride / feature stride in floats)
+  // into a panel of width panel_width, zero-padding tokens >= `tokens`.
+  void (*pack_panel)(const float* x, int64_t tokens, int64_t in_features,
+                     int64_t token_stride, int64_t feature_stride,
+                     int64_t panel_width, float* panel);
+
+  // Computes every row of row block rb for one panel into tile
+  // [rows_in_block][panel_width]: bias + sum over nonzeros, then activation.
+  void (*spmm_row_block)(const PackedLinearView& w, int64_t rb,
+                         const float* panel, int64_t panel_width,
+                         const float* bias, Activation act, float* tile);
+};
+
+// Kernel tables, one per ISA (defined in spmm_f32__<isa>.cpp).
+extern const SpmmKernels kSpmmScalar;
+extern const SpmmKernels kSpmmAvx2;
+extern const SpmmKernels kSpmmAvx512;
+
+// Names of the register tiles each ISA's table instantiates, e.g.
+// "spmm_f32_1x64__avx2": 1 output row x 64 tokens.
+std::vector<std::string> spmm_kernel_names(const SpmmKernels& kernels);
+
+// Run-time ISA choice: the best the CPU supports, unless TORCH_SPARSECPU_ISA
+// (scalar|avx2|avx512) or set_isa() forces one.
+bool cpu_supports(const std::string& isa);
+std::vector<std::string> available_isas();
+const SpmmKernels& active_kernels();
+// Returns false (and changes nothing) if the name is unknown or unsupported.
+bool set_isa(const std::string& isa, std::string* error);
+
+}  // namespace kernels
+}  // namespace sparsecpu

@@ -1,0 +1,59 @@
+// Scalar reference kernels: the same packed layout and panel contract as the SIMD
+// kernels, written plainly. Always available; the tests hold every ISA to it.
+#include <cmath>
+
+#include "spmm.h"
+
+namespace sparsecpu {
+namespace kernels {
+namespace {
+
+float activate_scalar(float x, Activation act) {
+  switch (act) {
+    case Activation::kNone:
+      return x;
+    case Activation::kRelu:
+      return x > 0.0f ? x : 0.0f;
+    case Activation::kGeluErf:
+      return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case Activation::kSilu:
+      return x / (1.0f + std::exp(-x));
+  }
+  return x;
+}
+
+void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, const float* panel,
+                           int64_t panel_width, const float* bias, Activation act, float* tile) {
+  const int64_t rows = w.rows_in_block(rb);
+  const int64_t first_row = rb * w.row_block;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = tile + r * panel_width;
+    for (int64_t t = 0; t < panel_width; ++t) out[t] = bias != nullptr ? bias[first_row + r] : 0.0f;
+    for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+      const int64_t s = w.segment(rb, kb, r);
+      for (int32_t j = w.seg_ptr[s]; j < w.seg_ptr[s + 1]; ++j) {
+        const float* x = panel + static_cast<int64_t>(w.offsets[j]) * panel_width;
+        for (int64_t t = 0; t < panel_width; ++t) out[t] += w.values[j] * x[t];
+      }
+    }
+    for (int64_t t = 0; t < panel_width; ++t) out[t] = activate_scalar(out[t], act);
+  }
+}
+
+void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                       int64_t feature_stride, int64_t panel_width, float* panel) {
+  for (int64_t i = 0; i < in_features; ++i) {
+    for (int64_t t = 0; t < panel_width; ++t) {
+      panel[i * panel_width + t] = t < tokens ? x[t * token_stride + i * feature_stride] : 0.0f;
+    }
+  }
+}
+
+}  // namespace
+
+const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar};
+
+}  // namespace kernels
+}  // namespace sparsecpu

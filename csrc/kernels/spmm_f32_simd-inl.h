@@ -1,0 +1,143 @@
+// Register-tiled offset-CSR SpMM, generic over one SIMD ISA.
+//
+// Included by spmm_f32__<isa>.cpp inside an anonymous namespace, after that file
+// has switched on its ISA (`#pragma GCC target`) and defined `Vec`, the ISA's
+// register type and operations:
+//   Vec::T, Vec::kWidth, Vec::kMaxVectors (register tile: 1 row x kMaxVectors*kWidth tokens),
+//   zero, set1, load, store, add, mul, div, fma(a, b, c) = a*b + c, max, and_, xor_,
+//   floor, pow2(n) = 2^n for an integer-valued n in [-127, 127].
+// No header may be included from here: everything instantiated below is
+// compiled for this ISA only and must not leak into shared inline functions.
+
+// ---- activations, vectorised -------------------------------------------------
+
+// exp by Cephes' expf polynomial (about 1 ulp over the clamped range).
+inline Vec::T exp_approx(Vec::T x) {
+  x = Vec::max(Vec::set1(-88.3762626647949f), x);
+  x = Vec::xor_(Vec::max(Vec::set1(-88.3762626647949f), Vec::xor_(x, Vec::set1(-0.0f))),
+                Vec::set1(-0.0f));  // min(x, 88.376...)
+  const Vec::T n = Vec::floor(Vec::fma(x, Vec::set1(1.44269504088896341f), Vec::set1(0.5f)));
+  x = Vec::fma(n, Vec::set1(-0.693359375f), x);
+  x = Vec::fma(n, Vec::set1(2.12194440e-4f), x);
+  Vec::T y = Vec::set1(1.9875691500e-4f);
+  y = Vec::fma(y, x, Vec::set1(1.3981999507e-3f));
+  y = Vec::fma(y, x, Vec::set1(8.3334519073e-3f));
+  y = Vec::fma(y, x, Vec::set1(4.1665795894e-2f));
+  y = Vec::fma(y, x, Vec::set1(1.6666665459e-1f));
+  y = Vec::fma(y, x, Vec::set1(5.0000001201e-1f));
+  y = Vec::add(Vec::fma(y, Vec::mul(x, x), x), Vec::set1(1.0f));
+  return Vec::mul(y, Vec::pow2(n));
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula ATen's own
+// vectorised erf uses, so fused GELU matches eager's rounding closely.
+inline Vec::T erf_approx(Vec::T x) {
+  const Vec::T one = Vec::set1(1.0f);
+  const Vec::T sign = Vec::and_(x, Vec::set1(-0.0f));
+  const Vec::T abs_x = Vec::xor_(x, sign);
+  const Vec::T t = Vec::div(one, Vec::fma(Vec::set1(0.3275911f), abs_x, one));
+  Vec::T r = Vec::fma(Vec::set1(1.061405429f), t, Vec::set1(-1.453152027f));
+  r = Vec::fma(r, t, Vec::set1(1.421413741f));
+  r = Vec::fma(r, t, Vec::set1(-0.284496736f));
+  r = Vec::fma(r, t, Vec::set1(0.254829592f));
+  const Vec::T neg_exp = Vec::xor_(exp_approx(Vec::xor_(Vec::mul(x, x), Vec::set1(-0.0f))),
+                                   Vec::set1(-0.0f));
+  return Vec::xor_(Vec::fma(Vec::mul(neg_exp, t), r, one), sign);
+}
+
+inline Vec::T tanh_approx(Vec::T x) {
+  const Vec::T one = Vec::set1(1.0f);
+  const Vec::T sign = Vec::and_(x, Vec::set1(-0.0f));
+  const Vec::T e = exp_approx(Vec::mul(Vec::xor_(x, sign), Vec::set1(-2.0f)));  // exp(-2|x|)
+  return Vec::xor_(Vec::div(Vec::add(Vec::xor_(e, Vec::set1(-0.0f)), one), Vec::add(one, e)),
+                   sign);
+}
+
+inline Vec::T activate(Vec::T x, Activation act) {
+  const Vec::T half = Vec::set1(0.5f);
+  switch (act) {
+    case Activation::kNone:
+      return x;
+    case Activation::kRelu:
+      return Vec::max(x, Vec::zero());
+    case Activation::kGeluErf:  // 0.5 x (1 + erf(x / sqrt 2))
+      return Vec::mul(Vec::mul(x, half),
+                      Vec::add(Vec::set1(1.0f), erf_approx(Vec::mul(x, Vec::set1(0.70710678118654752f)))));
+    case Activation::kGeluTanh: {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+      const Vec::T x3 = Vec::mul(Vec::mul(x, x), x);
+      const Vec::T inner = Vec::mul(Vec::set1(0.79788456080286536f),
+                                    Vec::fma(Vec::set1(0.044715f), x3, x));
+      return Vec::mul(Vec::mul(x, half), Vec::add(Vec::set1(1.0f), tanh_approx(inner)));
+    }
+    case Activation::kSilu:  // x / (1 + exp(-x))
+      return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(Vec::xor_(x, Vec::set1(-0.0f)))));
+  }
+  return x;
+}
+
+// ---- the microkernel ------------------------------------------------------------
+
+// spmm_f32_1x<kVectors*kWidth>: for each row of row block rb, kVectors registers of
+// tokens accumulate bias + sum_j value_j * panel[offset_j]. Each nonzero costs one
+// broadcast and kVectors loads + FMAs. Partial sums cross K-blocks through the tile,
+// which stays in L1 (row_block x panel width floats).
+template <int kVectors>
+void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, const float* panel,
+                         const float* bias, Activation act, float* tile) {
+  constexpr int64_t kPanelWidth = kVectors * Vec::kWidth;
+  const int64_t rows = w.rows_in_block(rb);
+  const int64_t first_row = rb * w.row_block;
+  for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+    const int32_t* seg = w.seg_ptr + w.segment(rb, kb, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* out = tile + r * kPanelWidth;
+      Vec::T acc[kVectors];
+      if (kb == 0) {
+        const Vec::T b = Vec::set1(bias != nullptr ? bias[first_row + r] : 0.0f);
+        for (int v = 0; v < kVectors; ++v) acc[v] = b;
+      } else {
+        for (int v = 0; v < kVectors; ++v) acc[v] = Vec::load(out + v * Vec::kWidth);
+      }
+      const int32_t end = seg[r + 1];
+#pragma GCC unroll 2
+      for (int32_t j = seg[r]; j < end; ++j) {
+        const Vec::T value = Vec::set1(w.values[j]);
+        const float* x = panel + static_cast<int64_t>(w.offsets[j]) * kPanelWidth;
+        for (int v = 0; v < kVectors; ++v) acc[v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[v]);
+      }
+      for (int v = 0; v < kVectors; ++v) Vec::store(out + v * Vec::kWidth, acc[v]);
+    }
+  }
+  if (act != Activation::kNone) {
+    for (int64_t i = 0; i < rows * kPanelWidth; i += Vec::kWidth) {
+      Vec::store(tile + i, activate(Vec::load(tile + i), act));
+    }
+  }
+}
+
+// The tile list: register tiles of 1..8 vectors (kMaxVectors == 8 on every ISA).
+#define SPARSECPU_FOR_EACH_TILE(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
+
+void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, const float* panel,
+                         int64_t panel_width, const float* bias, Activation act, float* tile) {
+  switch (panel_width / Vec::kWidth) {
+#define SPARSECPU_TILE_CASE(V) \
+  case V:                      \
+    return spmm_row_block_tile<V>(w, rb, panel, bias, act, tile);
+    SPARSECPU_FOR_EACH_TILE(SPARSECPU_TILE_CASE)
+#undef SPARSECPU_TILE_CASE
+    default:
+      return;  // unreachable: the caller sizes panels to 1..kMaxVectors registers
+  }
+}
+
+void pack_panel_simd(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                     int64_t feature_stride, int64_t panel_width, float* panel) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* src = x + t * token_stride;
+    for (int64_t i = 0; i < in_features; ++i) panel[i * panel_width + t] = src[i * feature_stride];
+  }
+  for (int64_t i = 0; i < in_features; ++i) {
+    for (int64_t t = tokens; t < panel_width; ++t) panel[i * panel_width + t] = 0.0f;
+  }
+}

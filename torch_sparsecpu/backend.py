@@ -1,0 +1,188 @@
+"""The ``sparsecpu`` torch.compile backend.
+
+    torch.compile(model, backend="sparsecpu", options={"min_sparsity": 0.7})
+
+Dynamo hands us an FX graph whose parameters are placeholders and whose example
+inputs are the model's real parameters. We pack the sparse float32 linear weights
+once, rewrite their calls into ``sparsecpu::linear`` and hand the graph on to
+Inductor (or run it eagerly). Before every call the wrapper checks that the packed
+weights are current (``_version`` and storage); if not, it rebuilds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .passes import LayerDecision, find_static_tensors, rewrite_sparse_linears
+
+log = logging.getLogger("torch_sparsecpu")
+
+INNER_COMPILERS = ("inductor", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCPUOptions:
+    """Knobs of the backend, given as ``torch.compile(..., options={...})``.
+
+    min_sparsity:      a linear takes the sparse path when at least this fraction of
+                       its weight is exactly zero (below it dense kernels win on this
+                       class of CPU; see docs/benchmarks.md).
+    inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
+    fuse_activations:  fuse a ReLU / GELU / SiLU that follows a sparse linear into it.
+    verbose:           log each linear taken or skipped at INFO instead of DEBUG.
+    """
+
+    min_sparsity: float = 0.6
+    inner: str = "inductor"
+    fuse_activations: bool = True
+    verbose: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.min_sparsity, (int, float)) or isinstance(self.min_sparsity, bool):
+            raise TypeError(f"option 'min_sparsity' must be a number in [0, 1], got {self.min_sparsity!r}")
+        if not 0.0 <= self.min_sparsity <= 1.0:
+            raise ValueError(f"option 'min_sparsity' must be in [0, 1], got {self.min_sparsity!r}")
+        if self.inner not in INNER_COMPILERS:
+            raise ValueError(
+                f"option 'inner' must be one of {', '.join(map(repr, INNER_COMPILERS))}, got {self.inner!r}"
+            )
+        for flag in ("fuse_activations", "verbose"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> SparseCPUOptions:
+        if options is None:
+            return cls()
+        if not isinstance(options, Mapping):
+            raise TypeError(f"options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise ValueError(
+                    f"unknown option {key!r} for backend 'sparsecpu'; valid options: {', '.join(valid)}"
+                )
+        return cls(**options)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
+                   mode: str | None) -> Callable:
+    if options.inner == "eager":
+        return gm
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    config_patches = list_mode_options(mode) if mode else {}
+    return compile_fx(gm, list(example_inputs), config_patches=config_patches)
+
+
+class SparseCompiledGraph:
+    """The callable Dynamo runs: the rewritten graph, compiled, plus the check that
+    every packed weight still matches its parameter."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
+                 mode: str | None, decisions: list[LayerDecision] | None = None):
+        self._source_gm = gm
+        self._options = options
+        self._mode = mode
+        self._lock = threading.Lock()
+        self.decisions: list[LayerDecision] = []
+        self._compiled: Callable | None = None
+        self._build(example_inputs, compile_if_dense=False)
+        if decisions is not None:
+            decisions.extend(self.decisions)
+
+    def _build(self, inputs: Sequence, compile_if_dense: bool = True) -> None:
+        graph = fx.Graph()
+        value_map: dict[fx.Node, fx.Node] = {}
+        graph.output(graph.graph_copy(self._source_gm.graph, value_map))
+        static_source = find_static_tensors(self._source_gm, inputs)
+        static = {value_map[node]: value for node, value in static_source.items()}
+        packed, packed_weights, self.decisions = rewrite_sparse_linears(
+            graph, static,
+            min_sparsity=self._options.min_sparsity,
+            fuse_activations=self._options.fuse_activations,
+        )
+        level = logging.INFO if self._options.verbose else logging.DEBUG
+        if log.isEnabledFor(level):
+            for decision in self.decisions:
+                log.log(level, "%s", decision)
+        # Fresh GraphModule: its root is a dict of every attribute the graph reads.
+        root = {n.target: self._fetch(n.target) for n in graph.nodes
+                if n.op in ("get_attr", "call_module") and n.target not in packed}
+        root.update(packed)
+        new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
+        new_gm.meta.update(self._source_gm.meta)
+        self.graph_module = new_gm
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self._watched = [
+            (index, weight._version, weight.untyped_storage().data_ptr())
+            for index, node in enumerate(placeholders)
+            if node in packed_weights
+            for weight in (packed_weights[node],)
+        ]
+        self._watched_attrs = [
+            (node.target, packed_weights[node], packed_weights[node]._version)
+            for node in packed_weights if node.op == "get_attr"
+        ]
+        if compile_if_dense or any(d.taken for d in self.decisions):
+            self._compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
+
+    def _fetch(self, target: str):
+        value = self._source_gm
+        for atom in target.split("."):
+            value = getattr(value, atom)
+        return value
+
+    def _is_stale(self, args: Sequence) -> bool:
+        for index, version, data_ptr in self._watched:
+            weight = args[index]
+            if weight._version != version or weight.untyped_storage().data_ptr() != data_ptr:
+                return True
+        return any(weight._version != version for _, weight, version in self._watched_attrs)
+
+    def __call__(self, *args):
+        if self._is_stale(args):
+            with self._lock:
+                if self._is_stale(args):
+                    log.info("sparsecpu: weights changed since they were packed; repacking")
+                    self._build(args)
+        return self._compiled(*args)
+
+
+def compile_sparse(gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
+                   mode: str | None = None, decisions: list[LayerDecision] | None = None) -> Callable:
+    """The backend's work, with parsed options; ``decisions`` collects what it did."""
+    compiled = SparseCompiledGraph(gm, example_inputs, options, mode, decisions)
+    if compiled._compiled is None:
+        # Nothing sparse: exactly what the inner compiler alone would do.
+        return _inner_compile(gm, example_inputs, options, mode)
+    return compiled
+
+
+def sparsecpu_backend(gm: fx.GraphModule, example_inputs: Sequence, *, options=None, mode=None):
+    """The ``sparsecpu`` torch.compile backend (entry point ``torch_dynamo_backends``)."""
+    return compile_sparse(gm, example_inputs, SparseCPUOptions.from_mapping(options), mode)
+
+
+def explain(model: Callable, *args, **options) -> list[LayerDecision]:
+    """Compiles ``model`` with the sparsecpu backend, runs it once on ``args`` and returns
+    one :class:`LayerDecision` per linear call: taken or not, sparsity, and why."""
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    parsed = SparseCPUOptions.from_mapping({**options, "inner": "eager"})
+    decisions: list[LayerDecision] = []
+
+    def backend(gm, example_inputs):
+        return compile_sparse(gm, example_inputs, parsed, None, decisions)
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(*args)
+    return decisions

@@ -1,0 +1,51 @@
+"""Which ISA's kernels run: chosen once at load time (the best this CPU has),
+forced by ``TORCH_SPARSECPU_ISA=scalar|avx2|avx512`` or by :func:`force_isa`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from . import _C
+
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def isa() -> str:
+    """The ISA whose kernels the sparse ops run now."""
+    return _C.isa()
+
+
+def available_isas() -> list[str]:
+    """ISAs this CPU can run, always including ``"scalar"``."""
+    return list(_C.available_isas())
+
+
+def kernel_names(isa_name: str) -> list[str]:
+    """Register tiles of one ISA, e.g. ``spmm_f32_1x64__avx2`` (1 row x 64 tokens)."""
+    if isa_name not in ISAS:
+        raise ValueError(f"isa_name must be one of {', '.join(ISAS)}, got {isa_name!r}")
+    return list(_C.kernel_names(isa_name))
+
+
+def max_panel_width(isa_name: str) -> int:
+    """Tokens per full activation panel of one ISA's kernels."""
+    if isa_name not in ISAS:
+        raise ValueError(f"isa_name must be one of {', '.join(ISAS)}, got {isa_name!r}")
+    return int(_C.max_panel_width(isa_name))
+
+
+@contextlib.contextmanager
+def force_isa(isa_name: str) -> Iterator[None]:
+    """Run the sparse ops with one ISA's kernels inside the ``with`` block (process-wide)."""
+    if isa_name not in ISAS:
+        raise ValueError(f"isa_name must be one of {', '.join(ISAS)}, got {isa_name!r}")
+    if isa_name not in available_isas():
+        raise ValueError(f"isa_name {isa_name!r} is not supported by this CPU "
+                         f"(available: {', '.join(available_isas())})")
+    previous = _C.isa()
+    _C.set_isa(isa_name)
+    try:
+        yield
+    finally:
+        _C.set_isa(previous)

@@ -1,0 +1,106 @@
+"""Python wrappers of the ``sparsecpu`` custom ops, with their fake kernels and
+autograd formulas side by side. Schemas are defined once, in csrc/ops/linear.cpp."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the schemas before the fakes below)
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def pack_linear(weight: Tensor, *, k_block: int = 0, row_block: int = 64) -> Tensor:
+    """Packs a 2-D float32 weight ``[out_features, in_features]`` into the offset-CSR
+    buffer that :func:`linear` reads (a 1-D int32 tensor; layout in docs/packed_format.md).
+
+    ``k_block`` cuts the input dimension into blocks of that many features (0: one
+    block); ``row_block`` groups output rows into blocks scheduled as one unit.
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(
+            f"weight must be a 2-D float32 CPU tensor, got {weight.dtype} of shape "
+            f"{tuple(weight.shape)} on {weight.device}"
+        )
+    for name, value, lowest in (("k_block", k_block, 0), ("row_block", row_block, 1)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < lowest:
+            raise ValueError(f"{name} must be >= {lowest}, got {value}")
+    return torch.ops.sparsecpu.pack_linear(weight.detach(), k_block, row_block)
+
+
+def linear(
+    input: Tensor,
+    weight: Tensor,
+    packed: Tensor,
+    bias: Tensor | None = None,
+    activation: str = "none",
+) -> Tensor:
+    """``activation(input @ weight.T + bias)`` computed from ``packed`` (made by
+    :func:`pack_linear` from ``weight``). ``weight`` itself is only read for shapes and
+    for gradients; ``input`` may have any rank ``[..., in_features]`` and any strides."""
+    return torch.ops.sparsecpu.linear(input, weight, packed, bias, activation)
+
+
+# The fake kernels let torch.compile / torch.export trace the ops without running them.
+@torch.library.register_fake("sparsecpu::pack_linear")
+def _pack_linear_fake(weight, k_block=0, row_block=64):
+    words = torch.library.get_ctx().new_dynamic_size()
+    return weight.new_empty((words,), dtype=torch.int32)
+
+
+@torch.library.register_fake("sparsecpu::linear")
+def _linear_fake(input, weight, packed, bias=None, activation="none"):
+    torch._check(input.dim() >= 1, lambda: "sparsecpu::linear: input must have at least 1 dim")
+    torch._check(
+        input.size(-1) == weight.size(1),
+        lambda: f"sparsecpu::linear: input ends in {input.size(-1)} features, weight expects {weight.size(1)}",
+    )
+    return input.new_empty((*input.shape[:-1], weight.size(0)))
+
+
+# Gradients are those of the dense layer: y = act(x W^T + b). Gradients flow through
+# the live ``weight`` (never through ``packed``); the pre-activation is recomputed
+# sparsely in backward rather than kept alive from forward.
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, packed, bias, activation = inputs
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, packed, bias)
+
+
+def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, pre, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre, approximate="none")
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    return grad
+
+
+def _linear_backward(ctx, grad_output):
+    input, weight, packed, bias = ctx.saved_tensors
+    grad = grad_output
+    if ctx.activation != "none":
+        pre = torch.ops.sparsecpu.linear(input, weight, packed, bias, "none")
+        grad = _activation_backward(grad, pre, ctx.activation)
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = grad @ weight
+    if ctx.needs_input_grad[1]:
+        grad_weight = grad.reshape(-1, weight.size(0)).t() @ input.reshape(-1, weight.size(1))
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, weight.size(0)).sum(0)
+    return grad_input, grad_weight, None, grad_bias, None
+
+
+torch.library.register_autograd(
+    "sparsecpu::linear", _linear_backward, setup_context=_linear_setup_context
+)

@@ -1,0 +1,202 @@
+"""Rewrite ``linear`` (+ the activation that follows it) into ``sparsecpu::linear``.
+
+A linear is taken when its weight is a static float32 CPU parameter (a graph input
+that Dynamo marks as a parameter or buffer, or a ``get_attr`` constant) whose
+fraction of exact zeros is at least ``min_sparsity``, and its input is float32.
+Everything else is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .. import ops
+
+log = logging.getLogger("torch_sparsecpu")
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """What the backend did with one linear call of the graph."""
+
+    name: str
+    out_features: int
+    in_features: int
+    sparsity: float | None
+    taken: bool
+    reason: str
+    activation: str = "none"
+
+    def __str__(self) -> str:
+        sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
+        what = f"sparse, activation {self.activation}" if self.taken else f"dense: {self.reason}"
+        return f"{self.name:<48} [{self.out_features:>5} x {self.in_features:>5}] {sparsity}  {what}"
+
+
+def _fetch_attr(root: torch.nn.Module, target: str):
+    value = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def find_static_tensors(gm: fx.GraphModule, example_inputs: Sequence) -> dict[fx.Node, torch.Tensor]:
+    """Graph nodes whose value is fixed across calls: parameters and buffers that Dynamo
+    lifted to placeholders (their example inputs are the real tensors), and get_attr constants."""
+    static: dict[fx.Node, torch.Tensor] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if not isinstance(value, torch.Tensor):
+            continue
+        marked = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type") is not None
+        if isinstance(value, torch.nn.Parameter) or marked:
+            static[node] = value
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                static[node] = value
+    return static
+
+
+def _activation_of(node: fx.Node) -> str | None:
+    """The fusable activation ``node`` applies to its first argument, if any."""
+    target = node.target
+    if node.op == "call_method":
+        return "relu" if target in ("relu", "relu_") else None
+    if node.op != "call_function":
+        return None
+    if target in (torch.relu, torch.relu_, F.relu, torch.nn.functional.relu_):
+        return "relu"
+    if target in (F.silu, torch._C._nn.silu):
+        return "silu"
+    if target in (F.gelu, torch._C._nn.gelu):
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    return None
+
+
+def _source_name(node: fx.Node) -> str:
+    """'encoder.layer.0.output.dense.weight' from Dynamo's source, else the node name."""
+    source = getattr(node, "_dynamo_source", None)
+    if source is None:
+        return node.target if node.op == "get_attr" else node.name
+    text = source.name if isinstance(source.name, str) else source.name()
+    parts = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)", text)
+    joined = ".".join(a or b for a, b in parts if (a or b) not in ("_modules", "_parameters", "_buffers"))
+    return joined or text
+
+
+def _example_value(node) -> torch.Tensor | None:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _has_autocast(graph: fx.Graph) -> bool:
+    return any(
+        n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in graph.nodes
+    )
+
+
+def _linear_args(node: fx.Node):
+    args = list(node.args) + [None] * (3 - len(node.args))
+    x = node.kwargs.get("input", args[0])
+    weight = node.kwargs.get("weight", args[1])
+    bias = node.kwargs.get("bias", args[2])
+    return x, weight, bias
+
+
+def _skip_reason(x, weight_node, bias, static, min_sparsity, autocast) -> tuple[str | None, float | None]:
+    weight = static.get(weight_node) if isinstance(weight_node, fx.Node) else None
+    if weight is None:
+        return "weight is not a static parameter", None
+    if weight.dtype != torch.float32:
+        return f"weight dtype is {weight.dtype}, only float32 takes the sparse path", None
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.is_sparse:
+        return "weight is not a dense 2-D CPU tensor", None
+    x_value = _example_value(x)
+    if x_value is None or x_value.dtype != torch.float32 or x_value.device.type != "cpu":
+        dtype = None if x_value is None else x_value.dtype
+        return f"input dtype is {dtype}, only float32 CPU inputs take the sparse path", None
+    if autocast:
+        return "the graph runs under autocast", None
+    if bias is not None:
+        bias_value = _example_value(bias) if isinstance(bias, fx.Node) else None
+        if bias_value is None or bias_value.dtype != torch.float32 or bias_value.dim() != 1:
+            return "bias is not a 1-D float32 tensor", None
+    with torch.no_grad():
+        sparsity = 1.0 - torch.count_nonzero(weight).item() / max(weight.numel(), 1)
+    if sparsity < min_sparsity:
+        return f"sparsity {sparsity:.1%} is below min_sparsity {min_sparsity:.1%}", sparsity
+    return None, sparsity
+
+
+def rewrite_sparse_linears(
+    graph: fx.Graph,
+    static: dict[fx.Node, torch.Tensor],
+    *,
+    min_sparsity: float,
+    fuse_activations: bool,
+    pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
+) -> tuple[dict[str, torch.Tensor], dict[fx.Node, torch.Tensor], list[LayerDecision]]:
+    """Rewrites ``graph`` in place. Returns the packed tensors by attribute name (the
+    new graph reads them with get_attr), the weight nodes whose tensors were packed,
+    and one decision per linear call."""
+    packed_attrs: dict[str, torch.Tensor] = {}
+    packed_weights: dict[fx.Node, torch.Tensor] = {}
+    decisions: list[LayerDecision] = []
+    autocast = _has_autocast(graph)
+    packed_by_weight: dict[fx.Node, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+            continue
+        x, weight_node, bias = _linear_args(node)
+        name = _source_name(weight_node) if isinstance(weight_node, fx.Node) else str(weight_node)
+        w_value = _example_value(weight_node) if isinstance(weight_node, fx.Node) else None
+        shape = tuple(w_value.shape) if w_value is not None and w_value.dim() == 2 else (0, 0)
+        reason, sparsity = _skip_reason(x, weight_node, bias, static, min_sparsity, autocast)
+        if reason is not None:
+            decisions.append(LayerDecision(name, *shape, sparsity, False, reason))
+            log.debug("linear %s %s: dense (%s)", name, list(shape), reason)
+            continue
+
+        users = list(node.users)
+        act_node = None
+        activation = "none"
+        if fuse_activations and len(users) == 1 and users[0].args and users[0].args[0] is node:
+            activation = _activation_of(users[0]) or "none"
+            act_node = users[0] if activation != "none" else None
+
+        if weight_node not in packed_by_weight:
+            attr = f"_sparsecpu_packed_{len(packed_attrs)}"
+            packed_attrs[attr] = pack(static[weight_node])
+            packed_by_weight[weight_node] = attr
+            packed_weights[weight_node] = static[weight_node]
+        replaced = act_node or node
+        with graph.inserting_before(node):
+            packed_node = graph.get_attr(packed_by_weight[weight_node])
+            sparse = graph.call_function(
+                torch.ops.sparsecpu.linear.default, (x, weight_node, packed_node, bias, activation)
+            )
+        sparse.meta = dict(replaced.meta)
+        replaced.replace_all_uses_with(sparse)
+        if act_node is not None:
+            graph.erase_node(act_node)
+        graph.erase_node(node)
+        decisions.append(LayerDecision(name, *shape, sparsity, True, "", activation))
+        log.debug("linear %s %s: sparse (sparsity %.1f%%, activation %s)", name, list(shape),
+                  100 * sparsity, activation)
+    graph.lint()
+    return packed_attrs, packed_weights, decisions
+
+
+__all__ = ["LayerDecision", "find_static_tensors", "rewrite_sparse_linears"]
