@@ -103,6 +103,9 @@ class SparseCompiledGraph:
         graph = fx.Graph()
         value_map: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(self._source_gm.graph, value_map))
+        for old, new in value_map.items():  # keep Dynamo's sources: they name the layers
+            if hasattr(old, "_dynamo_source"):
+                new._dynamo_source = old._dynamo_source
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
         packed, packed_weights, self.decisions = rewrite_sparse_linears(

@@ -11,7 +11,7 @@ from . import _C  # noqa: F401  (registers the schemas before the fakes below)
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
-def pack_linear(weight: Tensor, *, k_block: int = 0, row_block: int = 64) -> Tensor:
+def pack_linear(weight: Tensor, *, k_block: int = 128, row_block: int = 32) -> Tensor:
     """Packs a 2-D float32 weight ``[out_features, in_features]`` into the offset-CSR
     buffer that :func:`linear` reads (a 1-D int32 tensor; layout in docs/packed_format.md).
 
@@ -48,7 +48,7 @@ def linear(
 
 # The fake kernels let torch.compile / torch.export trace the ops without running them.
 @torch.library.register_fake("sparsecpu::pack_linear")
-def _pack_linear_fake(weight, k_block=0, row_block=64):
+def _pack_linear_fake(weight, k_block=128, row_block=32):
     words = torch.library.get_ctx().new_dynamic_size()
     return weight.new_empty((words,), dtype=torch.int32)
 

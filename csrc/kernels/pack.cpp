@@ -1,5 +1,7 @@
 // Packing a dense weight into the offset-CSR, CSR-blocked layout of spmm.h.
+#include <algorithm>
 #include <cstring>
+#include <numeric>
 
 #include "spmm.h"
 
@@ -23,7 +25,7 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
     for (int64_t i = 0; i < in_features; ++i) nnz += weight[o * row_stride + i] != 0.0f;
   }
   const int64_t segments = out_features * num_k_blocks;
-  std::vector<int32_t> packed(kHeaderWords + segments + 1 + 2 * nnz, 0);
+  std::vector<int32_t> packed(kHeaderWords + 2 * segments + 1 + 2 * nnz, 0);
   int32_t* header = packed.data();
   header[kMagic] = kPackedMagic;
   header[kVersion] = kPackedVersion;
@@ -36,20 +38,29 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
   header[kNnz] = static_cast<int32_t>(nnz);
 
   int32_t* seg_ptr = header + kHeaderWords;
-  int32_t* values = seg_ptr + segments + 1;
+  int32_t* seg_rows = seg_ptr + segments + 1;
+  int32_t* values = seg_rows + segments;
   int32_t* offsets = values + nnz;
   int64_t segment = 0;
   int32_t next = 0;
   for (int64_t rb = 0; rb < num_row_blocks; ++rb) {
     const int64_t row_begin = rb * row_block;
-    const int64_t row_end = row_begin + row_block < out_features ? row_begin + row_block : out_features;
+    const int64_t row_end = std::min(row_begin + row_block, out_features);
     for (int64_t kb = 0; kb < num_k_blocks; ++kb) {
       const int64_t col_begin = kb * k_block;
-      const int64_t col_end = col_begin + k_block < in_features ? col_begin + k_block : in_features;
-      for (int64_t o = row_begin; o < row_end; ++o) {
+      const int64_t col_end = std::min(col_begin + k_block, in_features);
+      // Segments of this (row block, K-block) in order of length (stable).
+      std::vector<int64_t> order(row_end - row_begin), length(row_end - row_begin, 0);
+      std::iota(order.begin(), order.end(), int64_t{0});
+      for (int64_t r = 0; r < row_end - row_begin; ++r) {
+        for (int64_t i = col_begin; i < col_end; ++i) length[r] += weight[(row_begin + r) * row_stride + i] != 0.0f;
+      }
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return length[a] < length[b]; });
+      for (int64_t r : order) {
+        seg_rows[segment] = static_cast<int32_t>(r);
         seg_ptr[segment++] = next;
         for (int64_t i = col_begin; i < col_end; ++i) {
-          const float v = weight[o * row_stride + i];
+          const float v = weight[(row_begin + r) * row_stride + i];
           if (v == 0.0f) continue;
           std::memcpy(&values[next], &v, sizeof(float));
           offsets[next] = static_cast<int32_t>(i);
@@ -90,7 +101,7 @@ bool view_packed_linear(const int32_t* data, int64_t words, PackedLinearView* vi
                        v.num_row_blocks == ceil_div(v.out_features, v.row_block) &&
                        v.num_k_blocks == (v.in_features > 0 ? ceil_div(v.in_features, v.k_block) : 1);
   const int64_t segments = v.out_features * v.num_k_blocks;
-  if (!dims_ok || words != kHeaderWords + segments + 1 + 2 * v.nnz) {
+  if (!dims_ok || words != kHeaderWords + 2 * segments + 1 + 2 * v.nnz) {
     *error = "inconsistent header or buffer size";
     return false;
   }
@@ -99,8 +110,9 @@ bool view_packed_linear(const int32_t* data, int64_t words, PackedLinearView* vi
     *error = "segment pointers do not cover the nonzeros";
     return false;
   }
-  v.values = reinterpret_cast<const float*>(v.seg_ptr + segments + 1);
-  v.offsets = v.seg_ptr + segments + 1 + v.nnz;
+  v.seg_rows = v.seg_ptr + segments + 1;
+  v.values = reinterpret_cast<const float*>(v.seg_rows + segments);
+  v.offsets = v.seg_rows + segments + v.nnz;
   *view = v;
   return true;
 }

@@ -15,6 +15,7 @@ namespace kernels {
 //
 //   header      kHeaderWords words, see HeaderField
 //   seg_ptr     out_features * num_k_blocks + 1 words: start of each segment
+//   seg_rows    out_features * num_k_blocks words: row (within its block) of each segment
 //   values      nnz words, fp32 bit patterns
 //   offsets     nnz words, input feature index of each value
 //
@@ -23,8 +24,11 @@ namespace kernels {
 // one row inside one K-block; segments are ordered
 //   for row block rb: for K-block kb: for row r in rb
 // so that a row block's partial sums can stay in one L1-resident tile while a
-// K-block's activations stay in L1 too. The kernel multiplies an offset by the
-// row stride of the activation panel it reads (`panel_width` floats).
+// K-block's activations stay in L1 too. Inside one (row block, K-block) the
+// segments are sorted by length, so consecutive segments have similar lengths and
+// the exit of the nonzero loop is predictable; seg_rows says which tile row each
+// segment accumulates into. The kernel multiplies
+// an offset by the row stride of the activation panel it reads (`panel_width` floats).
 // ---------------------------------------------------------------------------
 constexpr int32_t kPackedMagic = 0x31435053;  // "SPC1" little-endian
 constexpr int32_t kPackedVersion = 1;
@@ -52,6 +56,7 @@ struct PackedLinearView {
   int64_t num_row_blocks = 0;
   int64_t nnz = 0;
   const int32_t* seg_ptr = nullptr;
+  const int32_t* seg_rows = nullptr;
   const float* values = nullptr;
   const int32_t* offsets = nullptr;
 
@@ -105,6 +110,11 @@ struct SpmmKernels {
   void (*spmm_row_block)(const PackedLinearView& w, int64_t rb,
                          const float* panel, int64_t panel_width,
                          const float* bias, Activation act, float* tile);
+
+  // Writes tile [rows][panel_width] transposed: y[t * y_stride + o] =
+  // tile[o * panel_width + t] for o < rows, t < tokens.
+  void (*unpack_tile)(const float* tile, int64_t rows, int64_t panel_width,
+                      int64_t tokens, float* y, int64_t y_stride);
 };
 
 // Kernel tables, one per ISA (defined in spmm_f32__<isa>.cpp).

@@ -29,17 +29,18 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, const float* p
   const int64_t rows = w.rows_in_block(rb);
   const int64_t first_row = rb * w.row_block;
   for (int64_t r = 0; r < rows; ++r) {
-    float* out = tile + r * panel_width;
-    for (int64_t t = 0; t < panel_width; ++t) out[t] = bias != nullptr ? bias[first_row + r] : 0.0f;
-    for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
-      const int64_t s = w.segment(rb, kb, r);
+    for (int64_t t = 0; t < panel_width; ++t) tile[r * panel_width + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
+  }
+  for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+    for (int64_t s = w.segment(rb, kb, 0); s < w.segment(rb, kb, 0) + rows; ++s) {
+      float* out = tile + w.seg_rows[s] * panel_width;
       for (int32_t j = w.seg_ptr[s]; j < w.seg_ptr[s + 1]; ++j) {
         const float* x = panel + static_cast<int64_t>(w.offsets[j]) * panel_width;
         for (int64_t t = 0; t < panel_width; ++t) out[t] += w.values[j] * x[t];
       }
     }
-    for (int64_t t = 0; t < panel_width; ++t) out[t] = activate_scalar(out[t], act);
   }
+  for (int64_t i = 0; i < rows * panel_width; ++i) tile[i] = activate_scalar(tile[i], act);
 }
 
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
@@ -51,9 +52,17 @@ void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int6
   }
 }
 
+void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
+                        float* y, int64_t y_stride) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t o = 0; o < rows; ++o) y[t * y_stride + o] = tile[o * panel_width + t];
+  }
+}
+
 }  // namespace
 
-const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar};
+const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
+                                 &unpack_tile_scalar};
 
 }  // namespace kernels
 }  // namespace sparsecpu

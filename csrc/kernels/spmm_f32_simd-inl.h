@@ -88,8 +88,11 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, const float* pan
   const int64_t rows = w.rows_in_block(rb);
   const int64_t first_row = rb * w.row_block;
   for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
-    const int32_t* seg = w.seg_ptr + w.segment(rb, kb, 0);
-    for (int64_t r = 0; r < rows; ++r) {
+    const int64_t first_segment = w.segment(rb, kb, 0);
+    const int32_t* seg = w.seg_ptr + first_segment;
+    const int32_t* seg_rows = w.seg_rows + first_segment;
+    for (int64_t s = 0; s < rows; ++s) {
+      const int64_t r = seg_rows[s];
       float* out = tile + r * kPanelWidth;
       Vec::T acc[kVectors];
       if (kb == 0) {
@@ -98,9 +101,9 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, const float* pan
       } else {
         for (int v = 0; v < kVectors; ++v) acc[v] = Vec::load(out + v * Vec::kWidth);
       }
-      const int32_t end = seg[r + 1];
+      const int32_t end = seg[s + 1];
 #pragma GCC unroll 2
-      for (int32_t j = seg[r]; j < end; ++j) {
+      for (int32_t j = seg[s]; j < end; ++j) {
         const Vec::T value = Vec::set1(w.values[j]);
         const float* x = panel + static_cast<int64_t>(w.offsets[j]) * kPanelWidth;
         for (int v = 0; v < kVectors; ++v) acc[v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[v]);
@@ -139,5 +142,12 @@ void pack_panel_simd(const float* x, int64_t tokens, int64_t in_features, int64_
   }
   for (int64_t i = 0; i < in_features; ++i) {
     for (int64_t t = tokens; t < panel_width; ++t) panel[i * panel_width + t] = 0.0f;
+  }
+}
+
+void unpack_tile_generic(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
+                         float* y, int64_t y_stride) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t o = 0; o < rows; ++o) y[t * y_stride + o] = tile[o * panel_width + t];
   }
 }

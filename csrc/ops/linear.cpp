@@ -86,13 +86,9 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
         const int64_t width = width_of(p);
         k.spmm_row_block(w, rb, panels.data() + p * w.in_features * max_width, width, bias, act,
                          tile.data());
-        // Tile [rows][width] -> y[token][row].
-        const int64_t rows = w.rows_in_block(rb);
-        float* y_block = y + p * max_width * w.out_features + rb * w.row_block;
-        for (int64_t t = 0; t < tokens_in(p); ++t) {
-          float* dst = y_block + t * w.out_features;
-          for (int64_t r = 0; r < rows; ++r) dst[r] = tile[r * width + t];
-        }
+        const int64_t first_row = rb * w.row_block;
+        k.unpack_tile(tile.data(), w.rows_in_block(rb), width, tokens_in(p),
+                      y + p * max_width * w.out_features + first_row, w.out_features);
       }
     }
   });
@@ -148,7 +144,7 @@ at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t ro
 }  // namespace
 
 TORCH_LIBRARY(sparsecpu, m) {
-  m.def("pack_linear(Tensor weight, int k_block=0, int row_block=64) -> Tensor");
+  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=32) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
 }
 

@@ -91,9 +91,8 @@ def _source_name(node: fx.Node) -> str:
     if source is None:
         return node.target if node.op == "get_attr" else node.name
     text = source.name if isinstance(source.name, str) else source.name()
-    parts = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)", text)
-    joined = ".".join(a or b for a, b in parts if (a or b) not in ("_modules", "_parameters", "_buffers"))
-    return joined or text
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)", text)
+    return ".".join(a or b for a, b in parts) or text
 
 
 def _example_value(node) -> torch.Tensor | None:

@@ -1,0 +1,34 @@
+"""Shared test helpers: fixed seeds, random sparse weights, the closeness rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch_sparsecpu  # noqa: F401  (loads the ops)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    yield
+
+
+def sparse_weight(out_features: int, in_features: int, sparsity: float, *, generator=None) -> torch.Tensor:
+    """A random float32 weight with exactly round(sparsity * numel) zeros."""
+    weight = torch.randn(out_features, in_features, generator=generator)
+    zeros = int(round(sparsity * weight.numel()))
+    if zeros:
+        weight.view(-1)[torch.randperm(weight.numel(), generator=generator)[:zeros]] = 0.0
+    return weight
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = ""):
+    """The correctness contract: max |actual - expected| <= rel * max |expected| (plus a
+    tiny floor for all-zero outputs). Sum order differs from dense, nothing more."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert error <= rel * scale + 1e-30, f"{what}: max error {error:.3g} > {rel:g} x max |expected| {scale:.3g}"
