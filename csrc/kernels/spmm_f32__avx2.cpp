@@ -26,6 +26,7 @@ struct Vec {
   static T and_(T a, T b) { return _mm256_and_ps(a, b); }
   static T xor_(T a, T b) { return _mm256_xor_ps(a, b); }
   static T floor(T a) { return _mm256_floor_ps(a); }
+  static T blend_negative(T mask, T a, T b) { return _mm256_blendv_ps(a, b, mask); }
   static T pow2(T n) {
     const __m256i biased = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));

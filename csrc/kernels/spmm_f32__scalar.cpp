@@ -15,9 +15,9 @@ float activate_scalar(float x, Activation act) {
     case Activation::kRelu:
       return x > 0.0f ? x : 0.0f;
     case Activation::kGeluErf:
-      return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+      return 0.5f * x * std::erfc(-x * 0.70710678118654752f);
     case Activation::kGeluTanh:
-      return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+      return x / (1.0f + std::exp(-2.0f * 0.79788456080286536f * (x + 0.044715f * x * x * x)));
     case Activation::kSilu:
       return x / (1.0f + std::exp(-x));
   }

@@ -5,7 +5,8 @@
 // register type and operations:
 //   Vec::T, Vec::kWidth, Vec::kMaxVectors (register tile: 1 row x kMaxVectors*kWidth tokens),
 //   zero, set1, load, store, add, mul, div, fma(a, b, c) = a*b + c, max, and_, xor_,
-//   floor, pow2(n) = 2^n for an integer-valued n in [-127, 127].
+//   floor, pow2(n) = 2^n for an integer-valued n in [-127, 127],
+//   blend_negative(mask, a, b) = (mask < 0 ? b : a) lane by lane (sign bit of mask).
 // No header may be included from here: everything instantiated below is
 // compiled for this ISA only and must not leak into shared inline functions.
 
@@ -29,46 +30,51 @@ inline Vec::T exp_approx(Vec::T x) {
   return Vec::mul(y, Vec::pow2(n));
 }
 
-// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula ATen's own
-// vectorised erf uses, so fused GELU matches eager's rounding closely.
-inline Vec::T erf_approx(Vec::T x) {
-  const Vec::T one = Vec::set1(1.0f);
-  const Vec::T sign = Vec::and_(x, Vec::set1(-0.0f));
-  const Vec::T abs_x = Vec::xor_(x, sign);
-  const Vec::T t = Vec::div(one, Vec::fma(Vec::set1(0.3275911f), abs_x, one));
-  Vec::T r = Vec::fma(Vec::set1(1.061405429f), t, Vec::set1(-1.453152027f));
-  r = Vec::fma(r, t, Vec::set1(1.421413741f));
-  r = Vec::fma(r, t, Vec::set1(-0.284496736f));
-  r = Vec::fma(r, t, Vec::set1(0.254829592f));
-  const Vec::T neg_exp = Vec::xor_(exp_approx(Vec::xor_(Vec::mul(x, x), Vec::set1(-0.0f))),
-                                   Vec::set1(-0.0f));
-  return Vec::xor_(Vec::fma(Vec::mul(neg_exp, t), r, one), sign);
+// erfc(z) for z >= 0 with relative error < 1.2e-7 everywhere (Numerical Recipes'
+// erfcc, a Chebyshev fit of exp(z^2) erfc(z)). GELU is written with erfc so that
+// its small negative tail keeps full relative accuracy: for x < 0,
+// 1 + erf(x / sqrt 2) = erfc(|x| / sqrt 2), with no cancellation.
+inline Vec::T erfc_nonnegative(Vec::T z) {
+  const Vec::T t = Vec::div(Vec::set1(1.0f), Vec::fma(Vec::set1(0.5f), z, Vec::set1(1.0f)));
+  Vec::T p = Vec::set1(0.17087277f);
+  p = Vec::fma(p, t, Vec::set1(-0.82215223f));
+  p = Vec::fma(p, t, Vec::set1(1.48851587f));
+  p = Vec::fma(p, t, Vec::set1(-1.13520398f));
+  p = Vec::fma(p, t, Vec::set1(0.27886807f));
+  p = Vec::fma(p, t, Vec::set1(-0.18628806f));
+  p = Vec::fma(p, t, Vec::set1(0.09678418f));
+  p = Vec::fma(p, t, Vec::set1(0.37409196f));
+  p = Vec::fma(p, t, Vec::set1(1.00002368f));
+  p = Vec::fma(p, t, Vec::set1(-1.26551223f));
+  // exp(-z^2 + p); -z^2 = (-z) * z exactly enough for float32.
+  return Vec::mul(t, exp_approx(Vec::fma(Vec::xor_(z, Vec::set1(-0.0f)), z, p)));
 }
 
-inline Vec::T tanh_approx(Vec::T x) {
-  const Vec::T one = Vec::set1(1.0f);
+// 0.5 x (1 + erf(x / sqrt 2)) = 0.5 x * (x < 0 ? c : 2 - c), c = erfc(|x| / sqrt 2).
+inline Vec::T gelu_erf(Vec::T x) {
   const Vec::T sign = Vec::and_(x, Vec::set1(-0.0f));
-  const Vec::T e = exp_approx(Vec::mul(Vec::xor_(x, sign), Vec::set1(-2.0f)));  // exp(-2|x|)
-  return Vec::xor_(Vec::div(Vec::add(Vec::xor_(e, Vec::set1(-0.0f)), one), Vec::add(one, e)),
-                   sign);
+  const Vec::T c = erfc_nonnegative(Vec::mul(Vec::xor_(x, sign), Vec::set1(0.70710678118654752f)));
+  const Vec::T one_plus_erf = Vec::blend_negative(x, Vec::add(Vec::set1(2.0f), Vec::xor_(c, Vec::set1(-0.0f))), c);
+  return Vec::mul(Vec::mul(x, Vec::set1(0.5f)), one_plus_erf);
+}
+
+// 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): no cancellation.
+inline Vec::T gelu_tanh(Vec::T x) {
+  const Vec::T x3 = Vec::mul(Vec::mul(x, x), x);
+  const Vec::T minus_2u = Vec::mul(Vec::set1(-2.0f * 0.79788456080286536f), Vec::fma(Vec::set1(0.044715f), x3, x));
+  return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(minus_2u)));
 }
 
 inline Vec::T activate(Vec::T x, Activation act) {
-  const Vec::T half = Vec::set1(0.5f);
   switch (act) {
     case Activation::kNone:
       return x;
     case Activation::kRelu:
       return Vec::max(x, Vec::zero());
-    case Activation::kGeluErf:  // 0.5 x (1 + erf(x / sqrt 2))
-      return Vec::mul(Vec::mul(x, half),
-                      Vec::add(Vec::set1(1.0f), erf_approx(Vec::mul(x, Vec::set1(0.70710678118654752f)))));
-    case Activation::kGeluTanh: {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-      const Vec::T x3 = Vec::mul(Vec::mul(x, x), x);
-      const Vec::T inner = Vec::mul(Vec::set1(0.79788456080286536f),
-                                    Vec::fma(Vec::set1(0.044715f), x3, x));
-      return Vec::mul(Vec::mul(x, half), Vec::add(Vec::set1(1.0f), tanh_approx(inner)));
-    }
+    case Activation::kGeluErf:
+      return gelu_erf(x);
+    case Activation::kGeluTanh:
+      return gelu_tanh(x);
     case Activation::kSilu:  // x / (1 + exp(-x))
       return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(Vec::xor_(x, Vec::set1(-0.0f)))));
   }

@@ -1,0 +1,565 @@
+"""Helpers shared by the sparse-Linear benchmarks (bench_spmm.py, bench_linear.py).
+
+One place for each idea:
+
+- layer shapes from real models (``shapes.json``) and benchmark cases built from them;
+- seeded random operands: a weight with an exact sparsity, an input, the packed and CSR
+  forms of the weight;
+- the three implementations timed side by side: dense ``F.linear``, torch CSR and
+  ``torch_sparsecpu.ops.linear``;
+- the correctness check every implementation passes before it is timed (a benchmark that
+  could print a wrong-answer speed-up is a bug);
+- median timing with ``torch.utils.benchmark``;
+- the sweep over shapes x sparsities x tokens x threads, its runtime estimate, and
+  plain-text / markdown tables of the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.benchmark import Timer
+from tqdm import tqdm
+
+import torch_sparsecpu
+
+SHAPES_FILE = Path(__file__).with_name("shapes.json")
+
+# An implementation's result passes when max|result - reference| <= RELATIVE_TOLERANCE *
+# max|reference|. fp32 sums in another order differ by far less than this.
+RELATIVE_TOLERANCE = 1e-4
+
+# Calls slower than min_run_time give blocked_autorange a single sample; take more so the
+# median is a median.
+MIN_SAMPLES = 3
+
+IMPLEMENTATIONS = ("dense", "csr", "sparsecpu")
+
+
+# --------------------------------------------------------------------------- shapes, cases
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A Linear (or a 1x1 convolution seen as a Linear over pixels) from a real model."""
+
+    name: str
+    model: str
+    in_features: int
+    out_features: int
+
+
+def load_shapes(
+    models: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    path: Path = SHAPES_FILE,
+) -> list[LayerShape]:
+    """Shapes from ``path`` in file order, kept if their model is in ``models`` and their
+    name in ``names`` (None keeps all). Unknown model or layer names are an error."""
+    shapes = [LayerShape(**entry) for entry in json.loads(path.read_text())]
+    for wanted, attribute in ((models, "model"), (names, "name")):
+        if wanted is None:
+            continue
+        known = {getattr(shape, attribute) for shape in shapes}
+        unknown = sorted(set(wanted) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {attribute}(s) {', '.join(unknown)} in {path.name}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        shapes = [shape for shape in shapes if getattr(shape, attribute) in wanted]
+    return shapes
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a layer shape at one sparsity, number of tokens and thread count."""
+
+    shape: LayerShape
+    sparsity_pct: int
+    tokens: int
+    threads: int
+
+    @property
+    def dense_flop(self) -> int:
+        """Multiply-adds (x2) of the dense layer, zeros included."""
+        return 2 * self.shape.in_features * self.shape.out_features * self.tokens
+
+    def describe(self) -> str:
+        shape = self.shape
+        return (
+            f"{shape.name} [{shape.out_features}x{shape.in_features}] "
+            f"sparsity={self.sparsity_pct}% tokens={self.tokens} threads={self.threads}"
+        )
+
+
+def enumerate_cases(
+    shapes: Iterable[LayerShape],
+    sparsities_pct: Iterable[int],
+    tokens: Iterable[int],
+    threads: Iterable[int],
+) -> list[Case]:
+    """All combinations, in the order the sweep runs them (the weight changes slowest)."""
+    return [
+        Case(shape, sparsity, n_tokens, n_threads)
+        for shape in shapes
+        for sparsity in sparsities_pct
+        for n_tokens in tokens
+        for n_threads in threads
+    ]
+
+
+# --------------------------------------------------------------------------- operands
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that depends only on ``parts`` (unlike ``hash``, stable across processes)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def random_sparse_weight(
+    out_features: int, in_features: int, sparsity_pct: int, seed: int
+) -> Tensor:
+    """A float32 ``[out, in]`` weight with exactly ``round(sparsity * numel)`` zeros at
+    uniformly random positions, nonzeros drawn from N(0, 1/in_features)."""
+    generator = torch.Generator().manual_seed(seed)
+    numel = out_features * in_features
+    values = torch.randn(numel, generator=generator) * in_features**-0.5
+    values[values == 0] = 1.0  # keep the zero count exact, however unlikely a drawn zero is
+    n_zeros = round(numel * sparsity_pct / 100)
+    values[torch.randperm(numel, generator=generator)[:n_zeros]] = 0.0
+    return values.view(out_features, in_features)
+
+
+def random_input(tokens: int, in_features: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, in_features, generator=generator)
+
+
+@dataclass
+class SparseLayer:
+    """A weight at one sparsity with everything the three implementations read."""
+
+    weight: Tensor
+    bias: Tensor
+    packed: Tensor  # torch_sparsecpu.ops.pack_linear(weight), packed once, outside timing
+    csr: Tensor  # weight.to_sparse_csr()
+    nnz: int
+
+
+def make_sparse_layer(shape: LayerShape, sparsity_pct: int) -> SparseLayer:
+    seed = stable_seed("weight", shape.name, sparsity_pct)
+    weight = random_sparse_weight(shape.out_features, shape.in_features, sparsity_pct, seed)
+    bias = torch.randn(shape.out_features, generator=torch.Generator().manual_seed(seed + 1))
+    return SparseLayer(
+        weight=weight,
+        bias=bias,
+        packed=torch_sparsecpu.ops.pack_linear(weight),
+        csr=_to_sparse_csr(weight),
+        nnz=int(torch.count_nonzero(weight)),
+    )
+
+
+def _to_sparse_csr(weight: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # silence "Sparse CSR tensor support is in beta state"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return weight.to_sparse_csr()
+
+
+def implementations(layer: SparseLayer, x: Tensor) -> dict[str, Callable[[], Tensor]]:
+    """Zero-argument callables computing ``x @ weight.T + bias``, keyed by IMPLEMENTATIONS."""
+    weight, bias, packed, csr = layer.weight, layer.bias, layer.packed, layer.csr
+    return {
+        "dense": lambda: F.linear(x, weight, bias),
+        # torch has no sparse-weight linear: the CSR weight multiplies x feature-major.
+        "csr": lambda: (csr @ x.T).T + bias,
+        "sparsecpu": lambda: torch_sparsecpu.ops.linear(x, weight, packed, bias),
+    }
+
+
+# --------------------------------------------------------------------------- checking, timing
+
+
+class ResultMismatch(RuntimeError):
+    """An implementation disagrees with the dense reference: no timing of it may be shown."""
+
+
+def check_against_reference(implementation: str, got: Tensor, reference: Tensor, case: Case):
+    """Raises :class:`ResultMismatch` naming the case unless ``got`` matches ``reference``
+    within RELATIVE_TOLERANCE of its largest magnitude (NaNs never match)."""
+    if got.shape != reference.shape:
+        raise ResultMismatch(
+            f"{implementation} returned shape {tuple(got.shape)}, expected "
+            f"{tuple(reference.shape)}: {case.describe()}"
+        )
+    difference = (got - reference).abs().nan_to_num(nan=float("inf"))
+    error = difference.max().item()
+    tolerance = RELATIVE_TOLERANCE * reference.abs().max().item()
+    if not error <= tolerance:
+        token, output = divmod(int(difference.argmax()), reference.shape[-1])
+        raise ResultMismatch(
+            f"{implementation} differs from dense F.linear by {error:.3g} at "
+            f"[token {token}, output {output}] (tolerance {tolerance:.3g}): {case.describe()}"
+        )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def median_ms(fn: Callable[[], Tensor], threads: int, min_run_time: float) -> float:
+    """Median wall time of one ``fn()`` call in milliseconds, from
+    ``Timer.blocked_autorange``; calls slower than ``min_run_time`` get timed again by
+    hand until there are MIN_SAMPLES samples (``Timer.timeit`` would add warm-up calls)."""
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
+    with torch_threads(threads):
+        while len(times) < MIN_SAMPLES:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class CaseResult:
+    """Median times of the three implementations on one case and the figures derived."""
+
+    case: Case
+    nnz: int
+    dense_ms: float
+    csr_ms: float
+    sparsecpu_ms: float
+
+    @property
+    def speedup_vs_dense(self) -> float:
+        return self.dense_ms / self.sparsecpu_ms
+
+    @property
+    def speedup_vs_csr(self) -> float:
+        return self.csr_ms / self.sparsecpu_ms
+
+    @property
+    def sparsecpu_nnz_gflops(self) -> float:
+        """GFLOP/s over nonzeros: the multiply-adds sparsecpu really does per second."""
+        return 2 * self.nnz * self.case.tokens / (self.sparsecpu_ms * 1e6)
+
+    @property
+    def dense_gflops(self) -> float:
+        """GFLOP/s of dense F.linear on the same shape (zeros counted: it multiplies them)."""
+        return self.case.dense_flop / (self.dense_ms * 1e6)
+
+    @property
+    def nnz_gflops_pct_of_dense(self) -> float:
+        """How close sparsecpu's useful FLOP rate comes to dense GEMM's rate, in percent."""
+        return 100 * self.sparsecpu_nnz_gflops / self.dense_gflops
+
+    def to_dict(self) -> dict:
+        case = self.case
+        return {
+            **asdict(case.shape),
+            "sparsity_pct": case.sparsity_pct,
+            "tokens": case.tokens,
+            "threads": case.threads,
+            "nnz": self.nnz,
+            "dense_ms": self.dense_ms,
+            "csr_ms": self.csr_ms,
+            "sparsecpu_ms": self.sparsecpu_ms,
+            "speedup_vs_dense": self.speedup_vs_dense,
+            "speedup_vs_csr": self.speedup_vs_csr,
+            "sparsecpu_nnz_gflops": self.sparsecpu_nnz_gflops,
+            "dense_gflops": self.dense_gflops,
+            "nnz_gflops_pct_of_dense": self.nnz_gflops_pct_of_dense,
+        }
+
+
+# --------------------------------------------------------------------------- the sweep
+
+# Rough rates on a 2-core AVX2 machine, for the runtime estimate only (GFLOP/s per thread).
+_ESTIMATE_GFLOPS_PER_THREAD = {"dense": 20.0, "csr": 3.0, "sparsecpu": 12.0}
+_ESTIMATE_SETUP_NS_PER_WEIGHT = 60.0  # random weight, packing, CSR conversion
+
+
+def split_by_size(cases: Sequence[Case], max_dense_gflop: float | None) -> tuple[list, list]:
+    """(cases to run, cases skipped because the dense layer is over ``max_dense_gflop``)."""
+    if max_dense_gflop is None:
+        return list(cases), []
+    keep = [case for case in cases if case.dense_flop <= max_dense_gflop * 1e9]
+    skip = [case for case in cases if case.dense_flop > max_dense_gflop * 1e9]
+    return keep, skip
+
+
+def estimate_seconds(cases: Sequence[Case], min_run_time: float) -> float:
+    """A rough forecast of :func:`run_sweep`'s wall time from nominal FLOP rates."""
+
+    def timing_seconds(call: float) -> float:
+        # warm-up / block-size estimate, then at least min_run_time or MIN_SAMPLES calls
+        return call + max(min_run_time, MIN_SAMPLES * call)
+
+    total = 0.0
+    dense_timed = set()
+    weights_made = set()
+    for case in cases:
+        nnz_flop = case.dense_flop * (1 - case.sparsity_pct / 100)
+        calls = {
+            name: flop / (rate * case.threads * 1e9)
+            for (name, rate), flop in zip(
+                _ESTIMATE_GFLOPS_PER_THREAD.items(), (case.dense_flop, nnz_flop, nnz_flop)
+            )
+        }
+        total += sum(calls.values())  # correctness check
+        total += timing_seconds(calls["csr"]) + timing_seconds(calls["sparsecpu"])
+        dense_key = (case.shape, case.tokens, case.threads)
+        if dense_key not in dense_timed:
+            dense_timed.add(dense_key)
+            total += timing_seconds(calls["dense"])
+        if (case.shape, case.sparsity_pct) not in weights_made:
+            weights_made.add((case.shape, case.sparsity_pct))
+            numel = case.shape.in_features * case.shape.out_features
+            total += numel * _ESTIMATE_SETUP_NS_PER_WEIGHT * 1e-9
+    return total
+
+
+def plan_summary(cases: Sequence[Case], min_run_time: float) -> str:
+    """How many cases will run and roughly how long they will take."""
+    return (
+        f"{len(cases)} cases; estimated runtime {format_duration(estimate_seconds(cases, min_run_time))}"
+        " (rough: from nominal FLOP rates; the progress bar's ETA is better once started)"
+    )
+
+def run_sweep(cases: Sequence[Case], min_run_time: float, description: str) -> list[CaseResult]:
+    """Checks then times every case (in the order of :func:`enumerate_cases`).
+
+    Each weight is built and packed once and serves all its token and thread counts. Dense
+    F.linear does not look at the values, so it is timed once per (shape, tokens, threads)
+    and that time serves every sparsity. Raises :class:`ResultMismatch` on a wrong answer.
+    """
+    results = []
+    dense_ms_cache: dict[tuple, float] = {}
+    layer_key = layer = None
+    input_key = x = None
+    with tqdm(total=len(cases), desc=description, unit="case", dynamic_ncols=True) as progress:
+        for case in cases:
+            progress.set_postfix_str(case.describe(), refresh=True)
+            if layer_key != (case.shape, case.sparsity_pct):
+                layer_key = (case.shape, case.sparsity_pct)
+                layer = None  # free the previous weight before building the next one
+                layer = make_sparse_layer(case.shape, case.sparsity_pct)
+                input_key = None  # the reference depends on the weight
+            if input_key != case.tokens:
+                input_key = case.tokens
+                x = random_input(
+                    case.tokens, case.shape.in_features,
+                    stable_seed("input", case.shape.name, case.tokens),
+                )
+                reference = F.linear(x, layer.weight, layer.bias)
+            candidates = implementations(layer, x)
+            with torch_threads(case.threads):
+                for name in ("csr", "sparsecpu"):
+                    check_against_reference(name, candidates[name](), reference, case)
+            dense_key = (case.shape, case.tokens, case.threads)
+            if dense_key not in dense_ms_cache:
+                dense_ms_cache[dense_key] = median_ms(
+                    candidates["dense"], case.threads, min_run_time
+                )
+            results.append(
+                CaseResult(
+                    case=case,
+                    nnz=layer.nnz,
+                    dense_ms=dense_ms_cache[dense_key],
+                    csr_ms=median_ms(candidates["csr"], case.threads, min_run_time),
+                    sparsecpu_ms=median_ms(candidates["sparsecpu"], case.threads, min_run_time),
+                )
+            )
+            progress.update()
+    return results
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, how to read a value from a result, how to format it."""
+
+    header: str
+    value: Callable[[CaseResult], object]
+    fmt: str = ""  # format spec, e.g. ".2f"
+    numeric: bool = True  # numbers align right, text left
+
+
+COLUMNS = {
+    "shape": Column("shape", lambda r: r.case.shape.name, numeric=False),
+    "size": Column("out x in", lambda r: f"{r.case.shape.out_features}x{r.case.shape.in_features}"),
+    "sparsity": Column("sparsity %", lambda r: r.case.sparsity_pct),
+    "tokens": Column("tokens", lambda r: r.case.tokens),
+    "threads": Column("threads", lambda r: r.case.threads),
+    "dense_ms": Column("dense ms", lambda r: r.dense_ms, ".3f"),
+    "csr_ms": Column("CSR ms", lambda r: r.csr_ms, ".3f"),
+    "sparsecpu_ms": Column("sparsecpu ms", lambda r: r.sparsecpu_ms, ".3f"),
+    "speedup_vs_dense": Column("x dense", lambda r: r.speedup_vs_dense, ".2f"),
+    "speedup_vs_csr": Column("x CSR", lambda r: r.speedup_vs_csr, ".2f"),
+    "nnz_gflops": Column("GFLOP/s nnz", lambda r: r.sparsecpu_nnz_gflops, ".1f"),
+    "dense_gflops": Column("dense GFLOP/s", lambda r: r.dense_gflops, ".1f"),
+    "pct_of_dense": Column("% dense GFLOP/s", lambda r: r.nnz_gflops_pct_of_dense, ".0f"),
+}
+
+
+def sorted_for_table(results: Sequence[CaseResult]) -> list[CaseResult]:
+    """Results grouped by shape (in sweep order), then threads, then tokens, with sparsity
+    changing fastest so that each group reads as a speed-up-vs-sparsity curve."""
+    shape_order = {shape: i for i, shape in reversed(list(enumerate(r.case.shape for r in results)))}
+    return sorted(
+        results,
+        key=lambda r: (shape_order[r.case.shape], r.case.threads, r.case.tokens, r.case.sparsity_pct),
+    )
+
+def _cells(results: Sequence[CaseResult], columns: Sequence[Column]) -> list[list[str]]:
+    return [[format(column.value(r), column.fmt) for column in columns] for r in results]
+
+
+def format_text_table(results: Sequence[CaseResult], columns: Sequence[Column]) -> str:
+    """An aligned plain-text table, one row per result."""
+    rows = _cells(results, columns)
+    widths = [
+        max([len(column.header)] + [len(row[i]) for row in rows])
+        for i, column in enumerate(columns)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(width) if column.numeric else cell.ljust(width)
+            for cell, width, column in zip(cells, widths, columns)
+        ).rstrip()
+
+    header = line([column.header for column in columns])
+    return "\n".join([header, "-" * len(header), *map(line, rows)])
+
+
+def format_markdown_table(results: Sequence[CaseResult], columns: Sequence[Column]) -> str:
+    """The same table in GitHub markdown, numbers right-aligned."""
+    rule = ["---:" if column.numeric else ":---" for column in columns]
+    lines = [[column.header for column in columns], rule, *_cells(results, columns)]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_int_list(text: str) -> list[int]:
+    """argparse type for comma-separated integers: ``"50,70,90"``."""
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_sweep_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    sparsities: str,
+    tokens: str,
+    threads: str,
+    min_run_time: float = 0.2,
+) -> None:
+    """The arguments both benchmarks take, with each script's defaults."""
+    parser.add_argument("--sparsities", type=parse_int_list, default=parse_int_list(sparsities),
+                        help=f"percent of zero weights, comma-separated (default {sparsities})")
+    parser.add_argument("--tokens", type=parse_int_list, default=parse_int_list(tokens),
+                        help=f"rows of the input, comma-separated (default {tokens})")
+    parser.add_argument("--threads", type=parse_int_list, default=parse_int_list(threads),
+                        help=f"torch thread counts, comma-separated (default {threads})")
+    parser.add_argument("--min-run-time", type=float, default=min_run_time,
+                        help=f"seconds per blocked_autorange measurement (default {min_run_time})")
+    parser.add_argument("--isa", choices=torch_sparsecpu.available_isas(),
+                        default=torch_sparsecpu.isa(),
+                        help=f"sparsecpu kernels to run (default: {torch_sparsecpu.isa()}, "
+                             "the best this CPU has)")
+
+
+def validate_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for sparsity in args.sparsities:
+        if not 0 <= sparsity <= 100:
+            parser.error(f"--sparsities must lie in 0..100, got {sparsity}")
+    if min(args.tokens) < 1:
+        parser.error("--tokens must be >= 1")
+    if min(args.threads) < 1:
+        parser.error("--threads must be >= 1")
+    cpus = os.cpu_count() or 1
+    if max(args.threads) > cpus:
+        print(f"warning: --threads {max(args.threads)} is more than this machine's {cpus} CPUs",
+              file=sys.stderr)
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: Sequence[int], min_run_time: float) -> dict:
+    """What a reader needs to compare these numbers with others."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model_name(),
+        "logical_cpus": os.cpu_count(),
+        # other processes' load skews timings, worst at threads == CPUs
+        "load_average_1min_at_start": os.getloadavg()[0],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_sparsecpu": torch_sparsecpu.__version__,
+        "isa": torch_sparsecpu.isa(),
+        "available_isas": torch_sparsecpu.available_isas(),
+        "threads": list(threads),
+        "min_run_time_s": min_run_time,
+        "timing": "median of torch.utils.benchmark.Timer.blocked_autorange "
+                  f"(at least {MIN_SAMPLES} samples)",
+    }
+
+
+def describe_machine(info: dict) -> str:
+    """One line for the head of a printed table."""
+    return (
+        f"{info['cpu']} ({info['logical_cpus']} CPUs), torch {info['torch']}, "
+        f"sparsecpu ISA {info['isa']}, {info['timing']}"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+

@@ -1,0 +1,162 @@
+"""The sparsecpu torch.compile backend: what it rewrites, what it leaves, its options."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import torch_sparsecpu
+from torch_sparsecpu.backend import SparseCPUOptions
+
+from conftest import assert_close_rel
+
+SPARSE_CALL = re.compile(r"= torch\.ops\.sparsecpu\.linear\.default\(")
+
+
+def ffn(sparsity=0.9, activation=nn.GELU):
+    model = nn.Sequential(nn.Linear(64, 256), activation(), nn.Linear(256, 64)).eval()
+    return torch_sparsecpu.magnitude_prune_(model, sparsity)
+
+
+def sparse_calls_in_inductor_code(compiled, *args) -> tuple[torch.Tensor, int]:
+    output, code = run_and_get_code(compiled, *args)
+    return output, sum(len(SPARSE_CALL.findall(c)) for c in code)
+
+
+@pytest.mark.parametrize("activation,fused", [
+    (nn.ReLU, "relu"), (nn.GELU, "gelu"), (lambda: nn.GELU(approximate="tanh"), "gelu_tanh"),
+    (nn.SiLU, "silu"), (nn.Identity, "none"),
+])
+def test_ffn_rewritten_and_matches_eager(activation, fused):
+    model = ffn(activation=activation)
+    x = torch.randn(4, 33, 64)
+    compiled = torch.compile(model, backend="sparsecpu")
+    with torch.inference_mode():
+        actual, calls = sparse_calls_in_inductor_code(compiled, x)
+        expected = model(x)
+    assert calls == 2
+    assert_close_rel(actual, expected)
+    decisions = torch_sparsecpu.explain(model, x)
+    assert [d.taken for d in decisions] == [True, True]
+    assert decisions[0].activation == fused and decisions[1].activation == "none"
+    assert decisions[0].name == "0.weight" and decisions[1].name == "2.weight"
+
+
+def test_inner_eager_matches():
+    model = ffn()
+    x = torch.randn(7, 64)
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})
+    with torch.no_grad():
+        assert_close_rel(compiled(x), model(x))
+
+
+class Mixed(nn.Module):
+    """One layer of each kind the backend must leave alone, beside one it takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.sparse = nn.Linear(32, 32)
+        self.dense = nn.Linear(32, 32)                 # below min_sparsity
+        self.double = nn.Linear(32, 32).double()       # not float32
+        self.tied = self.sparse                        # the same weight twice: packed once
+
+    def forward(self, x, runtime_weight):
+        h = torch.relu(self.sparse(x))
+        h = self.dense(h) + F.linear(h, runtime_weight)  # weight computed at run time
+        h = self.tied(h)
+        return self.double(h.double()).float()
+
+
+def test_layers_not_taken_stay_as_they_were(caplog):
+    model = Mixed().eval()
+    with torch.no_grad():
+        model.sparse.weight.mul_(torch.rand(32, 32) > 0.9)
+        model.double.weight.mul_(torch.rand(32, 32) > 0.9)
+    x, runtime_weight = torch.randn(5, 32), torch.randn(32, 32)
+    with caplog.at_level(logging.DEBUG, logger="torch_sparsecpu"):
+        decisions = torch_sparsecpu.explain(model, x, runtime_weight)
+    taken = {(d.name, d.taken) for d in decisions}
+    assert taken == {("sparse.weight", True), ("dense.weight", False), ("double.weight", False),
+                     ("runtime_weight", False)}, taken
+    reasons = {d.name: d.reason for d in decisions if not d.taken}
+    assert "below min_sparsity" in reasons["dense.weight"]
+    assert "float64" in reasons["double.weight"]
+    assert "not a static parameter" in reasons["runtime_weight"]
+    assert any("dense.weight" in r.message and "below min_sparsity" in r.message for r in caplog.records)
+    compiled = torch.compile(model, backend="sparsecpu")
+    with torch.no_grad():
+        actual, calls = sparse_calls_in_inductor_code(compiled, x, runtime_weight)
+        assert_close_rel(actual, model(x, runtime_weight))
+    assert calls == 2  # self.sparse and self.tied
+
+
+def test_min_sparsity_option():
+    model = ffn(sparsity=0.5)
+    x = torch.randn(3, 64)
+    assert not any(d.taken for d in torch_sparsecpu.explain(model, x))
+    assert all(d.taken for d in torch_sparsecpu.explain(model, x, min_sparsity=0.4))
+    assert not any(d.taken for d in torch_sparsecpu.explain(model, x, min_sparsity=1.0))
+
+
+def test_fusion_can_be_turned_off():
+    model = ffn()
+    decisions = torch_sparsecpu.explain(model, torch.randn(3, 64), fuse_activations=False)
+    assert [d.activation for d in decisions] == ["none", "none"]
+
+
+def test_graph_without_sparse_layers_is_plain_inductor():
+    model = ffn(sparsity=0.0)
+    x = torch.randn(3, 64)
+    compiled = torch.compile(model, backend="sparsecpu")
+    with torch.no_grad():
+        actual, calls = sparse_calls_in_inductor_code(compiled, x)
+        assert calls == 0
+        assert_close_rel(actual, model(x))
+
+
+@pytest.mark.parametrize("options,error,match", [
+    ({"min_sparsity": 1.5}, ValueError, "'min_sparsity' must be in"),
+    ({"min_sparsity": "high"}, TypeError, "'min_sparsity'"),
+    ({"inner": "aot"}, ValueError, "'inner' must be one of 'inductor', 'eager'"),
+    ({"fuse_activations": 1}, TypeError, "'fuse_activations'"),
+    ({"min_sparstiy": 0.5}, ValueError, "unknown option 'min_sparstiy'.*valid options: min_sparsity"),
+])
+def test_options_validated(options, error, match):
+    with pytest.raises(error, match=match):
+        SparseCPUOptions.from_mapping(options)
+    compiled = torch.compile(ffn(), backend="sparsecpu", options=options)
+    with pytest.raises(Exception, match=match):
+        compiled(torch.randn(2, 64))
+
+
+def test_backend_found_without_importing_the_package():
+    """The entry point alone makes backend="sparsecpu" work in a fresh interpreter."""
+    script = textwrap.dedent("""
+        import sys, torch
+        from torch import nn
+        model = nn.Linear(64, 64).eval()
+        with torch.no_grad():
+            model.weight.mul_(torch.rand(64, 64) > 0.9)
+        assert "torch_sparsecpu" not in sys.modules
+        assert "sparsecpu" in torch._dynamo.list_backends()
+        x = torch.randn(5, 64)
+        with torch.no_grad():
+            y = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})(x)
+            torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+        print("ok", "torch_sparsecpu" in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd="/", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok True"

@@ -1,0 +1,153 @@
+"""Every kernel of every ISA this CPU has, against the dense reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_sparsecpu
+from torch_sparsecpu import kernels, ops
+
+from conftest import assert_close_rel, sparse_weight
+
+ISAS = kernels.available_isas()
+ACTIVATION_REFERENCE = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
+FEATURES = (1, 7, 64, 768, 3072)
+TOKENS = (1, 3, 8, 33, 128)
+SPARSITIES = (0.0, 0.5, 0.9, 0.99, 1.0)
+
+
+def reference(x, weight, bias, activation):
+    """The dense result, computed in float64 and rounded once to float32."""
+    dense = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return ACTIVATION_REFERENCE[activation](dense).float()
+
+
+def pre_activation_scale(x, weight, bias) -> float:
+    """max |x W^T + b|: the scale of the rounding an activation's tail may magnify."""
+    pre = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return pre.abs().max().item() if pre.numel() else 0.0
+
+
+def check_linear(x, weight, bias, activation, *, isa, what, **pack_args):
+    packed = ops.pack_linear(weight, **pack_args)
+    expected = reference(x, weight, bias, activation)
+    with torch_sparsecpu.force_isa(isa):
+        actual = ops.linear(x, weight, packed, bias, activation)
+    assert_close_rel(actual, expected, what=f"{what} isa={isa} act={activation}",
+                     scale=max(pre_activation_scale(x, weight, bias), expected.abs().max().item() if expected.numel() else 0))
+
+
+def test_isas_listed():
+    assert "scalar" in ISAS
+    assert kernels.isa() in ISAS
+    for isa in ISAS:
+        assert kernels.kernel_names(isa), isa
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("in_features,out_features", list(itertools.product(FEATURES, FEATURES)))
+def test_linear_sweep(isa, in_features, out_features):
+    """in/out features x tokens x sparsity; every activation with a bias, none without."""
+    for sparsity in SPARSITIES:
+        weight = sparse_weight(out_features, in_features, sparsity)
+        packed = ops.pack_linear(weight)
+        bias = torch.randn(out_features)
+        for tokens in TOKENS:
+            x = torch.randn(tokens, in_features)
+            dense = F.linear(x.double(), weight.double())
+            cases = [(None, "none")] + [(bias, act) for act in ACTIVATION_REFERENCE]
+            for b, activation in cases:
+                pre = dense if b is None else dense + b.double()
+                expected = ACTIVATION_REFERENCE[activation](pre).float()
+                with torch_sparsecpu.force_isa(isa):
+                    actual = ops.linear(x, weight, packed, b, activation)
+                scale = pre.abs().max().item() if pre.numel() else 0.0
+                assert_close_rel(actual, expected, scale=scale, what=(
+                    f"[{out_features}x{in_features}] sparsity={sparsity} tokens={tokens} "
+                    f"bias={b is not None} act={activation} isa={isa}"))
+
+
+def _tile_widths(isa):
+    """Token counts of every register tile (from the kernel list), e.g. 8..64 for avx2."""
+    names = kernels.kernel_names(isa)
+    if names == [f"spmm_f32_1xN__{isa}"]:
+        return [1, 5, 64]
+    return [int(name.split("_1x")[1].split("__")[0]) for name in names]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_tile_and_edge(isa):
+    """Each tile at n = NR, NR - 1 and NR + 1 tokens; rows fewer / more than a row block;
+    k = 1; empty rows; all-zero and fully dense weights; K- and row-block edges."""
+    widths = _tile_widths(isa)
+    panel = kernels.max_panel_width(isa)
+    token_counts = sorted({n for w in widths for n in (w - 1, w, w + 1) if n > 0} | {panel * 2 + 3})
+    weights = {
+        "k=1": sparse_weight(37, 1, 0.5),
+        "rows<block": sparse_weight(3, 50, 0.7),
+        "rows>block": sparse_weight(70, 50, 0.7),
+        "empty rows": torch.cat([torch.zeros(5, 40), sparse_weight(6, 40, 0.5), torch.zeros(9, 40)]),
+        "all zero": torch.zeros(33, 20),
+        "dense": torch.randn(33, 20),
+    }
+    for (label, weight), tokens in itertools.product(weights.items(), token_counts):
+        x = torch.randn(tokens, weight.shape[1])
+        bias = torch.randn(weight.shape[0])
+        for k_block, row_block in ((0, 32), (1, 1), (7, 5), (128, 64)):
+            check_linear(x, weight, bias, "gelu", isa=isa, k_block=k_block, row_block=row_block,
+                         what=f"{label} tokens={tokens} k_block={k_block} row_block={row_block}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_input_layouts(isa):
+    """Any rank [..., in_features], any strides; the output is contiguous."""
+    weight = sparse_weight(48, 40, 0.8)
+    bias = torch.randn(48)
+    inputs = {
+        "3-D": torch.randn(2, 9, 40),
+        "transposed": torch.randn(40, 19).t(),
+        "sliced": torch.randn(30, 80)[::2, ::2],
+        "expanded": torch.randn(1, 40).expand(11, 40),
+        "1-D": torch.randn(40),
+        "empty": torch.randn(0, 40),
+        "empty 3-D": torch.randn(3, 0, 40),
+    }
+    packed = ops.pack_linear(weight)
+    for label, x in inputs.items():
+        with torch_sparsecpu.force_isa(isa):
+            actual = ops.linear(x, weight, packed, bias, "relu")
+        assert actual.is_contiguous(), label
+        assert_close_rel(actual, reference(x, weight, bias, "relu"), what=label,
+                         scale=pre_activation_scale(x, weight, bias))
+
+
+def test_packed_header():
+    weight = sparse_weight(70, 300, 0.9)
+    packed = ops.pack_linear(weight, k_block=128, row_block=32)
+    header = packed[:16].tolist()
+    nnz = int(torch.count_nonzero(weight))
+    assert header[:9] == [0x31435053, 1, 70, 300, 128, 3, 32, 3, nnz]
+    segments = 70 * 3
+    assert packed.numel() == 16 + 2 * segments + 1 + 2 * nnz
+    # The values of the packed buffer are exactly the nonzeros of the weight.
+    values = packed[16 + 2 * segments + 1: 16 + 2 * segments + 1 + nnz].view(torch.float32)
+    assert torch.equal(values.sort().values, weight[weight != 0].sort().values)
+
+
+def test_negative_zero_and_nan_weights():
+    """-0.0 is a zero; NaN is a nonzero and propagates like the dense result."""
+    weight = torch.tensor([[-0.0, 1.0], [float("nan"), 2.0]])
+    packed = ops.pack_linear(weight)
+    assert int(packed[8]) == 3
+    y = ops.linear(torch.ones(1, 2), weight, packed)
+    assert y[0, 0].item() == 1.0 and torch.isnan(y[0, 1])

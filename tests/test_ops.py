@@ -1,0 +1,104 @@
+"""The custom ops as torch sees them: opcheck, profiler names, autograd, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_sparsecpu import ops
+
+from conftest import assert_close_rel, sparse_weight
+
+
+def linear_samples():
+    """(args) samples for sparsecpu::linear: ranks, strides, bias or not, activations."""
+    weight = sparse_weight(24, 16, 0.8)
+    packed = ops.pack_linear(weight)
+    bias = torch.randn(24)
+    yield (torch.randn(5, 16), weight, packed, bias, "none")
+    yield (torch.randn(2, 3, 16), weight, packed, None, "relu")
+    yield (torch.randn(16, 7).t(), weight, packed, bias, "gelu")
+    yield (torch.randn(4, 16), weight, packed, bias, "gelu_tanh")
+    yield (torch.randn(1, 16), weight, packed, bias, "silu")
+
+
+@pytest.mark.parametrize("args", list(linear_samples()), ids=lambda a: f"{tuple(a[0].shape)}-{a[4]}")
+def test_opcheck_linear(args):
+    torch.library.opcheck(torch.ops.sparsecpu.linear.default, args)
+
+
+@pytest.mark.parametrize("args", list(linear_samples())[:2], ids=["grad-2d", "grad-3d"])
+def test_opcheck_linear_with_grad(args):
+    x, weight, packed, bias, activation = args
+    args = (x.requires_grad_(), weight.clone().requires_grad_(), packed,
+            None if bias is None else bias.clone().requires_grad_(), activation)
+    torch.library.opcheck(torch.ops.sparsecpu.linear.default, args)
+
+
+def test_opcheck_pack_linear():
+    torch.library.opcheck(torch.ops.sparsecpu.pack_linear.default, (sparse_weight(9, 13, 0.5), 4, 2))
+
+
+def test_profiler_names_the_op():
+    x, weight, packed, bias, _ = next(linear_samples())
+    with torch.profiler.profile() as prof:
+        ops.linear(x, weight, packed, bias)
+        ops.pack_linear(weight)
+    names = {event.name for event in prof.events()}
+    assert "sparsecpu::linear" in names and "sparsecpu::pack_linear" in names, names
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
+def test_gradients_match_dense(activation):
+    reference = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+                 "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}[activation]
+    weight = sparse_weight(32, 20, 0.7)
+    bias = torch.randn(32)
+    x = torch.randn(3, 5, 20)
+    packed = ops.pack_linear(weight)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    dense_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    grad = torch.randn(3, 5, 32)
+    ops.linear(leaves[0], leaves[1], packed, leaves[2], activation).backward(grad)
+    reference(F.linear(*dense_leaves)).backward(grad)
+    for name, leaf, dense_leaf in zip(("input", "weight", "bias"), leaves, dense_leaves):
+        assert_close_rel(leaf.grad, dense_leaf.grad, rel=1e-4, what=f"grad of {name}")
+
+
+def test_packed_buffer_checked():
+    x, weight, packed, bias, _ = next(linear_samples())
+    bad_magic = packed.clone()
+    bad_magic[0] = 0
+    bad_version = packed.clone()
+    bad_version[1] = 99
+    with pytest.raises(ValueError, match="bad magic"):
+        ops.linear(x, weight, bad_magic, bias)
+    with pytest.raises(ValueError, match="format version 99"):
+        ops.linear(x, weight, bad_version, bias)
+    with pytest.raises(ValueError, match="inconsistent header"):
+        ops.linear(x, weight, packed[:-1].clone(), bias)
+    with pytest.raises(ValueError, match="int32"):
+        ops.linear(x, weight, packed.float(), bias)
+
+
+def test_shape_and_dtype_errors():
+    x, weight, packed, bias, _ = next(linear_samples())
+    with pytest.raises(ValueError, match="in_features=16"):
+        ops.linear(torch.randn(5, 17), weight, packed, bias)
+    with pytest.raises(ValueError, match="float32"):
+        ops.linear(x.double(), weight, packed, bias)
+    with pytest.raises(ValueError, match="bias"):
+        ops.linear(x, weight, packed, torch.randn(23))
+    with pytest.raises(ValueError, match="does not match the packed weight"):
+        ops.linear(x, weight.t(), packed, bias)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        ops.linear(x, weight, packed, bias, "tanh")
+    with pytest.raises(TypeError, match="weight"):
+        ops.pack_linear([[1.0]])
+    with pytest.raises(ValueError, match="weight"):
+        ops.pack_linear(torch.ones(3))
+    with pytest.raises(ValueError, match="row_block"):
+        ops.pack_linear(weight, row_block=0)
+    with pytest.raises(TypeError, match="k_block"):
+        ops.pack_linear(weight, k_block=1.5)
