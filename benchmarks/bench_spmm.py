@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from common import (
     COLUMNS,
     Case,
     CaseResult,
+    LayerShape,
     ResultMismatch,
     add_sweep_arguments,
     describe_machine,
@@ -98,23 +100,39 @@ def nearest(values: Sequence[int], target: int) -> int:
     return min(values, key=lambda value: (abs(value - target), value))
 
 
+def speedup_tick_label(value: float, _position) -> str:
+    """'0.5x', '1x', '2x', '5x', '10x'...: log-axis ticks at 1, 2, 5 times a power of ten."""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}x" if round(mantissa, 6) in (1, 2, 5) else ""
+
+
+def line_styles(shapes: Sequence[LayerShape]) -> dict[LayerShape, dict]:
+    """Plot keyword arguments per shape: one marker and line style per model, colours
+    cycling through a model's shapes."""
+    models = list(dict.fromkeys(shape.model for shape in shapes))
+    colors = matplotlib.colormaps["tab10"].colors
+    styles = {}
+    for shape in shapes:
+        model_index = models.index(shape.model)
+        index_in_model = sum(other.model == shape.model for other in styles)
+        styles[shape] = {
+            "marker": "osD^vP*X"[model_index % 8],
+            "linestyle": ("-", "--", "-.", ":")[model_index % 4],
+            "color": colors[index_in_model % len(colors)],
+        }
+    return styles
+
+
 def plot_speedups(
     results: Sequence[CaseResult], tokens: int, threads: int, info: dict, path: Path
 ) -> None:
     """Speed-up of sparsecpu vs sparsity, over dense F.linear (left) and torch CSR (right),
     one line per shape, for one tokens / threads pair."""
     selected = [r for r in results if r.case.tokens == tokens and r.case.threads == threads]
-    by_shape: dict = {}
+    by_shape: dict[LayerShape, list[CaseResult]] = {}
     for result in selected:
         by_shape.setdefault(result.case.shape, []).append(result)
-    # one marker and line style per model, colours cycling within a model's shapes
-    models = list(dict.fromkeys(shape.model for shape in by_shape))
-    styles = {model: (marker, linestyle) for model, marker, linestyle
-              in zip(models, "osD^vP*X", ["-", "--", "-.", ":"] * 2)}
-    colors = matplotlib.colormaps["tab10"].colors
-    color_of = {}
-    for shape in by_shape:
-        color_of[shape] = colors[sum(other.model == shape.model for other in color_of) % 10]
+    styles = line_styles(list(by_shape))
 
     figure, axes = plt.subplots(1, 2, figsize=(14, 5.5), layout="constrained")
     for ax, attribute, title in (
@@ -126,14 +144,13 @@ def plot_speedups(
             ax.plot(
                 [r.case.sparsity_pct for r in shape_results],
                 [getattr(r, attribute) for r in shape_results],
-                marker=styles[shape.model][0], linestyle=styles[shape.model][1],
-                color=color_of[shape],
+                **styles[shape],
                 label=f"{shape.name} ({shape.out_features}x{shape.in_features})",
             )
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.axhline(1.0, color="black", linewidth=1.0, alpha=0.6)  # break-even
         ax.set_yscale("log")
-        for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            set_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        ax.yaxis.set_major_formatter(FuncFormatter(speedup_tick_label))
+        ax.yaxis.set_minor_formatter(FuncFormatter(speedup_tick_label))
         ax.set_xlabel("sparsity (% zero weights)")
         ax.set_ylabel("speed-up of sparsecpu")
         ax.set_title(f"Speed-up {title}")
@@ -142,8 +159,7 @@ def plot_speedups(
     figure.legend(handles, labels, loc="outside right center", fontsize="small")
     figure.suptitle(
         f"sparsecpu.linear, {tokens} tokens, {threads} thread{'s' if threads > 1 else ''}, "
-        f"ISA {info['isa']} "
-        f"- {info['cpu']}, torch {info['torch']}"
+        f"ISA {info['isa']} - {info['cpu']}, torch {info['torch']}"
     )
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -48,8 +49,6 @@ RELATIVE_TOLERANCE = 1e-4
 # Calls slower than min_run_time give blocked_autorange a single sample; take more so the
 # median is a median.
 MIN_SAMPLES = 3
-
-IMPLEMENTATIONS = ("dense", "csr", "sparsecpu")
 
 
 # --------------------------------------------------------------------------- shapes, cases
@@ -183,7 +182,8 @@ def _to_sparse_csr(weight: Tensor) -> Tensor:
 
 
 def implementations(layer: SparseLayer, x: Tensor) -> dict[str, Callable[[], Tensor]]:
-    """Zero-argument callables computing ``x @ weight.T + bias``, keyed by IMPLEMENTATIONS."""
+    """Zero-argument callables computing ``x @ weight.T + bias``: "dense" (``F.linear``),
+    "csr" (torch's CSR matmul) and "sparsecpu" (``torch_sparsecpu.ops.linear``)."""
     weight, bias, packed, csr = layer.weight, layer.bias, layer.packed, layer.csr
     return {
         "dense": lambda: F.linear(x, weight, bias),
@@ -200,7 +200,9 @@ class ResultMismatch(RuntimeError):
     """An implementation disagrees with the dense reference: no timing of it may be shown."""
 
 
-def check_against_reference(implementation: str, got: Tensor, reference: Tensor, case: Case):
+def check_against_reference(
+    implementation: str, got: Tensor, reference: Tensor, case: Case
+) -> None:
     """Raises :class:`ResultMismatch` naming the case unless ``got`` matches ``reference``
     within RELATIVE_TOLERANCE of its largest magnitude (NaNs never match)."""
     if got.shape != reference.shape:
@@ -306,7 +308,9 @@ _ESTIMATE_GFLOPS_PER_THREAD = {"dense": 20.0, "csr": 3.0, "sparsecpu": 12.0}
 _ESTIMATE_SETUP_NS_PER_WEIGHT = 60.0  # random weight, packing, CSR conversion
 
 
-def split_by_size(cases: Sequence[Case], max_dense_gflop: float | None) -> tuple[list, list]:
+def split_by_size(
+    cases: Sequence[Case], max_dense_gflop: float | None
+) -> tuple[list[Case], list[Case]]:
     """(cases to run, cases skipped because the dense layer is over ``max_dense_gflop``)."""
     if max_dense_gflop is None:
         return list(cases), []
@@ -327,11 +331,12 @@ def estimate_seconds(cases: Sequence[Case], min_run_time: float) -> float:
     weights_made = set()
     for case in cases:
         nnz_flop = case.dense_flop * (1 - case.sparsity_pct / 100)
+        rates = {name: gflops * case.threads * 1e9
+                 for name, gflops in _ESTIMATE_GFLOPS_PER_THREAD.items()}
         calls = {
-            name: flop / (rate * case.threads * 1e9)
-            for (name, rate), flop in zip(
-                _ESTIMATE_GFLOPS_PER_THREAD.items(), (case.dense_flop, nnz_flop, nnz_flop)
-            )
+            "dense": case.dense_flop / rates["dense"],
+            "csr": nnz_flop / rates["csr"],
+            "sparsecpu": nnz_flop / rates["sparsecpu"],
         }
         total += sum(calls.values())  # correctness check
         total += timing_seconds(calls["csr"]) + timing_seconds(calls["sparsecpu"])
@@ -348,56 +353,56 @@ def estimate_seconds(cases: Sequence[Case], min_run_time: float) -> float:
 
 def plan_summary(cases: Sequence[Case], min_run_time: float) -> str:
     """How many cases will run and roughly how long they will take."""
+    estimate = format_duration(estimate_seconds(cases, min_run_time))
     return (
-        f"{len(cases)} cases; estimated runtime {format_duration(estimate_seconds(cases, min_run_time))}"
-        " (rough: from nominal FLOP rates; the progress bar's ETA is better once started)"
+        f"{len(cases)} cases; estimated runtime {estimate} "
+        "(rough: from nominal FLOP rates; the progress bar's ETA is better once started)"
     )
 
-def run_sweep(cases: Sequence[Case], min_run_time: float, description: str) -> list[CaseResult]:
-    """Checks then times every case (in the order of :func:`enumerate_cases`).
 
-    Each weight is built and packed once and serves all its token and thread counts. Dense
+def run_sweep(cases: Sequence[Case], min_run_time: float, description: str) -> list[CaseResult]:
+    """Checks then times every case.
+
+    Each weight is built and packed once and serves the run of consecutive cases that share
+    it (all its token and thread counts, in the order of :func:`enumerate_cases`). Dense
     F.linear does not look at the values, so it is timed once per (shape, tokens, threads)
     and that time serves every sparsity. Raises :class:`ResultMismatch` on a wrong answer.
     """
     results = []
-    dense_ms_cache: dict[tuple, float] = {}
-    layer_key = layer = None
-    input_key = x = None
+    dense_ms_cache: dict[tuple[LayerShape, int, int], float] = {}
     with tqdm(total=len(cases), desc=description, unit="case", dynamic_ncols=True) as progress:
-        for case in cases:
-            progress.set_postfix_str(case.describe(), refresh=True)
-            if layer_key != (case.shape, case.sparsity_pct):
-                layer_key = (case.shape, case.sparsity_pct)
-                layer = None  # free the previous weight before building the next one
-                layer = make_sparse_layer(case.shape, case.sparsity_pct)
-                input_key = None  # the reference depends on the weight
-            if input_key != case.tokens:
-                input_key = case.tokens
+        for (shape, sparsity_pct), layer_cases in groupby(
+            cases, key=lambda case: (case.shape, case.sparsity_pct)
+        ):
+            layer = make_sparse_layer(shape, sparsity_pct)
+            for tokens, token_cases in groupby(layer_cases, key=lambda case: case.tokens):
                 x = random_input(
-                    case.tokens, case.shape.in_features,
-                    stable_seed("input", case.shape.name, case.tokens),
+                    tokens, shape.in_features, stable_seed("input", shape.name, tokens)
                 )
                 reference = F.linear(x, layer.weight, layer.bias)
-            candidates = implementations(layer, x)
-            with torch_threads(case.threads):
-                for name in ("csr", "sparsecpu"):
-                    check_against_reference(name, candidates[name](), reference, case)
-            dense_key = (case.shape, case.tokens, case.threads)
-            if dense_key not in dense_ms_cache:
-                dense_ms_cache[dense_key] = median_ms(
-                    candidates["dense"], case.threads, min_run_time
-                )
-            results.append(
-                CaseResult(
-                    case=case,
-                    nnz=layer.nnz,
-                    dense_ms=dense_ms_cache[dense_key],
-                    csr_ms=median_ms(candidates["csr"], case.threads, min_run_time),
-                    sparsecpu_ms=median_ms(candidates["sparsecpu"], case.threads, min_run_time),
-                )
-            )
-            progress.update()
+                candidates = implementations(layer, x)
+                for case in token_cases:
+                    progress.set_postfix_str(case.describe(), refresh=True)
+                    with torch_threads(case.threads):
+                        for name in ("csr", "sparsecpu"):
+                            check_against_reference(name, candidates[name](), reference, case)
+                    dense_key = (shape, tokens, case.threads)
+                    if dense_key not in dense_ms_cache:
+                        dense_ms_cache[dense_key] = median_ms(
+                            candidates["dense"], case.threads, min_run_time
+                        )
+                    results.append(
+                        CaseResult(
+                            case=case,
+                            nnz=layer.nnz,
+                            dense_ms=dense_ms_cache[dense_key],
+                            csr_ms=median_ms(candidates["csr"], case.threads, min_run_time),
+                            sparsecpu_ms=median_ms(
+                                candidates["sparsecpu"], case.threads, min_run_time
+                            ),
+                        )
+                    )
+                    progress.update()
     return results
 
 
@@ -434,11 +439,14 @@ COLUMNS = {
 def sorted_for_table(results: Sequence[CaseResult]) -> list[CaseResult]:
     """Results grouped by shape (in sweep order), then threads, then tokens, with sparsity
     changing fastest so that each group reads as a speed-up-vs-sparsity curve."""
-    shape_order = {shape: i for i, shape in reversed(list(enumerate(r.case.shape for r in results)))}
-    return sorted(
-        results,
-        key=lambda r: (shape_order[r.case.shape], r.case.threads, r.case.tokens, r.case.sparsity_pct),
-    )
+    shape_order = {shape: i for i, shape in enumerate(dict.fromkeys(r.case.shape for r in results))}
+
+    def key(result: CaseResult) -> tuple:
+        case = result.case
+        return shape_order[case.shape], case.threads, case.tokens, case.sparsity_pct
+
+    return sorted(results, key=key)
+
 
 def _cells(results: Sequence[CaseResult], columns: Sequence[Column]) -> list[list[str]]:
     return [[format(column.value(r), column.fmt) for column in columns] for r in results]

@@ -67,30 +67,30 @@ class Mixed(nn.Module):
         super().__init__()
         self.sparse = nn.Linear(32, 32)
         self.dense = nn.Linear(32, 32)                 # below min_sparsity
-        self.double = nn.Linear(32, 32).double()       # not float32
+        self.fp64 = nn.Linear(32, 32).double()         # not float32
         self.tied = self.sparse                        # the same weight twice: packed once
 
     def forward(self, x, runtime_weight):
         h = torch.relu(self.sparse(x))
         h = self.dense(h) + F.linear(h, runtime_weight)  # weight computed at run time
         h = self.tied(h)
-        return self.double(h.double()).float()
+        return self.fp64(h.double()).float()
 
 
 def test_layers_not_taken_stay_as_they_were(caplog):
     model = Mixed().eval()
     with torch.no_grad():
         model.sparse.weight.mul_(torch.rand(32, 32) > 0.9)
-        model.double.weight.mul_(torch.rand(32, 32) > 0.9)
+        model.fp64.weight.mul_(torch.rand(32, 32) > 0.9)
     x, runtime_weight = torch.randn(5, 32), torch.randn(32, 32)
     with caplog.at_level(logging.DEBUG, logger="torch_sparsecpu"):
         decisions = torch_sparsecpu.explain(model, x, runtime_weight)
     taken = {(d.name, d.taken) for d in decisions}
-    assert taken == {("sparse.weight", True), ("dense.weight", False), ("double.weight", False),
+    assert taken == {("sparse.weight", True), ("dense.weight", False), ("fp64.weight", False),
                      ("runtime_weight", False)}, taken
     reasons = {d.name: d.reason for d in decisions if not d.taken}
     assert "below min_sparsity" in reasons["dense.weight"]
-    assert "float64" in reasons["double.weight"]
+    assert "float64" in reasons["fp64.weight"]
     assert "not a static parameter" in reasons["runtime_weight"]
     assert any("dense.weight" in r.message and "below min_sparsity" in r.message for r in caplog.records)
     compiled = torch.compile(model, backend="sparsecpu")

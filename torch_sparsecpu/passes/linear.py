@@ -92,7 +92,10 @@ def _source_name(node: fx.Node) -> str:
         return node.target if node.op == "get_attr" else node.name
     text = source.name if isinstance(source.name, str) else source.name()
     parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)", text)
-    return ".".join(a or b for a, b in parts) or text
+    if parts:
+        return ".".join(a or b for a, b in parts)
+    local = re.fullmatch(r"L\['([^']+)'\]", text)  # a graph input of the compiled function
+    return local.group(1) if local else text
 
 
 def _example_value(node) -> torch.Tensor | None:
