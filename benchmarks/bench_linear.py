@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sweep_arguments(parser, sparsities="50,70,80,90,95,99", tokens="1,32,128,512", threads="2")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 90%% sparsity, 128 tokens, 2 threads")
+                        help="smoke run: 90%% sparsity, 128 tokens, 2 threads "
+                             "(overrides --sparsities, --tokens, --threads)")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)

@@ -71,7 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser, sparsities="50,70,80,90,95,98", tokens="1,8,64,128,512,2048", threads="1,2"
     )
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: BERT shapes, 90%% sparsity, 128 tokens, 2 threads")
+                        help="smoke run: BERT shapes, 90%% sparsity, 128 tokens, 2 threads "
+                             "(overrides --shapes, --sparsities, --tokens, --threads)")
     parser.add_argument(
         "--shapes", type=lambda text: [name for name in text.split(",") if name],
         help="models to run, comma-separated (the 'model' field of shapes.json); default all",
@@ -198,7 +199,7 @@ def write_outputs(
     )
     plot_speedups(results, plot_tokens, plot_threads, info, out / "bench_spmm.png")
     print(f"wrote {out / 'bench_spmm.json'}, {out / 'bench_spmm.md'}, "
-          f"{out / 'bench_spmm.png'} (plot: {plot_tokens} tokens, {plot_threads} threads)")
+          f"{out / 'bench_spmm.png'} (plot: tokens={plot_tokens}, threads={plot_threads})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
