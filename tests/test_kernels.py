@@ -82,7 +82,7 @@ def _tile_widths(isa):
     names = kernels.kernel_names(isa)
     if names == [f"spmm_f32_1xN__{isa}"]:
         return [1, 5, 64]
-    return [int(name.split("_1x")[1].split("__")[0]) for name in names]
+    return [int(name.split("_1x")[1].split("__")[0]) for name in names]  # spmv_ and spmm_ tiles
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -75,6 +75,9 @@ bool set_isa(const std::string& isa, std::string* error) {
 std::vector<std::string> spmm_kernel_names(const SpmmKernels& kernels) {
   std::vector<std::string> names;
   if (kernels.vector_width == 1) return {std::string("spmm_f32_1xN__") + kernels.isa};
+  for (int64_t tokens = 1; tokens <= kMaxGemvTokens; ++tokens) {
+    names.push_back("spmv_f32_1x" + std::to_string(tokens) + "__" + kernels.isa);
+  }
   for (int64_t width = kernels.vector_width; width <= kernels.max_panel_width;
        width += kernels.vector_width) {
     names.push_back("spmm_f32_1x" + std::to_string(width) + "__" + kernels.isa);

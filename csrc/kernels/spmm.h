@@ -91,6 +91,9 @@ bool view_packed_linear(const int32_t* data, int64_t words,
 // ---------------------------------------------------------------------------
 enum class Activation : int { kNone = 0, kRelu, kGeluErf, kGeluTanh, kSilu };
 
+// Panels this narrow or narrower run the sparse GEMV kernels (spmv_row_block).
+constexpr int64_t kMaxGemvTokens = 7;
+
 // An activation panel holds up to `max_panel_width` tokens of the input,
 // feature-major: panel[i * panel_width + t] is feature i of token t.
 // panel_width is a multiple of `vector_width`; padding tokens are zero.
@@ -108,6 +111,13 @@ struct SpmmKernels {
   // Computes every row of row block rb for one panel into tile
   // [rows_in_block][panel_width]: bias + sum over nonzeros, then activation.
   void (*spmm_row_block)(const PackedLinearView& w, int64_t rb,
+                         const float* panel, int64_t panel_width,
+                         const float* bias, Activation act, float* tile);
+
+  // The same for a narrow panel of 1..kMaxGemvTokens tokens (panel_width ==
+  // tokens, no padding): batch-1 decoding and other memory-bound cases. The tile
+  // must hold rows * panel_width floats rounded up to a whole register.
+  void (*spmv_row_block)(const PackedLinearView& w, int64_t rb,
                          const float* panel, int64_t panel_width,
                          const float* bias, Activation act, float* tile);
 

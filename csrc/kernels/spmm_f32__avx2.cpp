@@ -58,7 +58,7 @@ inline void transpose8x8(__m256 rows[8]) {
 // Token-major x -> feature-major panel, 8x8 blocks at a time when features are contiguous.
 void pack_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                      int64_t feature_stride, int64_t panel_width, float* panel) {
-  if (feature_stride != 1 || tokens != panel_width) {
+  if (feature_stride != 1 || tokens != panel_width || tokens % 8 != 0) {
     return pack_panel_simd(x, tokens, in_features, token_stride, feature_stride, panel_width, panel);
   }
   const int64_t full = in_features / 8 * 8;
@@ -102,6 +102,7 @@ void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int6
 namespace sparsecpu {
 namespace kernels {
 const SpmmKernels kSpmmAvx2 = {"avx2", Vec::kWidth, Vec::kWidth * Vec::kMaxVectors,
-                               &pack_panel_avx2, &spmm_row_block_simd, &unpack_tile_avx2};
+                               &pack_panel_avx2, &spmm_row_block_simd, &spmv_row_block_simd,
+                               &unpack_tile_avx2};
 }  // namespace kernels
 }  // namespace sparsecpu

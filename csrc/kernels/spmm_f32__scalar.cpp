@@ -62,7 +62,7 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
 }  // namespace
 
 const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
-                                 &unpack_tile_scalar};
+                                 &spmm_row_block_scalar, &unpack_tile_scalar};
 
 }  // namespace kernels
 }  // namespace sparsecpu

@@ -124,6 +124,59 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, const float* pan
   }
 }
 
+// spmv_f32_1x<kTokens>: few tokens, memory-bound. Each nonzero's value and offset
+// are read once for all kTokens tokens; four partial sums per token break the FMA
+// dependency chain. The panel is [in_features][kTokens], the tile [rows][kTokens].
+template <int kTokens>
+void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, const float* panel,
+                         const float* bias, Activation act, float* tile) {
+  const int64_t rows = w.rows_in_block(rb);
+  const int64_t first_row = rb * w.row_block;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int t = 0; t < kTokens; ++t) tile[r * kTokens + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
+  }
+  for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+    const int64_t first_segment = w.segment(rb, kb, 0);
+    for (int64_t s = first_segment; s < first_segment + rows; ++s) {
+      float acc[4][kTokens] = {};
+      int32_t j = w.seg_ptr[s];
+      const int32_t end = w.seg_ptr[s + 1];
+      for (; j + 4 <= end; j += 4) {
+        for (int u = 0; u < 4; ++u) {
+          const float value = w.values[j + u];
+          const float* x = panel + static_cast<int64_t>(w.offsets[j + u]) * kTokens;
+          for (int t = 0; t < kTokens; ++t) acc[u][t] += value * x[t];
+        }
+      }
+      for (; j < end; ++j) {
+        const float* x = panel + static_cast<int64_t>(w.offsets[j]) * kTokens;
+        for (int t = 0; t < kTokens; ++t) acc[0][t] += w.values[j] * x[t];
+      }
+      float* out = tile + w.seg_rows[s] * kTokens;
+      for (int t = 0; t < kTokens; ++t) out[t] += (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
+    }
+  }
+  if (act != Activation::kNone) {  // whole registers: the tile is padded to one
+    for (int64_t i = 0; i < rows * kTokens; i += Vec::kWidth) {
+      Vec::store(tile + i, activate(Vec::load(tile + i), act));
+    }
+  }
+}
+
+void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, const float* panel,
+                         int64_t panel_width, const float* bias, Activation act, float* tile) {
+  switch (panel_width) {
+#define SPARSECPU_GEMV_CASE(N) \
+  case N:                      \
+    return spmv_row_block_tile<N>(w, rb, panel, bias, act, tile);
+    SPARSECPU_GEMV_CASE(1) SPARSECPU_GEMV_CASE(2) SPARSECPU_GEMV_CASE(3) SPARSECPU_GEMV_CASE(4)
+    SPARSECPU_GEMV_CASE(5) SPARSECPU_GEMV_CASE(6) SPARSECPU_GEMV_CASE(7)
+#undef SPARSECPU_GEMV_CASE
+    default:
+      return;  // unreachable: the caller uses this for 1..kMaxGemvTokens tokens
+  }
+}
+
 // The tile list: register tiles of 1..8 vectors (kMaxVectors == 8 on every ISA).
 #define SPARSECPU_FOR_EACH_TILE(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
 

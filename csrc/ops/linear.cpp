@@ -53,7 +53,12 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   const int64_t max_width = k.max_panel_width;
   const int64_t num_panels = ceil_div(tokens, max_width);
   auto tokens_in = [&](int64_t p) { return std::min(max_width, tokens - p * max_width); };
-  auto width_of = [&](int64_t p) { return ceil_div(tokens_in(p), k.vector_width) * k.vector_width; };
+  // Panels of up to kMaxGemvTokens tokens run the GEMV kernels unpadded; wider
+  // panels are padded to whole registers.
+  auto is_gemv = [&](int64_t p) { return k.vector_width > 1 && tokens_in(p) <= kernels::kMaxGemvTokens; };
+  auto width_of = [&](int64_t p) {
+    return is_gemv(p) ? tokens_in(p) : ceil_div(tokens_in(p), k.vector_width) * k.vector_width;
+  };
 
   std::vector<float> panels(static_cast<size_t>(num_panels * w.in_features * max_width));
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
@@ -79,13 +84,13 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   chunk_start[0] = 0;
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(static_cast<size_t>(w.row_block * max_width));
+    std::vector<float> tile(static_cast<size_t>(w.row_block * max_width + k.vector_width));
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t item = chunk_start[c]; item < chunk_start[c + 1]; ++item) {
         const int64_t p = item / w.num_row_blocks, rb = item % w.num_row_blocks;
         const int64_t width = width_of(p);
-        k.spmm_row_block(w, rb, panels.data() + p * w.in_features * max_width, width, bias, act,
-                         tile.data());
+        (is_gemv(p) ? k.spmv_row_block : k.spmm_row_block)(
+            w, rb, panels.data() + p * w.in_features * max_width, width, bias, act, tile.data());
         const int64_t first_row = rb * w.row_block;
         k.unpack_tile(tile.data(), w.rows_in_block(rb), width, tokens_in(p),
                       y + p * max_width * w.out_features + first_row, w.out_features);
