@@ -92,8 +92,10 @@ def test_shape_and_dtype_errors():
         ops.linear(x, weight, packed, torch.randn(23))
     with pytest.raises(ValueError, match="does not match the packed weight"):
         ops.linear(x, weight.t(), packed, bias)
-    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+    with pytest.raises(ValueError, match="activation must be one of none, relu"):
         ops.linear(x, weight, packed, bias, "tanh")
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        torch.ops.sparsecpu.linear(x, weight, packed, bias, "tanh")
     with pytest.raises(TypeError, match="weight"):
         ops.pack_linear([[1.0]])
     with pytest.raises(ValueError, match="weight"):

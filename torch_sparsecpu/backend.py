@@ -83,23 +83,52 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, options: Sparse
     return compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """One build of the graph, published as a whole so that a concurrent caller sees
+    either the old build or the new one, never a mix."""
+
+    graph_module: fx.GraphModule
+    decisions: list[LayerDecision]
+    # (placeholder index, weight._version, storage pointer) of every packed weight.
+    watched_inputs: list[tuple[int, int, int]]
+    # (weight tensor, weight._version) of packed get_attr weights (Inductor freezing).
+    watched_constants: list[tuple[torch.Tensor, int]]
+    compiled: Callable | None
+
+    def is_stale(self, args: Sequence) -> bool:
+        for index, version, data_ptr in self.watched_inputs:
+            weight = args[index]
+            if weight._version != version or weight.untyped_storage().data_ptr() != data_ptr:
+                return True
+        return any(weight._version != version for weight, version in self.watched_constants)
+
+
 class SparseCompiledGraph:
     """The callable Dynamo runs: the rewritten graph, compiled, plus the check that
-    every packed weight still matches its parameter."""
+    every packed weight still matches its parameter (``_version`` and storage)."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
                  mode: str | None, decisions: list[LayerDecision] | None = None):
         self._source_gm = gm
+        self._example_inputs = list(example_inputs)
         self._options = options
         self._mode = mode
         self._lock = threading.Lock()
-        self.decisions: list[LayerDecision] = []
-        self._compiled: Callable | None = None
-        self._build(example_inputs, compile_if_dense=False)
+        self._build = self._make_build(self._example_inputs, compile_if_dense=False)
         if decisions is not None:
-            decisions.extend(self.decisions)
+            decisions.extend(self._build.decisions)
 
-    def _build(self, inputs: Sequence, compile_if_dense: bool = True) -> None:
+    @property
+    def decisions(self) -> list[LayerDecision]:
+        return self._build.decisions
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The rewritten graph (before the inner compiler)."""
+        return self._build.graph_module
+
+    def _make_build(self, inputs: Sequence, compile_if_dense: bool = True) -> _Build:
         graph = fx.Graph()
         value_map: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(self._source_gm.graph, value_map))
@@ -108,14 +137,14 @@ class SparseCompiledGraph:
                 new._dynamo_source = old._dynamo_source
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
-        packed, packed_weights, self.decisions = rewrite_sparse_linears(
+        packed, packed_weights, decisions = rewrite_sparse_linears(
             graph, static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
         )
         level = logging.INFO if self._options.verbose else logging.DEBUG
         if log.isEnabledFor(level):
-            for decision in self.decisions:
+            for decision in decisions:
                 log.log(level, "%s", decision)
         # Fresh GraphModule: its root is a dict of every attribute the graph reads.
         root = {n.target: self._fetch(n.target) for n in graph.nodes
@@ -123,20 +152,17 @@ class SparseCompiledGraph:
         root.update(packed)
         new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
         new_gm.meta.update(self._source_gm.meta)
-        self.graph_module = new_gm
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        self._watched = [
-            (index, weight._version, weight.untyped_storage().data_ptr())
-            for index, node in enumerate(placeholders)
-            if node in packed_weights
-            for weight in (packed_weights[node],)
+        watched_inputs = [
+            (index, packed_weights[node]._version, packed_weights[node].untyped_storage().data_ptr())
+            for index, node in enumerate(placeholders) if node in packed_weights
         ]
-        self._watched_attrs = [
-            (node.target, packed_weights[node], packed_weights[node]._version)
-            for node in packed_weights if node.op == "get_attr"
-        ]
-        if compile_if_dense or any(d.taken for d in self.decisions):
-            self._compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
+        watched_constants = [(packed_weights[node], packed_weights[node]._version)
+                             for node in packed_weights if node.op == "get_attr"]
+        compiled = None
+        if compile_if_dense or any(d.taken for d in decisions):
+            compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
+        return _Build(new_gm, decisions, watched_inputs, watched_constants, compiled)
 
     def _fetch(self, target: str):
         value = self._source_gm
@@ -144,27 +170,27 @@ class SparseCompiledGraph:
             value = getattr(value, atom)
         return value
 
-    def _is_stale(self, args: Sequence) -> bool:
-        for index, version, data_ptr in self._watched:
-            weight = args[index]
-            if weight._version != version or weight.untyped_storage().data_ptr() != data_ptr:
-                return True
-        return any(weight._version != version for _, weight, version in self._watched_attrs)
-
     def __call__(self, *args):
-        if self._is_stale(args):
+        build = self._build
+        if build.is_stale(args):
             with self._lock:
-                if self._is_stale(args):
+                build = self._build
+                if build.is_stale(args):
                     log.info("sparsecpu: weights changed since they were packed; repacking")
-                    self._build(args)
-        return self._compiled(*args)
+                    # Dynamo's example inputs, with the weights as they are now: the inner
+                    # compiler sees the same (possibly dynamic) shapes as the first time.
+                    inputs = list(self._example_inputs)
+                    for index, _, _ in build.watched_inputs:
+                        inputs[index] = args[index]
+                    build = self._build = self._make_build(inputs)
+        return build.compiled(*args)
 
 
 def compile_sparse(gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
                    mode: str | None = None, decisions: list[LayerDecision] | None = None) -> Callable:
     """The backend's work, with parsed options; ``decisions`` collects what it did."""
     compiled = SparseCompiledGraph(gm, example_inputs, options, mode, decisions)
-    if compiled._compiled is None:
+    if compiled._build.compiled is None:
         # Nothing sparse: exactly what the inner compiler alone would do.
         return _inner_compile(gm, example_inputs, options, mode)
     return compiled

@@ -43,6 +43,15 @@ def linear(
     """``activation(input @ weight.T + bias)`` computed from ``packed`` (made by
     :func:`pack_linear` from ``weight``). ``weight`` itself is only read for shapes and
     for gradients; ``input`` may have any rank ``[..., in_features]`` and any strides."""
+    for name, value in (("input", input), ("weight", weight), ("packed", packed)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     return torch.ops.sparsecpu.linear(input, weight, packed, bias, activation)
 
 

@@ -27,13 +27,18 @@ class SparseLinear(nn.Module):
         self.activation = activation
         self.weight = linear.weight
         self.bias = linear.bias
-        self.register_buffer("packed", ops.pack_linear(self.weight.detach()))
-        self._packed_version = self.weight._version
+        # Not persistent: checkpoints stay those of the nn.Linear (weight, bias) and
+        # the packed copy is rebuilt from the weight, never loaded stale.
+        self.register_buffer("packed", ops.pack_linear(self.weight.detach()), persistent=False)
+        self._packed_from = self._weight_identity()
+
+    def _weight_identity(self) -> tuple[int, int]:
+        return self.weight._version, self.weight.untyped_storage().data_ptr()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self.weight._version != self._packed_version:
+        if not torch.compiler.is_compiling() and self._weight_identity() != self._packed_from:
             self.packed = ops.pack_linear(self.weight.detach())
-            self._packed_version = self.weight._version
+            self._packed_from = self._weight_identity()
         return ops.linear(input, self.weight, self.packed, self.bias, self.activation)
 
     def extra_repr(self) -> str:

@@ -73,8 +73,8 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
   return packed;
 }
 
-bool view_packed_linear(const int32_t* data, int64_t words, PackedLinearView* view,
-                        std::string* error) {
+bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
+                        PackedLinearView* view, std::string* error) {
   if (words < kHeaderWords) {
     *error = "buffer shorter than the header";
     return false;
@@ -113,6 +113,33 @@ bool view_packed_linear(const int32_t* data, int64_t words, PackedLinearView* vi
   v.seg_rows = v.seg_ptr + segments + 1;
   v.values = reinterpret_cast<const float*>(v.seg_rows + segments);
   v.offsets = v.seg_rows + segments + v.nnz;
+  if (check_contents) {
+    for (int64_t s = 0; s < segments; ++s) {
+      if (v.seg_ptr[s + 1] < v.seg_ptr[s]) {
+        *error = "segment pointers are not ascending at segment " + std::to_string(s);
+        return false;
+      }
+    }
+    for (int64_t rb = 0; rb < v.num_row_blocks; ++rb) {
+      const int64_t rows = v.rows_in_block(rb);
+      for (int64_t s = v.segment(rb, 0, 0); s < v.segment(rb, 0, 0) + rows * v.num_k_blocks; ++s) {
+        if (v.seg_rows[s] < 0 || v.seg_rows[s] >= rows) {
+          *error = "segment " + std::to_string(s) + " names row " + std::to_string(v.seg_rows[s]) +
+                   " outside its block of " + std::to_string(rows) + " rows";
+          return false;
+        }
+      }
+    }
+    int32_t max_offset = 0, min_offset = 0;
+    for (int64_t j = 0; j < v.nnz; ++j) {
+      max_offset = std::max(max_offset, v.offsets[j]);
+      min_offset = std::min(min_offset, v.offsets[j]);
+    }
+    if (min_offset < 0 || (v.nnz > 0 && max_offset >= v.in_features)) {
+      *error = "offsets outside [0, in_features)";
+      return false;
+    }
+  }
   *view = v;
   return true;
 }

@@ -82,8 +82,11 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
                                      int64_t k_block, int64_t row_block);
 
 // Validates a packed buffer of `words` int32 and returns a view of it. On a
-// bad buffer returns false and writes the reason to `error`.
-bool view_packed_linear(const int32_t* data, int64_t words,
+// bad buffer returns false and writes the reason to `error`. The header and sizes
+// are always checked (O(1)); with `check_contents` also every segment pointer,
+// segment row and offset (O(nnz)), so that no buffer can make a kernel read out
+// of bounds.
+bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
                         PackedLinearView* view, std::string* error);
 
 // ---------------------------------------------------------------------------

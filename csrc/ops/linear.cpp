@@ -5,7 +5,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "../kernels/spmm.h"
@@ -26,16 +28,62 @@ Activation parse_activation(c10::string_view name) {
                     "'; expected one of none, relu, gelu, gelu_tanh, silu");
 }
 
+// Packed buffers whose contents were checked in full, keyed by address and
+// identified by size, version counter and a fingerprint of their first and last
+// words. The O(nnz) check then runs once per buffer, not once per call; any
+// in-place change of the buffer bumps its version and forces a new check.
+class CheckedBuffers {
+ public:
+  bool contains(const at::Tensor& packed) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    auto it = checked_.find(packed.data_ptr());
+    return it != checked_.end() && it->second == identity(packed);
+  }
+  void insert(const at::Tensor& packed) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (checked_.size() >= 4096) checked_.clear();
+    checked_[packed.data_ptr()] = identity(packed);
+  }
+
+ private:
+  struct Identity {
+    int64_t words;
+    uint32_t version;
+    uint64_t fingerprint;
+    bool operator==(const Identity& other) const {
+      return words == other.words && version == other.version && fingerprint == other.fingerprint;
+    }
+  };
+  static Identity identity(const at::Tensor& packed) {
+    const int32_t* data = packed.data_ptr<int32_t>();
+    const int64_t words = packed.numel();
+    uint64_t hash = 1469598103934665603ull;  // FNV-1a over the first and last 64 words
+    auto mix = [&](int64_t i) { hash = (hash ^ static_cast<uint32_t>(data[i])) * 1099511628211ull; };
+    for (int64_t i = 0; i < std::min<int64_t>(words, 64); ++i) mix(i);
+    for (int64_t i = std::max<int64_t>(64, words - 64); i < words; ++i) mix(i);
+    // Inference tensors carry no version counter (and cannot be edited outside inference mode).
+    const uint32_t version =
+        packed.is_inference() ? 0 : packed.unsafeGetTensorImpl()->version_counter().current_version();
+    return {words, version, hash};
+  }
+  std::mutex mutex_;
+  std::unordered_map<const void*, Identity> checked_;
+};
+
 PackedLinearView checked_view(const at::Tensor& packed) {
   TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.scalar_type() == at::kInt &&
                         packed.dim() == 1 && packed.is_contiguous(),
                     "sparsecpu: packed must be a contiguous 1-D int32 CPU tensor made by "
                     "sparsecpu::pack_linear, got ", packed.scalar_type(), " of shape ",
                     packed.sizes());
+  static CheckedBuffers checked;
+  const bool check_contents = !checked.contains(packed);
   PackedLinearView view;
   std::string error;
-  TORCH_CHECK_VALUE(kernels::view_packed_linear(packed.data_ptr<int32_t>(), packed.numel(), &view, &error),
+  TORCH_CHECK_VALUE(kernels::view_packed_linear(packed.data_ptr<int32_t>(), packed.numel(),
+                                                check_contents, &view, &error),
                     "sparsecpu: packed weight rejected: ", error);
+  if (check_contents) checked.insert(packed);
   return view;
 }
 

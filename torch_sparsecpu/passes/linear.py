@@ -103,7 +103,11 @@ def _example_value(node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _has_autocast(graph: fx.Graph) -> bool:
+def _under_autocast(graph: fx.Graph) -> bool:
+    """Autocast entered inside the graph, or around it (Dynamo guards on that state,
+    so a change of it recompiles)."""
+    if torch.is_autocast_enabled("cpu"):
+        return True
     return any(
         n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in graph.nodes
     )
@@ -156,7 +160,7 @@ def rewrite_sparse_linears(
     packed_attrs: dict[str, torch.Tensor] = {}
     packed_weights: dict[fx.Node, torch.Tensor] = {}
     decisions: list[LayerDecision] = []
-    autocast = _has_autocast(graph)
+    autocast = _under_autocast(graph)
     packed_by_weight: dict[fx.Node, str] = {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
