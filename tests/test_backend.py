@@ -21,6 +21,7 @@ from torch_sparsecpu.backend import SparseCPUOptions
 from conftest import assert_close_rel
 
 SPARSE_CALL = re.compile(r"= torch\.ops\.sparsecpu\.linear\.default\(")
+CHAIN_CALL = re.compile(r"= torch\.ops\.sparsecpu\.linear_chain\.default\(\w+, \[([^\]]*)\]")
 
 
 def ffn(sparsity=0.9, activation=nn.GELU):
@@ -29,8 +30,29 @@ def ffn(sparsity=0.9, activation=nn.GELU):
 
 
 def sparse_calls_in_inductor_code(compiled, *args) -> tuple[torch.Tensor, int]:
+    """Runs ``compiled`` and counts the linear layers its Inductor code runs sparse:
+    one per ``sparsecpu::linear`` call plus the layers of each ``linear_chain`` call."""
     output, code = run_and_get_code(compiled, *args)
-    return output, sum(len(SPARSE_CALL.findall(c)) for c in code)
+    singles = sum(len(SPARSE_CALL.findall(c)) for c in code)
+    chained = sum(len(weights.split(",")) for c in code for weights in CHAIN_CALL.findall(c))
+    return output, singles + chained
+
+
+def test_chains_fused_only_without_grad():
+    model = ffn()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(model, backend="sparsecpu"), x)
+    assert len(CHAIN_CALL.findall(code[0])) == 1 and not SPARSE_CALL.findall(code[0])
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(model, backend="sparsecpu"), x)  # grad mode on
+    # Separate layers (the forward may also keep a pre-activation for backward).
+    assert not CHAIN_CALL.findall(code[0]) and len(SPARSE_CALL.findall(code[0])) >= 2
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(
+            torch.compile(model, backend="sparsecpu", options={"fuse_layers": False}), x)
+    assert not CHAIN_CALL.findall(code[0]) and len(SPARSE_CALL.findall(code[0])) == 2
 
 
 @pytest.mark.parametrize("activation,fused", [

@@ -151,3 +151,31 @@ def test_negative_zero_and_nan_weights():
     assert int(packed[8]) == 3
     y = ops.linear(torch.ones(1, 2), weight, packed)
     assert y[0, 0].item() == 1.0 and torch.isnan(y[0, 1])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_chain_matches_layer_by_layer(isa, threads):
+    """Tensor columns: chains of 1-3 layers over token counts around the panel sizes
+    (GEMV panels, padded panels, more panels than threads and fewer)."""
+    shapes = [(40, 96, 40), (7, 300, 33, 5), (64, 64)]
+    activations = ["gelu", "relu", "silu", "gelu_tanh", "none"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for features in shapes:
+            weights = [sparse_weight(o, i, s) for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99))]
+            biases = [torch.randn(w.shape[0]) if n % 2 == 0 else None for n, w in enumerate(weights)]
+            acts = activations[: len(weights)]
+            packed = [ops.pack_linear(w, k_block=32, row_block=16) for w in weights]
+            for tokens in (1, 3, 7, 8, 9, 33, 64, 65, 130):
+                x = torch.randn(tokens, features[0])
+                expected = x.double()
+                for w, b, a in zip(weights, biases, acts):
+                    expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), None if b is None else b.double()))
+                with torch_sparsecpu.force_isa(isa):
+                    actual = ops.linear_chain(x, weights, packed, biases, acts)
+                assert_close_rel(actual, expected.float(), rel=1e-5, what=f"chain {features} tokens={tokens}",
+                                 scale=max(expected.abs().max().item(), 1.0))
+    finally:
+        torch.set_num_threads(previous)

@@ -40,6 +40,26 @@ def test_opcheck_pack_linear():
     torch.library.opcheck(torch.ops.sparsecpu.pack_linear.default, (sparse_weight(9, 13, 0.5), 4, 2))
 
 
+def test_opcheck_linear_chain():
+    weights = [sparse_weight(24, 16, 0.8), sparse_weight(8, 24, 0.5)]
+    packed = [ops.pack_linear(w) for w in weights]
+    for x in (torch.randn(5, 16), torch.randn(2, 3, 16), torch.randn(16, 9).t()):
+        torch.library.opcheck(torch.ops.sparsecpu.linear_chain.default,
+                              (x, weights, packed, [torch.randn(24), None], ["gelu", "none"]))
+
+
+def test_linear_chain_errors():
+    weights = [sparse_weight(24, 16, 0.8), sparse_weight(8, 24, 0.5)]
+    packed = [ops.pack_linear(w) for w in weights]
+    with pytest.raises(ValueError, match="same length"):
+        ops.linear_chain(torch.randn(2, 16), weights, packed[:1], [None, None], ["none", "none"])
+    with pytest.raises(ValueError, match="layer 1 takes 16 features but layer 0 gives 24"):
+        ops.linear_chain(torch.randn(2, 16), [weights[0], weights[0]], [packed[0], packed[0]],
+                         [None, None], ["none", "none"])
+    with pytest.raises(TypeError, match="weights must be a list"):
+        ops.linear_chain(torch.randn(2, 16), weights[0], packed, [None, None], ["none", "none"])
+
+
 def test_profiler_names_the_op():
     x, weight, packed, bias, _ = next(linear_samples())
     with torch.profiler.profile() as prof:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .passes import LayerDecision, find_static_tensors, rewrite_sparse_linears
+from .passes import LayerDecision, find_static_tensors, fuse_sparse_chains, rewrite_sparse_linears
 
 log = logging.getLogger("torch_sparsecpu")
 
@@ -36,12 +36,16 @@ class SparseCPUOptions:
                        class of CPU; see docs/benchmarks.md).
     inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
     fuse_activations:  fuse a ReLU / GELU / SiLU that follows a sparse linear into it.
+    fuse_layers:       run sparse linears that feed each other as one op, panel of
+                       tokens by panel, so intermediates stay in cache (inference
+                       only: graphs compiled with grad mode on keep separate layers).
     verbose:           log each linear taken or skipped at INFO instead of DEBUG.
     """
 
     min_sparsity: float = 0.6
     inner: str = "inductor"
     fuse_activations: bool = True
+    fuse_layers: bool = True
     verbose: bool = False
 
     def __post_init__(self):
@@ -53,7 +57,7 @@ class SparseCPUOptions:
             raise ValueError(
                 f"option 'inner' must be one of {', '.join(map(repr, INNER_COMPILERS))}, got {self.inner!r}"
             )
-        for flag in ("fuse_activations", "verbose"):
+        for flag in ("fuse_activations", "fuse_layers", "verbose"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
 
@@ -142,6 +146,9 @@ class SparseCompiledGraph:
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
         )
+        if self._options.fuse_layers and not torch.is_grad_enabled():
+            for length in fuse_sparse_chains(graph):
+                log.debug("sparsecpu: %d consecutive sparse linears fused into one chain", length)
         level = logging.INFO if self._options.verbose else logging.DEBUG
         if log.isEnabledFor(level):
             for decision in decisions:

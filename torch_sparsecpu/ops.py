@@ -55,6 +55,30 @@ def linear(
     return torch.ops.sparsecpu.linear(input, weight, packed, bias, activation)
 
 
+def linear_chain(
+    input: Tensor,
+    weights: list[Tensor],
+    packed: list[Tensor],
+    biases: list[Tensor | None],
+    activations: list[str],
+) -> Tensor:
+    """Several :func:`linear` layers in a row, each feeding the next, run as one op:
+    every layer over one cache-sized panel of tokens before the next panel, so the
+    intermediate activations stay in cache ("tensor columns"). Inference only: it has
+    no autograd formula (the backend fuses chains only when grad mode is off)."""
+    lists = {"weights": weights, "packed": packed, "biases": biases, "activations": activations}
+    for name, value in lists.items():
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+    if len({len(v) for v in lists.values()}) != 1 or not weights:
+        raise ValueError("weights, packed, biases and activations must have the same length >= 1, got "
+                         + ", ".join(str(len(v)) for v in lists.values()))
+    for activation in activations:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activations must be in {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return torch.ops.sparsecpu.linear_chain(input, list(weights), list(packed), list(biases), list(activations))
+
+
 # The fake kernels let torch.compile / torch.export trace the ops without running them.
 @torch.library.register_fake("sparsecpu::pack_linear")
 def _pack_linear_fake(weight, k_block=128, row_block=32):
@@ -70,6 +94,16 @@ def _linear_fake(input, weight, packed, bias=None, activation="none"):
         lambda: f"sparsecpu::linear: input ends in {input.size(-1)} features, weight expects {weight.size(1)}",
     )
     return input.new_empty((*input.shape[:-1], weight.size(0)))
+
+
+@torch.library.register_fake("sparsecpu::linear_chain")
+def _linear_chain_fake(input, weights, packed, biases, activations):
+    torch._check(
+        input.size(-1) == weights[0].size(1),
+        lambda: f"sparsecpu::linear_chain: input ends in {input.size(-1)} features, "
+        f"the first weight expects {weights[0].size(1)}",
+    )
+    return input.new_empty((*input.shape[:-1], weights[-1].size(0)))
 
 
 # Gradients are those of the dense layer: y = act(x W^T + b). Gradients flow through

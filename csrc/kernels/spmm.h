@@ -111,17 +111,19 @@ struct SpmmKernels {
                      int64_t token_stride, int64_t feature_stride,
                      int64_t panel_width, float* panel);
 
-  // Computes every row of row block rb for one panel into tile
-  // [rows_in_block][panel_width]: bias + sum over nonzeros, then activation.
-  void (*spmm_row_block)(const PackedLinearView& w, int64_t rb,
-                         const float* panel, int64_t panel_width,
+  // Accumulates K-blocks [kb_begin, kb_end) of row block rb for one panel into
+  // tile [rows_in_block][panel_width]: kb_begin == 0 starts from the bias,
+  // kb_end == num_k_blocks finishes with the activation. Calling it K-block by
+  // K-block over many row blocks keeps one K-block's activations in L1 while the
+  // partial sums of those row blocks wait in L2.
+  void (*spmm_row_block)(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
+                         int64_t kb_end, const float* panel, int64_t panel_width,
                          const float* bias, Activation act, float* tile);
 
   // The same for a narrow panel of 1..kMaxGemvTokens tokens (panel_width ==
-  // tokens, no padding): batch-1 decoding and other memory-bound cases. The tile
-  // must hold rows * panel_width floats rounded up to a whole register.
-  void (*spmv_row_block)(const PackedLinearView& w, int64_t rb,
-                         const float* panel, int64_t panel_width,
+  // tokens, no padding): batch-1 decoding and other memory-bound cases.
+  void (*spmv_row_block)(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
+                         int64_t kb_end, const float* panel, int64_t panel_width,
                          const float* bias, Activation act, float* tile);
 
   // Writes tile [rows][panel_width] transposed: y[t * y_stride + o] =

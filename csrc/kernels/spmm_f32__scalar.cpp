@@ -24,14 +24,17 @@ float activate_scalar(float x, Activation act) {
   return x;
 }
 
-void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, const float* panel,
-                           int64_t panel_width, const float* bias, Activation act, float* tile) {
+void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                           const float* panel, int64_t panel_width, const float* bias, Activation act,
+                           float* tile) {
   const int64_t rows = w.rows_in_block(rb);
   const int64_t first_row = rb * w.row_block;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t t = 0; t < panel_width; ++t) tile[r * panel_width + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
+  if (kb_begin == 0) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t t = 0; t < panel_width; ++t) tile[r * panel_width + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
+    }
   }
-  for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     for (int64_t s = w.segment(rb, kb, 0); s < w.segment(rb, kb, 0) + rows; ++s) {
       float* out = tile + w.seg_rows[s] * panel_width;
       for (int32_t j = w.seg_ptr[s]; j < w.seg_ptr[s + 1]; ++j) {
@@ -40,7 +43,9 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, const float* p
       }
     }
   }
-  for (int64_t i = 0; i < rows * panel_width; ++i) tile[i] = activate_scalar(tile[i], act);
+  if (kb_end == w.num_k_blocks) {
+    for (int64_t i = 0; i < rows * panel_width; ++i) tile[i] = activate_scalar(tile[i], act);
+  }
 }
 
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,

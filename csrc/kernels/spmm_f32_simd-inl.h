@@ -88,12 +88,12 @@ inline Vec::T activate(Vec::T x, Activation act) {
 // broadcast and kVectors loads + FMAs. Partial sums cross K-blocks through the tile,
 // which stays in L1 (row_block x panel width floats).
 template <int kVectors>
-void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, const float* panel,
-                         const float* bias, Activation act, float* tile) {
+void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                         const float* panel, const float* bias, Activation act, float* tile) {
   constexpr int64_t kPanelWidth = kVectors * Vec::kWidth;
   const int64_t rows = w.rows_in_block(rb);
   const int64_t first_row = rb * w.row_block;
-  for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
     const int32_t* seg = w.seg_ptr + first_segment;
     const int32_t* seg_rows = w.seg_rows + first_segment;
@@ -117,7 +117,7 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, const float* pan
       for (int v = 0; v < kVectors; ++v) Vec::store(out + v * Vec::kWidth, acc[v]);
     }
   }
-  if (act != Activation::kNone) {
+  if (act != Activation::kNone && kb_end == w.num_k_blocks) {
     for (int64_t i = 0; i < rows * kPanelWidth; i += Vec::kWidth) {
       Vec::store(tile + i, activate(Vec::load(tile + i), act));
     }
@@ -126,16 +126,19 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, const float* pan
 
 // spmv_f32_1x<kTokens>: few tokens, memory-bound. Each nonzero's value and offset
 // are read once for all kTokens tokens; four partial sums per token break the FMA
-// dependency chain. The panel is [in_features][kTokens], the tile [rows][kTokens].
+// dependency chain. The panel is [in_features][kTokens], the tile [rows][kTokens]
+// exactly (no padding).
 template <int kTokens>
-void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, const float* panel,
-                         const float* bias, Activation act, float* tile) {
+void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                         const float* panel, const float* bias, Activation act, float* tile) {
   const int64_t rows = w.rows_in_block(rb);
   const int64_t first_row = rb * w.row_block;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int t = 0; t < kTokens; ++t) tile[r * kTokens + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
+  if (kb_begin == 0) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int t = 0; t < kTokens; ++t) tile[r * kTokens + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
+    }
   }
-  for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
     for (int64_t s = first_segment; s < first_segment + rows; ++s) {
       float acc[4][kTokens] = {};
@@ -156,19 +159,27 @@ void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, const float* pan
       for (int t = 0; t < kTokens; ++t) out[t] += (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
     }
   }
-  if (act != Activation::kNone) {  // whole registers: the tile is padded to one
-    for (int64_t i = 0; i < rows * kTokens; i += Vec::kWidth) {
-      Vec::store(tile + i, activate(Vec::load(tile + i), act));
+  if (act != Activation::kNone && kb_end == w.num_k_blocks) {
+    // The neighbouring row block's partial sums may follow the tile: touch only
+    // rows * kTokens floats, the last partial register through a copy.
+    const int64_t n = rows * kTokens, full = n / Vec::kWidth * Vec::kWidth;
+    for (int64_t i = 0; i < full; i += Vec::kWidth) Vec::store(tile + i, activate(Vec::load(tile + i), act));
+    if (full < n) {
+      float rest[Vec::kWidth] = {};
+      for (int64_t i = full; i < n; ++i) rest[i - full] = tile[i];
+      Vec::store(rest, activate(Vec::load(rest), act));
+      for (int64_t i = full; i < n; ++i) tile[i] = rest[i - full];
     }
   }
 }
 
-void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, const float* panel,
-                         int64_t panel_width, const float* bias, Activation act, float* tile) {
+void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                         const float* panel, int64_t panel_width, const float* bias, Activation act,
+                         float* tile) {
   switch (panel_width) {
 #define SPARSECPU_GEMV_CASE(N) \
   case N:                      \
-    return spmv_row_block_tile<N>(w, rb, panel, bias, act, tile);
+    return spmv_row_block_tile<N>(w, rb, kb_begin, kb_end, panel, bias, act, tile);
     SPARSECPU_GEMV_CASE(1) SPARSECPU_GEMV_CASE(2) SPARSECPU_GEMV_CASE(3) SPARSECPU_GEMV_CASE(4)
     SPARSECPU_GEMV_CASE(5) SPARSECPU_GEMV_CASE(6) SPARSECPU_GEMV_CASE(7)
 #undef SPARSECPU_GEMV_CASE
@@ -180,12 +191,13 @@ void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, const float* pan
 // The tile list: register tiles of 1..8 vectors (kMaxVectors == 8 on every ISA).
 #define SPARSECPU_FOR_EACH_TILE(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
 
-void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, const float* panel,
-                         int64_t panel_width, const float* bias, Activation act, float* tile) {
+void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                         const float* panel, int64_t panel_width, const float* bias, Activation act,
+                         float* tile) {
   switch (panel_width / Vec::kWidth) {
 #define SPARSECPU_TILE_CASE(V) \
   case V:                      \
-    return spmm_row_block_tile<V>(w, rb, panel, bias, act, tile);
+    return spmm_row_block_tile<V>(w, rb, kb_begin, kb_end, panel, bias, act, tile);
     SPARSECPU_FOR_EACH_TILE(SPARSECPU_TILE_CASE)
 #undef SPARSECPU_TILE_CASE
     default:

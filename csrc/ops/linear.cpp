@@ -89,6 +89,45 @@ PackedLinearView checked_view(const at::Tensor& packed) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Partial sums of a group of row blocks wait in L2 while one K-block's
+// activations are swept over the whole group from L1 (see spmm_row_block).
+constexpr int64_t kTileGroupBytes = 256 * 1024;
+
+// How a layer's tokens are cut into panels for the kernels of one ISA.
+struct PanelPlan {
+  const kernels::SpmmKernels& k;
+  int64_t tokens;
+  int64_t max_width;  // tokens per full panel
+
+  int64_t num_panels() const { return ceil_div(tokens, max_width); }
+  int64_t tokens_in(int64_t p) const { return std::min(max_width, tokens - p * max_width); }
+  // Panels of up to kMaxGemvTokens tokens run the GEMV kernels unpadded; wider
+  // panels are padded to whole registers.
+  bool is_gemv(int64_t p) const { return k.vector_width > 1 && tokens_in(p) <= kernels::kMaxGemvTokens; }
+  int64_t width_of(int64_t p) const {
+    return is_gemv(p) ? tokens_in(p) : ceil_div(tokens_in(p), k.vector_width) * k.vector_width;
+  }
+};
+
+// Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
+// (row block rb at tile + (rb - rb_begin) * row_block * width, i.e. the rows of
+// the output panel in order), K-block by K-block over groups of row blocks.
+void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, int64_t rb_begin,
+                    int64_t rb_end, const float* panel, int64_t width, bool gemv, const float* bias,
+                    Activation act, float* tile) {
+  const auto row_block_fn = gemv ? k.spmv_row_block : k.spmm_row_block;
+  const int64_t group = std::max<int64_t>(1, kTileGroupBytes / (w.row_block * width * 4));
+  for (int64_t g = rb_begin; g < rb_end; g += group) {
+    const int64_t g_end = std::min(rb_end, g + group);
+    for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+      for (int64_t rb = g; rb < g_end; ++rb) {
+        row_block_fn(w, rb, kb, kb + 1, panel, width, bias, act,
+                     tile + (rb - rb_begin) * w.row_block * width);
+      }
+    }
+  }
+}
+
 // y[n, o] = act(bias[o] + sum_i W[o, i] x[n, i]) for a 2-D x of any strides.
 //
 // The tokens are cut into panels of max_panel_width; each panel is copied once
@@ -98,21 +137,15 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
                       int64_t token_stride, int64_t feature_stride, const float* bias,
                       Activation act, float* y) {
   const kernels::SpmmKernels& k = kernels::active_kernels();
-  const int64_t max_width = k.max_panel_width;
-  const int64_t num_panels = ceil_div(tokens, max_width);
-  auto tokens_in = [&](int64_t p) { return std::min(max_width, tokens - p * max_width); };
-  // Panels of up to kMaxGemvTokens tokens run the GEMV kernels unpadded; wider
-  // panels are padded to whole registers.
-  auto is_gemv = [&](int64_t p) { return k.vector_width > 1 && tokens_in(p) <= kernels::kMaxGemvTokens; };
-  auto width_of = [&](int64_t p) {
-    return is_gemv(p) ? tokens_in(p) : ceil_div(tokens_in(p), k.vector_width) * k.vector_width;
-  };
+  const PanelPlan plan{k, tokens, k.max_panel_width};
+  const int64_t num_panels = plan.num_panels();
+  const int64_t panel_floats = w.in_features * plan.max_width;
 
-  std::vector<float> panels(static_cast<size_t>(num_panels * w.in_features * max_width));
+  std::vector<float> panels(static_cast<size_t>(num_panels * panel_floats));
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      k.pack_panel(x + p * max_width * token_stride, tokens_in(p), w.in_features, token_stride,
-                   feature_stride, width_of(p), panels.data() + p * w.in_features * max_width);
+      k.pack_panel(x + p * plan.max_width * token_stride, plan.tokens_in(p), w.in_features,
+                   token_stride, feature_stride, plan.width_of(p), panels.data() + p * panel_floats);
     }
   });
 
@@ -121,7 +154,7 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   for (int64_t item = 0; item < num_items; ++item) {
     const int64_t p = item / w.num_row_blocks, rb = item % w.num_row_blocks;
     cost_prefix[item + 1] = cost_prefix[item] +
-                            width_of(p) * (w.block_nnz(rb) + 2 * w.rows_in_block(rb));
+                            plan.width_of(p) * (w.block_nnz(rb) + 2 * w.rows_in_block(rb));
   }
   const int64_t num_chunks = std::min<int64_t>(num_items, at::get_num_threads());
   std::vector<int64_t> chunk_start(num_chunks + 1, num_items);
@@ -132,49 +165,135 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   chunk_start[0] = 0;
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(static_cast<size_t>(w.row_block * max_width + k.vector_width));
+    std::vector<float> tile;
     for (int64_t c = begin; c < end; ++c) {
-      for (int64_t item = chunk_start[c]; item < chunk_start[c + 1]; ++item) {
-        const int64_t p = item / w.num_row_blocks, rb = item % w.num_row_blocks;
-        const int64_t width = width_of(p);
-        (is_gemv(p) ? k.spmv_row_block : k.spmm_row_block)(
-            w, rb, panels.data() + p * w.in_features * max_width, width, bias, act, tile.data());
-        const int64_t first_row = rb * w.row_block;
-        k.unpack_tile(tile.data(), w.rows_in_block(rb), width, tokens_in(p),
-                      y + p * max_width * w.out_features + first_row, w.out_features);
+      // The chunk's items of one panel are consecutive row blocks: one run each.
+      for (int64_t item = chunk_start[c]; item < chunk_start[c + 1];) {
+        const int64_t p = item / w.num_row_blocks, rb_begin = item % w.num_row_blocks;
+        const int64_t rb_end = std::min(w.num_row_blocks, rb_begin + chunk_start[c + 1] - item);
+        const int64_t width = plan.width_of(p);
+        const int64_t first_row = rb_begin * w.row_block;
+        const int64_t rows = std::min(w.out_features, rb_end * w.row_block) - first_row;
+        tile.resize(static_cast<size_t>((rb_end - rb_begin) * w.row_block * width + k.vector_width));
+        run_row_blocks(k, w, rb_begin, rb_end, panels.data() + p * panel_floats, width, plan.is_gemv(p),
+                       bias, act, tile.data());
+        k.unpack_tile(tile.data(), rows, width, plan.tokens_in(p),
+                      y + p * plan.max_width * w.out_features + first_row, w.out_features);
+        item += rb_end - rb_begin;
       }
     }
   });
 }
 
+// Tensor columns: every layer of a chain over one panel of tokens before the next
+// panel, so intermediate activations never leave the thread's caches and never
+// change layout: a layer's output tile is already the next layer's input panel.
+// Threads take whole panels; panels shrink (down to one register) when there are
+// fewer panels than threads.
+void sparse_linear_chain_2d(const std::vector<PackedLinearView>& layers, const float* x,
+                            int64_t tokens, int64_t token_stride, int64_t feature_stride,
+                            const std::vector<const float*>& biases,
+                            const std::vector<Activation>& acts, float* y) {
+  const kernels::SpmmKernels& k = kernels::active_kernels();
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = ceil_div(ceil_div(tokens, threads), k.vector_width) * k.vector_width;
+  const PanelPlan plan{k, tokens, std::max(k.vector_width, std::min(k.max_panel_width, per_thread))};
+  int64_t max_features = layers.front().in_features;
+  for (const PackedLinearView& w : layers) {
+    max_features = std::max(max_features, w.num_row_blocks * w.row_block);
+  }
+  const PackedLinearView& last = layers.back();
+  at::parallel_for(0, plan.num_panels(), 1, [&](int64_t begin, int64_t end) {
+    const size_t buffer_floats = static_cast<size_t>(max_features * plan.max_width + k.vector_width);
+    std::vector<float> current(buffer_floats), next(buffer_floats);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t width = plan.width_of(p);
+      k.pack_panel(x + p * plan.max_width * token_stride, plan.tokens_in(p), layers.front().in_features,
+                   token_stride, feature_stride, width, current.data());
+      for (size_t l = 0; l < layers.size(); ++l) {
+        run_row_blocks(k, layers[l], 0, layers[l].num_row_blocks, current.data(), width, plan.is_gemv(p),
+                       biases[l], acts[l], next.data());
+        std::swap(current, next);
+      }
+      k.unpack_tile(current.data(), last.out_features, width, plan.tokens_in(p),
+                    y + p * plan.max_width * last.out_features, last.out_features);
+    }
+  });
+}
+
+// Checks one layer's weight and bias against its packed buffer; returns the
+// bias as a contiguous tensor (undefined when absent).
+at::Tensor checked_bias(const PackedLinearView& w, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == w.out_features && weight.size(1) == w.in_features,
+                    op, ": weight of shape ", weight.sizes(), " does not match the packed weight [",
+                    w.out_features, ", ", w.in_features, "]");
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == w.out_features,
+                    op, ": bias must be float32 of shape [", w.out_features, "], got ",
+                    bias->scalar_type(), " of shape ", bias->sizes());
+  return bias->contiguous();
+}
+
+void check_input(const at::Tensor& input, int64_t in_features, const char* op) {
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
+                    ": input must be a float32 CPU tensor, got ", input.scalar_type(), " on ",
+                    input.device());
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_features, op, ": input of shape ",
+                    input.sizes(), " does not end in in_features=", in_features, " of the packed weight");
+}
+
+at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
+  std::vector<int64_t> out_sizes(input.sizes().begin(), input.sizes().end());
+  out_sizes.back() = out_features;
+  return at::empty(out_sizes, input.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
 at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
                       const std::optional<at::Tensor>& bias, c10::string_view activation) {
   const PackedLinearView w = checked_view(packed);
   const Activation act = parse_activation(activation);
-  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(),
-                    "sparsecpu::linear: input must be a float32 CPU tensor, got ",
-                    input.scalar_type(), " on ", input.device());
-  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == w.in_features,
-                    "sparsecpu::linear: input of shape ", input.sizes(), " does not end in in_features=",
-                    w.in_features, " of the packed weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == w.out_features && weight.size(1) == w.in_features,
-                    "sparsecpu::linear: weight of shape ", weight.sizes(),
-                    " does not match the packed weight [", w.out_features, ", ", w.in_features, "]");
-  at::Tensor bias_c;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == w.out_features,
-                      "sparsecpu::linear: bias must be float32 of shape [", w.out_features, "], got ",
-                      bias->scalar_type(), " of shape ", bias->sizes());
-    bias_c = bias->contiguous();
-  }
-  std::vector<int64_t> out_sizes(input.sizes().begin(), input.sizes().end());
-  out_sizes.back() = w.out_features;
-  at::Tensor y = at::empty(out_sizes, input.options().memory_format(at::MemoryFormat::Contiguous));
+  check_input(input, w.in_features, "sparsecpu::linear");
+  const at::Tensor bias_c = checked_bias(w, weight, bias, "sparsecpu::linear");
+  at::Tensor y = empty_output(input, w.out_features);
   const at::Tensor x2d = input.reshape({-1, w.in_features});
   const int64_t tokens = x2d.size(0);
   if (tokens == 0 || w.out_features == 0) return y;
-  sparse_linear_2d(w, x2d.data_ptr<float>(), tokens, x2d.stride(0), x2d.stride(1),
-                   bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, act, y.data_ptr<float>());
+  sparse_linear_2d(w, x2d.data_ptr<float>(), tokens, x2d.stride(0), x2d.stride(1), data_or_null(bias_c),
+                   act, y.data_ptr<float>());
+  return y;
+}
+
+at::Tensor linear_chain_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList packed,
+                            const c10::List<std::optional<at::Tensor>>& biases,
+                            c10::ArrayRef<c10::string_view> activations) {
+  const char* op = "sparsecpu::linear_chain";
+  const size_t n = weights.size();
+  TORCH_CHECK_VALUE(n >= 1 && packed.size() == n && biases.size() == n && activations.size() == n, op,
+                    ": weights, packed, biases and activations must have the same length >= 1, got ",
+                    weights.size(), ", ", packed.size(), ", ", biases.size(), ", ", activations.size());
+  std::vector<PackedLinearView> layers;
+  std::vector<at::Tensor> bias_tensors;
+  std::vector<const float*> bias_ptrs;
+  std::vector<Activation> acts;
+  for (size_t l = 0; l < n; ++l) {
+    layers.push_back(checked_view(packed[l]));
+    TORCH_CHECK_VALUE(l == 0 || layers[l].in_features == layers[l - 1].out_features, op, ": layer ", l,
+                      " takes ", layers[l].in_features, " features but layer ", l - 1, " gives ",
+                      layers[l - 1].out_features);
+    bias_tensors.push_back(checked_bias(layers[l], weights[l], biases.get(l), op));
+    bias_ptrs.push_back(data_or_null(bias_tensors.back()));
+    acts.push_back(parse_activation(activations[l]));
+  }
+  check_input(input, layers.front().in_features, op);
+  at::Tensor y = empty_output(input, layers.back().out_features);
+  const at::Tensor x2d = input.reshape({-1, layers.front().in_features});
+  const int64_t tokens = x2d.size(0);
+  if (tokens == 0 || layers.back().out_features == 0) return y;
+  sparse_linear_chain_2d(layers, x2d.data_ptr<float>(), tokens, x2d.stride(0), x2d.stride(1), bias_ptrs,
+                         acts, y.data_ptr<float>());
   return y;
 }
 
@@ -199,11 +318,13 @@ at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t ro
 TORCH_LIBRARY(sparsecpu, m) {
   m.def("pack_linear(Tensor weight, int k_block=128, int row_block=32) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
+  m.def("linear_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, str[] activations) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsecpu, CPU, m) {
   m.impl("pack_linear", &pack_linear_cpu);
   m.impl("linear", &linear_cpu);
+  m.impl("linear_chain", &linear_chain_cpu);
 }
 
 }  // namespace sparsecpu
