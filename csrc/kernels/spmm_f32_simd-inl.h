@@ -129,7 +129,7 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin
 // dependency chain. The panel is [in_features][kTokens], the tile [rows][kTokens]
 // exactly (no padding).
 template <int kTokens>
-void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+__attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                          const float* panel, const float* bias, Activation act, float* tile) {
   const int64_t rows = w.rows_in_block(rb);
   const int64_t first_row = rb * w.row_block;
@@ -141,22 +141,31 @@ void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
     for (int64_t s = first_segment; s < first_segment + rows; ++s) {
-      float acc[4][kTokens] = {};
+      // Four independent partial sums per token, kept in registers.
+      float acc0[kTokens] = {}, acc1[kTokens] = {}, acc2[kTokens] = {}, acc3[kTokens] = {};
       int32_t j = w.seg_ptr[s];
       const int32_t end = w.seg_ptr[s + 1];
       for (; j + 4 <= end; j += 4) {
-        for (int u = 0; u < 4; ++u) {
-          const float value = w.values[j + u];
-          const float* x = panel + static_cast<int64_t>(w.offsets[j + u]) * kTokens;
-          for (int t = 0; t < kTokens; ++t) acc[u][t] += value * x[t];
+        const float* x0 = panel + static_cast<int64_t>(w.offsets[j]) * kTokens;
+        const float* x1 = panel + static_cast<int64_t>(w.offsets[j + 1]) * kTokens;
+        const float* x2 = panel + static_cast<int64_t>(w.offsets[j + 2]) * kTokens;
+        const float* x3 = panel + static_cast<int64_t>(w.offsets[j + 3]) * kTokens;
+#pragma GCC unroll 8
+        for (int t = 0; t < kTokens; ++t) {
+          acc0[t] += w.values[j] * x0[t];
+          acc1[t] += w.values[j + 1] * x1[t];
+          acc2[t] += w.values[j + 2] * x2[t];
+          acc3[t] += w.values[j + 3] * x3[t];
         }
       }
       for (; j < end; ++j) {
         const float* x = panel + static_cast<int64_t>(w.offsets[j]) * kTokens;
-        for (int t = 0; t < kTokens; ++t) acc[0][t] += w.values[j] * x[t];
+#pragma GCC unroll 8
+        for (int t = 0; t < kTokens; ++t) acc0[t] += w.values[j] * x[t];
       }
       float* out = tile + w.seg_rows[s] * kTokens;
-      for (int t = 0; t < kTokens; ++t) out[t] += (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
+#pragma GCC unroll 8
+      for (int t = 0; t < kTokens; ++t) out[t] += (acc0[t] + acc1[t]) + (acc2[t] + acc3[t]);
     }
   }
   if (act != Activation::kNone && kb_end == w.num_k_blocks) {
