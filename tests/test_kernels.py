@@ -136,9 +136,9 @@ def test_packed_header():
     packed = ops.pack_linear(weight, k_block=128, row_block=32)
     header = packed[:16].tolist()
     nnz = int(torch.count_nonzero(weight))
-    assert header[:9] == [0x31435053, 1, 70, 300, 128, 3, 32, 3, nnz]
+    assert header[:9] == [0x31435053, 2, 70, 300, 128, 3, 32, 3, nnz]
     segments = 70 * 3
-    assert packed.numel() == 16 + 2 * segments + 1 + 2 * nnz
+    assert packed.numel() == 16 + 2 * segments + 1 + nnz + (nnz + 1) // 2
     # The values of the packed buffer are exactly the nonzeros of the weight.
     values = packed[16 + 2 * segments + 1: 16 + 2 * segments + 1 + nnz].view(torch.float32)
     assert torch.equal(values.sort().values, weight[weight != 0].sort().values)

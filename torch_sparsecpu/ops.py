@@ -16,7 +16,8 @@ def pack_linear(weight: Tensor, *, k_block: int = 128, row_block: int = 32) -> T
     buffer that :func:`linear` reads (a 1-D int32 tensor; layout in docs/packed_format.md).
 
     ``k_block`` cuts the input dimension into blocks of that many features (0: one
-    block); ``row_block`` groups output rows into blocks scheduled as one unit.
+    block; at most 65536, as offsets are 16-bit within their block); ``row_block``
+    groups output rows into blocks scheduled as one unit.
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -25,11 +26,11 @@ def pack_linear(weight: Tensor, *, k_block: int = 128, row_block: int = 32) -> T
             f"weight must be a 2-D float32 CPU tensor, got {weight.dtype} of shape "
             f"{tuple(weight.shape)} on {weight.device}"
         )
-    for name, value, lowest in (("k_block", k_block, 0), ("row_block", row_block, 1)):
+    for name, value, lowest, highest in (("k_block", k_block, 0, 65536), ("row_block", row_block, 1, 2**30)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < lowest:
-            raise ValueError(f"{name} must be >= {lowest}, got {value}")
+        if not lowest <= value <= highest:
+            raise ValueError(f"{name} must be in [{lowest}, {highest}], got {value}")
     return torch.ops.sparsecpu.pack_linear(weight.detach(), k_block, row_block)
 
 

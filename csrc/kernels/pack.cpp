@@ -16,6 +16,7 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
                                      int64_t in_features, int64_t row_stride, int64_t k_block,
                                      int64_t row_block) {
   if (k_block <= 0 || k_block > in_features) k_block = in_features > 0 ? in_features : 1;
+  k_block = std::min(k_block, kMaxKBlock);
   if (row_block <= 0) row_block = 1;
   const int64_t num_k_blocks = in_features > 0 ? ceil_div(in_features, k_block) : 1;
   const int64_t num_row_blocks = ceil_div(out_features, row_block);
@@ -25,7 +26,7 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
     for (int64_t i = 0; i < in_features; ++i) nnz += weight[o * row_stride + i] != 0.0f;
   }
   const int64_t segments = out_features * num_k_blocks;
-  std::vector<int32_t> packed(kHeaderWords + 2 * segments + 1 + 2 * nnz, 0);
+  std::vector<int32_t> packed(kHeaderWords + 2 * segments + 1 + nnz + (nnz + 1) / 2, 0);
   int32_t* header = packed.data();
   header[kMagic] = kPackedMagic;
   header[kVersion] = kPackedVersion;
@@ -40,7 +41,7 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
   int32_t* seg_ptr = header + kHeaderWords;
   int32_t* seg_rows = seg_ptr + segments + 1;
   int32_t* values = seg_rows + segments;
-  int32_t* offsets = values + nnz;
+  uint16_t* offsets = reinterpret_cast<uint16_t*>(values + nnz);
   int64_t segment = 0;
   int32_t next = 0;
   for (int64_t rb = 0; rb < num_row_blocks; ++rb) {
@@ -63,7 +64,7 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
           const float v = weight[(row_begin + r) * row_stride + i];
           if (v == 0.0f) continue;
           std::memcpy(&values[next], &v, sizeof(float));
-          offsets[next] = static_cast<int32_t>(i);
+          offsets[next] = static_cast<uint16_t>(i - col_begin);
           ++next;
         }
       }
@@ -101,7 +102,7 @@ bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
                        v.num_row_blocks == ceil_div(v.out_features, v.row_block) &&
                        v.num_k_blocks == (v.in_features > 0 ? ceil_div(v.in_features, v.k_block) : 1);
   const int64_t segments = v.out_features * v.num_k_blocks;
-  if (!dims_ok || words != kHeaderWords + 2 * segments + 1 + 2 * v.nnz) {
+  if (!dims_ok || v.k_block > kMaxKBlock || words != kHeaderWords + 2 * segments + 1 + v.nnz + (v.nnz + 1) / 2) {
     *error = "inconsistent header or buffer size";
     return false;
   }
@@ -112,7 +113,7 @@ bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
   }
   v.seg_rows = v.seg_ptr + segments + 1;
   v.values = reinterpret_cast<const float*>(v.seg_rows + segments);
-  v.offsets = v.seg_rows + segments + v.nnz;
+  v.offsets = reinterpret_cast<const uint16_t*>(v.seg_rows + segments + v.nnz);
   if (check_contents) {
     for (int64_t s = 0; s < segments; ++s) {
       if (v.seg_ptr[s + 1] < v.seg_ptr[s]) {
@@ -130,14 +131,17 @@ bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
         }
       }
     }
-    int32_t max_offset = 0, min_offset = 0;
-    for (int64_t j = 0; j < v.nnz; ++j) {
-      max_offset = std::max(max_offset, v.offsets[j]);
-      min_offset = std::min(min_offset, v.offsets[j]);
-    }
-    if (min_offset < 0 || (v.nnz > 0 && max_offset >= v.in_features)) {
-      *error = "offsets outside [0, in_features)";
-      return false;
+    for (int64_t rb = 0; rb < v.num_row_blocks; ++rb) {  // offsets inside their K-block
+      for (int64_t kb = 0; kb < v.num_k_blocks; ++kb) {
+        const int64_t limit = std::min(v.k_block, v.in_features - kb * v.k_block);
+        const int64_t first = v.segment(rb, kb, 0), last = first + v.rows_in_block(rb);
+        for (int64_t j = v.seg_ptr[first]; j < v.seg_ptr[last]; ++j) {
+          if (v.offsets[j] >= limit) {
+            *error = "offset of nonzero " + std::to_string(j) + " outside its K-block";
+            return false;
+          }
+        }
+      }
     }
   }
   *view = v;

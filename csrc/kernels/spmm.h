@@ -17,7 +17,8 @@ namespace kernels {
 //   seg_ptr     out_features * num_k_blocks + 1 words: start of each segment
 //   seg_rows    out_features * num_k_blocks words: row (within its block) of each segment
 //   values      nnz words, fp32 bit patterns
-//   offsets     nnz words, input feature index of each value
+//   offsets     ceil(nnz / 2) words holding nnz uint16: the input feature of each
+//               value, counted from the first feature of its K-block
 //
 // Output rows are grouped in row blocks of `row_block` rows and the input
 // dimension in K-blocks of `k_block` features. A segment holds the nonzeros of
@@ -31,7 +32,9 @@ namespace kernels {
 // an offset by the row stride of the activation panel it reads (`panel_width` floats).
 // ---------------------------------------------------------------------------
 constexpr int32_t kPackedMagic = 0x31435053;  // "SPC1" little-endian
-constexpr int32_t kPackedVersion = 1;
+constexpr int32_t kPackedVersion = 2;
+// Offsets are 16-bit, relative to their K-block: K-blocks hold at most this many features.
+constexpr int64_t kMaxKBlock = 65536;
 constexpr int64_t kHeaderWords = 16;
 
 enum HeaderField : int {
@@ -58,7 +61,7 @@ struct PackedLinearView {
   const int32_t* seg_ptr = nullptr;
   const int32_t* seg_rows = nullptr;
   const float* values = nullptr;
-  const int32_t* offsets = nullptr;
+  const uint16_t* offsets = nullptr;
 
   int64_t rows_in_block(int64_t rb) const {
     const int64_t begin = rb * row_block;
@@ -76,7 +79,8 @@ struct PackedLinearView {
 };
 
 // Packs a dense row-major [out_features, in_features] matrix (row stride
-// `row_stride` floats). k_block <= 0 means one K-block over all inputs.
+// `row_stride` floats). k_block <= 0 means one K-block over all inputs (at most
+// kMaxKBlock features: wider inputs get K-blocks of kMaxKBlock).
 std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
                                      int64_t in_features, int64_t row_stride,
                                      int64_t k_block, int64_t row_block);

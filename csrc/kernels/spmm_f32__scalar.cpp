@@ -35,10 +35,11 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_beg
     }
   }
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const float* panel_kb = panel + kb * w.k_block * panel_width;  // this K-block's features
     for (int64_t s = w.segment(rb, kb, 0); s < w.segment(rb, kb, 0) + rows; ++s) {
       float* out = tile + w.seg_rows[s] * panel_width;
       for (int32_t j = w.seg_ptr[s]; j < w.seg_ptr[s + 1]; ++j) {
-        const float* x = panel + static_cast<int64_t>(w.offsets[j]) * panel_width;
+        const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * panel_width;
         for (int64_t t = 0; t < panel_width; ++t) out[t] += w.values[j] * x[t];
       }
     }

@@ -97,6 +97,7 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin
     const int64_t first_segment = w.segment(rb, kb, 0);
     const int32_t* seg = w.seg_ptr + first_segment;
     const int32_t* seg_rows = w.seg_rows + first_segment;
+    const float* panel_kb = panel + kb * w.k_block * kPanelWidth;  // this K-block's features
     for (int64_t s = 0; s < rows; ++s) {
       const int64_t r = seg_rows[s];
       float* out = tile + r * kPanelWidth;
@@ -111,7 +112,7 @@ void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin
 #pragma GCC unroll 2
       for (int32_t j = seg[s]; j < end; ++j) {
         const Vec::T value = Vec::set1(w.values[j]);
-        const float* x = panel + static_cast<int64_t>(w.offsets[j]) * kPanelWidth;
+        const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * kPanelWidth;
         for (int v = 0; v < kVectors; ++v) acc[v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[v]);
       }
       for (int v = 0; v < kVectors; ++v) Vec::store(out + v * Vec::kWidth, acc[v]);
@@ -140,16 +141,17 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_row_block_til
   }
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
+    const float* panel_kb = panel + kb * w.k_block * kTokens;  // this K-block's features
     for (int64_t s = first_segment; s < first_segment + rows; ++s) {
       // Four independent partial sums per token, kept in registers.
       float acc0[kTokens] = {}, acc1[kTokens] = {}, acc2[kTokens] = {}, acc3[kTokens] = {};
       int32_t j = w.seg_ptr[s];
       const int32_t end = w.seg_ptr[s + 1];
       for (; j + 4 <= end; j += 4) {
-        const float* x0 = panel + static_cast<int64_t>(w.offsets[j]) * kTokens;
-        const float* x1 = panel + static_cast<int64_t>(w.offsets[j + 1]) * kTokens;
-        const float* x2 = panel + static_cast<int64_t>(w.offsets[j + 2]) * kTokens;
-        const float* x3 = panel + static_cast<int64_t>(w.offsets[j + 3]) * kTokens;
+        const float* x0 = panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens;
+        const float* x1 = panel_kb + static_cast<int64_t>(w.offsets[j + 1]) * kTokens;
+        const float* x2 = panel_kb + static_cast<int64_t>(w.offsets[j + 2]) * kTokens;
+        const float* x3 = panel_kb + static_cast<int64_t>(w.offsets[j + 3]) * kTokens;
 #pragma GCC unroll 8
         for (int t = 0; t < kTokens; ++t) {
           acc0[t] += w.values[j] * x0[t];
@@ -159,7 +161,7 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_row_block_til
         }
       }
       for (; j < end; ++j) {
-        const float* x = panel + static_cast<int64_t>(w.offsets[j]) * kTokens;
+        const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens;
 #pragma GCC unroll 8
         for (int t = 0; t < kTokens; ++t) acc0[t] += w.values[j] * x[t];
       }

@@ -301,7 +301,9 @@ at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t ro
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
                     "sparsecpu::pack_linear: weight must be a 2-D float32 CPU tensor, got ",
                     weight.scalar_type(), " of shape ", weight.sizes(), " on ", weight.device());
-  TORCH_CHECK_VALUE(k_block >= 0, "sparsecpu::pack_linear: k_block must be >= 0 (0: no K-blocking), got ", k_block);
+  TORCH_CHECK_VALUE(k_block >= 0 && k_block <= kernels::kMaxKBlock,
+                    "sparsecpu::pack_linear: k_block must be in [0, ", kernels::kMaxKBlock,
+                    "] (0: one K-block), got ", k_block);
   TORCH_CHECK_VALUE(row_block >= 1, "sparsecpu::pack_linear: row_block must be >= 1, got ", row_block);
   TORCH_CHECK_VALUE(weight.numel() < (int64_t{1} << 30),
                     "sparsecpu::pack_linear: weights of 2^30 or more elements are not supported");
