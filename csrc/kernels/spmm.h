@@ -11,7 +11,7 @@ namespace sparsecpu {
 namespace kernels {
 
 // ---------------------------------------------------------------------------
-// Packed weight: offset-CSR, CSR-blocked (format version 1). One int32 buffer:
+// Packed weight: offset-CSR, CSR-blocked (format version 2). One int32 buffer:
 //
 //   header      kHeaderWords words, see HeaderField
 //   seg_ptr     out_features * num_k_blocks + 1 words: start of each segment
