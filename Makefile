@@ -31,5 +31,26 @@ test: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_linear.py
 
+# The kernel/op tests under AddressSanitizer + UBSan. The instrumented extension is built
+# into build/sanitize (never over the in-place torch_sparsecpu/_C*.so) next to a copy of
+# the Python package; `python -P` keeps the checkout's torch_sparsecpu off sys.path so the
+# copy wins over the editable install. libasan must be preloaded (it has to come first),
+# and libstdc++ with it: Python does not link libstdc++, and without it ASan's __cxa_throw
+# interceptor finds no real __cxa_throw and aborts on the first C++ exception (any
+# TORCH_CHECK). Python itself leaks, so leak detection is off. --capture=sys: a sanitizer
+# report goes to fd 2 and the process then exits, so pytest's fd capture would swallow it.
+SAN_LIB := build/sanitize
+SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py)
+sanitize: $(BUILD_STAMP)
+	TORCH_SPARSECPU_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(SAN_LIB) --build-temp build/sanitize-tmp
+	mkdir -p $(SAN_LIB)/torch_sparsecpu/passes
+	cp torch_sparsecpu/*.py $(SAN_LIB)/torch_sparsecpu/
+	cp torch_sparsecpu/passes/*.py $(SAN_LIB)/torch_sparsecpu/passes/
+	export LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" PYTHONPATH="$(CURDIR)/$(SAN_LIB)" \
+	       ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1; \
+	$(PY) -P -c "import torch_sparsecpu as t, sys; f = t._C.__file__; print('sanitized extension:', f); \
+	sys.exit(0 if f.startswith('$(CURDIR)/$(SAN_LIB)/') else 'not the sanitized build')" && \
+	$(PY) -P -m pytest -q -p no:cacheprovider --capture=sys $(SAN_TESTS)
+
 clean:
 	rm -rf build $(VENV) torch_sparsecpu/*.so

@@ -11,6 +11,7 @@ weights are current (``_version`` and storage); if not, it rebuilds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .ops import pack_linear
 from .passes import LayerDecision, find_static_tensors, fuse_sparse_chains, rewrite_sparse_linears
 
 log = logging.getLogger("torch_sparsecpu")
@@ -88,24 +90,50 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, options: Sparse
 
 
 @dataclasses.dataclass(frozen=True)
+class _Watched:
+    """A packed weight and what it was packed from."""
+
+    weight: torch.Tensor
+    version: int
+    data_ptr: int
+    packed: torch.Tensor
+    input_index: int | None  # its placeholder, or None for a get_attr constant
+
+    def current(self, args: Sequence) -> torch.Tensor:
+        return self.weight if self.input_index is None else args[self.input_index]
+
+    def is_stale(self, args: Sequence) -> bool:
+        weight = self.current(args)
+        return weight._version != self.version or weight.untyped_storage().data_ptr() != self.data_ptr
+
+
+@dataclasses.dataclass(frozen=True)
 class _Build:
     """One build of the graph, published as a whole so that a concurrent caller sees
     either the old build or the new one, never a mix."""
 
     graph_module: fx.GraphModule
     decisions: list[LayerDecision]
-    # (placeholder index, weight._version, storage pointer) of every packed weight.
-    watched_inputs: list[tuple[int, int, int]]
-    # (weight tensor, weight._version) of packed get_attr weights (Inductor freezing).
-    watched_constants: list[tuple[torch.Tensor, int]]
+    watched: list[_Watched]
     compiled: Callable | None
 
     def is_stale(self, args: Sequence) -> bool:
-        for index, version, data_ptr in self.watched_inputs:
-            weight = args[index]
-            if weight._version != version or weight.untyped_storage().data_ptr() != data_ptr:
-                return True
-        return any(weight._version != version for weight, version in self.watched_constants)
+        return any(w.is_stale(args) for w in self.watched)
+
+
+def _input_spec(value):
+    """What a rebuild needs of an example input: parameters and non-tensors as they
+    are, other tensors as shape and strides only (never keep the user's tensor alive)."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
+    return ("value", value)
+
+
+def _from_spec(spec):
+    if spec[0] == "tensor":
+        _, size, stride, dtype, device = spec
+        return torch.empty_strided(size, stride, dtype=dtype, device=device).zero_()
+    return spec[1]
 
 
 class SparseCompiledGraph:
@@ -115,11 +143,14 @@ class SparseCompiledGraph:
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
                  mode: str | None, decisions: list[LayerDecision] | None = None):
         self._source_gm = gm
-        self._example_inputs = list(example_inputs)
         self._options = options
         self._mode = mode
         self._lock = threading.Lock()
-        self._build = self._make_build(self._example_inputs, compile_if_dense=False)
+        # A rebuild re-enters Dynamo's tracing context, so that the inner compiler
+        # sees the same (possibly symbolic) shapes as the first time.
+        self._tracing_context = torch._guards.TracingContext.try_get()
+        self._input_specs = [_input_spec(value) for value in example_inputs]
+        self._build = self._make_build(example_inputs, compile_if_dense=False)
         if decisions is not None:
             decisions.extend(self._build.decisions)
 
@@ -141,7 +172,7 @@ class SparseCompiledGraph:
                 new._dynamo_source = old._dynamo_source
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
-        packed, packed_weights, decisions = rewrite_sparse_linears(
+        packed, packed_attr_of, decisions = rewrite_sparse_linears(
             graph, static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
@@ -159,17 +190,16 @@ class SparseCompiledGraph:
         root.update(packed)
         new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
         new_gm.meta.update(self._source_gm.meta)
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        watched_inputs = [
-            (index, packed_weights[node]._version, packed_weights[node].untyped_storage().data_ptr())
-            for index, node in enumerate(placeholders) if node in packed_weights
+        placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+        watched = [
+            _Watched(static[node], static[node]._version, static[node].untyped_storage().data_ptr(),
+                     packed[attr], placeholder_index.get(node))
+            for node, attr in packed_attr_of.items()
         ]
-        watched_constants = [(packed_weights[node], packed_weights[node]._version)
-                             for node in packed_weights if node.op == "get_attr"]
         compiled = None
         if compile_if_dense or any(d.taken for d in decisions):
             compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
-        return _Build(new_gm, decisions, watched_inputs, watched_constants, compiled)
+        return _Build(new_gm, decisions, watched, compiled)
 
     def _fetch(self, target: str):
         value = self._source_gm
@@ -177,19 +207,36 @@ class SparseCompiledGraph:
             value = getattr(value, atom)
         return value
 
+    def _repacked(self, build: _Build, args: Sequence) -> _Build:
+        """The build for the weights as they are now: the packed buffers rewritten in
+        place when their sizes still match (no recompile), else a full rebuild."""
+        fresh = [(w, pack_linear(w.current(args).detach())) for w in build.watched]
+        if all(new.shape == w.packed.shape for w, new in fresh):
+            log.info("sparsecpu: weights changed since they were packed; repacking in place")
+            watched = []
+            for w, new in fresh:
+                with torch.inference_mode(w.packed.is_inference()), torch.no_grad():
+                    w.packed.copy_(new)
+                weight = w.current(args)
+                watched.append(dataclasses.replace(
+                    w, weight=weight, version=weight._version, data_ptr=weight.untyped_storage().data_ptr()))
+            return dataclasses.replace(build, watched=watched)
+        log.info("sparsecpu: weights changed since they were packed; rebuilding the graph")
+        inputs = [_from_spec(spec) for spec in self._input_specs]
+        for w in build.watched:
+            if w.input_index is not None:
+                inputs[w.input_index] = args[w.input_index]
+        context = self._tracing_context
+        with torch._guards.tracing(context) if context is not None else contextlib.nullcontext():
+            return self._make_build(inputs)
+
     def __call__(self, *args):
         build = self._build
         if build.is_stale(args):
             with self._lock:
                 build = self._build
                 if build.is_stale(args):
-                    log.info("sparsecpu: weights changed since they were packed; repacking")
-                    # Dynamo's example inputs, with the weights as they are now: the inner
-                    # compiler sees the same (possibly dynamic) shapes as the first time.
-                    inputs = list(self._example_inputs)
-                    for index, _, _ in build.watched_inputs:
-                        inputs[index] = args[index]
-                    build = self._build = self._make_build(inputs)
+                    build = self._build = self._repacked(build, args)
         return build.compiled(*args)
 
 

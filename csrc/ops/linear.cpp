@@ -268,7 +268,7 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const a
 
 at::Tensor linear_chain_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList packed,
                             const c10::List<std::optional<at::Tensor>>& biases,
-                            c10::ArrayRef<c10::string_view> activations) {
+                            const std::vector<std::string>& activations) {
   const char* op = "sparsecpu::linear_chain";
   const size_t n = weights.size();
   TORCH_CHECK_VALUE(n >= 1 && packed.size() == n && biases.size() == n && activations.size() == n, op,

@@ -153,12 +153,11 @@ def rewrite_sparse_linears(
     min_sparsity: float,
     fuse_activations: bool,
     pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
-) -> tuple[dict[str, torch.Tensor], dict[fx.Node, torch.Tensor], list[LayerDecision]]:
+) -> tuple[dict[str, torch.Tensor], dict[fx.Node, str], list[LayerDecision]]:
     """Rewrites ``graph`` in place. Returns the packed tensors by attribute name (the
-    new graph reads them with get_attr), the weight nodes whose tensors were packed,
+    new graph reads them with get_attr), the attribute name of each packed weight node,
     and one decision per linear call."""
     packed_attrs: dict[str, torch.Tensor] = {}
-    packed_weights: dict[fx.Node, torch.Tensor] = {}
     decisions: list[LayerDecision] = []
     autocast = _under_autocast(graph)
     packed_by_weight: dict[fx.Node, str] = {}
@@ -186,7 +185,6 @@ def rewrite_sparse_linears(
             attr = f"_sparsecpu_packed_{len(packed_attrs)}"
             packed_attrs[attr] = pack(static[weight_node])
             packed_by_weight[weight_node] = attr
-            packed_weights[weight_node] = static[weight_node]
         replaced = act_node or node
         with graph.inserting_before(node):
             packed_node = graph.get_attr(packed_by_weight[weight_node])
@@ -202,7 +200,7 @@ def rewrite_sparse_linears(
         log.debug("linear %s %s: sparse (sparsity %.1f%%, activation %s)", name, list(shape),
                   100 * sparsity, activation)
     graph.lint()
-    return packed_attrs, packed_weights, decisions
+    return packed_attrs, packed_by_weight, decisions
 
 
 

@@ -1,0 +1,210 @@
+"""Property test of the sparse linear op against dense PyTorch.
+
+``ops.linear(x, w, ops.pack_linear(w, k_block=..., row_block=...), b, act)`` must equal
+``act(F.linear(x, w, b))`` to 1e-5 relative (of the largest output) for every shape
+(including no tokens and a single feature), sparsity, block structure of the zeros,
+input layout (transposed, sliced, broadcast views), activation and ISA.
+
+"Relative to the largest output" assumes the outputs are not much smaller than the
+products they sum. With few outputs whose terms cancel (e.g. one output of 128 terms
+summing to 0.08) no float32 summation meets it: fp32 F.linear itself is 1.6e-5 off the
+exact result there. So the tolerance is 1e-5 of max(largest output, largest sum of
+|terms|), the scale float32 rounding works at; a wrong index or value still costs a whole
+term, i.e. about 1/in_features of that scale, far above it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import torch_sparsecpu
+from torch_sparsecpu import ops
+
+from conftest import assert_close_rel
+
+ISAS = torch_sparsecpu.available_isas()
+K_BLOCKS = (0, 1, 7, 64, 128)
+ROW_BLOCKS = (1, 5, 32, 64)
+STRUCTURES = ("random", "blocks_4x1", "blocks_1x4", "zero_rows", "zero_cols", "all_zero", "dense")
+LAYOUTS = ("contiguous", "transposed", "feature_stride", "token_slice", "offset_view", "broadcast")
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """Dense PyTorch, in float64 so that only the op's own rounding is measured."""
+    y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    if act == "relu":
+        y = F.relu(y)
+    elif act == "gelu":
+        y = F.gelu(y)
+    elif act == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif act == "silu":
+        y = F.silu(y)
+    return y.float()
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, term_scale: torch.Tensor,
+                        rel: float, what: str) -> None:
+    """assert_close_rel with ``rel`` of the largest output, widened where the outputs
+    cancel to ``rel`` of the largest sum of |terms| (module docstring)."""
+    largest = expected.abs().max().item() if expected.numel() else 0.0
+    terms = term_scale.max().item() if term_scale.numel() else 0.0
+    if largest > 0.0:
+        assert_close_rel(actual, expected, rel=rel * max(1.0, terms / largest), what=what)
+    else:  # all outputs exactly zero
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+        error = actual.abs().max().item() if actual.numel() else 0.0
+        assert error <= rel * terms + 1e-30, f"{what}: max error {error:.3g}, expected all zeros"
+
+
+def term_scale(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Per output, the sum of |products| (and |bias|): what float32 rounding scales with."""
+    return F.linear(x.double().abs(), weight.double().abs(), None if bias is None else bias.double().abs())
+
+
+def make_weight(out_f: int, in_f: int, sparsity: float, structure: str, gen: torch.Generator) -> torch.Tensor:
+    weight = torch.randn(out_f, in_f, generator=gen)
+    if structure == "dense":
+        return weight
+    if structure == "all_zero":
+        return torch.zeros(out_f, in_f)
+    if structure == "random":
+        keep = torch.rand(out_f, in_f, generator=gen) >= sparsity
+    elif structure == "blocks_4x1":  # 4 consecutive output rows share a zero pattern
+        keep = (torch.rand((out_f + 3) // 4, in_f, generator=gen) >= sparsity).repeat_interleave(4, 0)[:out_f]
+    elif structure == "blocks_1x4":  # 4 consecutive input features share a zero pattern
+        keep = (torch.rand(out_f, (in_f + 3) // 4, generator=gen) >= sparsity).repeat_interleave(4, 1)[:, :in_f]
+    elif structure == "zero_rows":  # whole output channels pruned, the rest random
+        keep = (torch.rand(out_f, 1, generator=gen) >= sparsity) & (torch.rand(out_f, in_f, generator=gen) >= 0.5)
+    elif structure == "zero_cols":  # whole input features pruned
+        keep = (torch.rand(1, in_f, generator=gen) >= sparsity).expand(out_f, in_f)
+    else:
+        raise AssertionError(structure)
+    return weight * keep
+
+
+def make_input(lead: tuple[int, ...], in_f: int, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """An input of shape [*lead, in_f] with the given memory layout (values ~ N(0, 1))."""
+    shape = (*lead, in_f)
+    if layout == "contiguous":
+        return torch.randn(shape, generator=gen)
+    if layout == "transposed":  # feature-major storage: stride 1 along the tokens
+        return torch.randn(tuple(reversed(shape)), generator=gen).permute(*reversed(range(len(shape))))
+    if layout == "feature_stride":  # every other feature of a wider tensor
+        return torch.randn((*lead, 2 * in_f), generator=gen)[..., ::2]
+    if layout == "token_slice":  # every third token along the first dim
+        if not lead:
+            return torch.randn(shape, generator=gen)
+        return torch.randn((3 * lead[0] + 1, *lead[1:], in_f), generator=gen)[1::3]
+    if layout == "offset_view":  # a window that starts inside a bigger buffer
+        return torch.randn((*[d + 1 for d in lead], in_f + 5), generator=gen)[
+            tuple(slice(1, None) for _ in lead) + (slice(3, 3 + in_f),)]
+    if layout == "broadcast":  # stride 0 over the tokens
+        return torch.randn(in_f, generator=gen).expand(shape)
+    raise AssertionError(layout)
+
+
+@st.composite
+def cases(draw):
+    in_f = draw(st.one_of(st.integers(1, 300), st.sampled_from([1, 8, 16, 64, 128, 129, 256])))
+    out_f = draw(st.one_of(st.integers(1, 300), st.sampled_from([1, 4, 5, 32, 64, 65])))
+    tokens = draw(st.one_of(st.integers(0, 150), st.sampled_from([0, 1, 2, 7, 8, 15, 16, 17, 64, 65])))
+    rank = draw(st.sampled_from(["1d", "2d", "3d", "4d"]))
+    if rank == "1d":
+        lead: tuple[int, ...] = ()
+    elif rank == "2d":
+        lead = (tokens,)
+    elif rank == "3d":
+        first = draw(st.integers(1, 5))
+        lead = (first, tokens // first)
+    else:
+        lead = (2, draw(st.integers(0, 3)), max(tokens // 8, 0))
+    return dict(
+        in_f=in_f, out_f=out_f, lead=lead,
+        sparsity=draw(st.floats(0.0, 1.0)),
+        structure=draw(st.sampled_from(STRUCTURES)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        has_bias=draw(st.booleans()),
+        act=draw(st.sampled_from(ops.ACTIVATIONS)),
+        isa=draw(st.sampled_from(ISAS)),
+        k_block=draw(st.sampled_from(K_BLOCKS)),
+        row_block=draw(st.sampled_from(ROW_BLOCKS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_sparse_linear_matches_dense(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    weight = make_weight(case["out_f"], case["in_f"], case["sparsity"], case["structure"], gen)
+    bias = torch.randn(case["out_f"], generator=gen) if case["has_bias"] else None
+    x = make_input(case["lead"], case["in_f"], case["layout"], gen)
+    assume(x.shape == (*case["lead"], case["in_f"]))
+
+    packed = ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"])
+    assert int(packed[8]) == int(torch.count_nonzero(weight)), "nnz in the header"
+    with torch_sparsecpu.force_isa(case["isa"]):
+        assert torch_sparsecpu.isa() == case["isa"]
+        y = ops.linear(x, weight, packed, bias, case["act"])
+    expected = reference(x, weight, bias, case["act"])
+    assert y.is_contiguous(), "outputs are contiguous"
+    assert_close_scaled(y, expected, term_scale(x, weight, bias), rel=1e-5,
+                        what=str({k: v for k, v in case.items() if k != "seed"}))
+
+
+def test_every_isa_covered():
+    # The property test samples ISAs; make sure the list is what the CPU offers.
+    assert "scalar" in ISAS
+    assert set(ISAS) <= {"scalar", "avx2", "avx512"}
+
+
+@st.composite
+def chain_cases(draw):
+    widths = draw(st.lists(st.integers(1, 200), min_size=3, max_size=5))
+    tokens = draw(st.one_of(st.integers(0, 150), st.sampled_from([0, 1, 3, 7, 8, 65])))
+    layers = len(widths) - 1
+    return dict(
+        widths=widths,
+        lead=draw(st.sampled_from([(tokens,), (2, tokens // 2)])),
+        sparsities=[draw(st.floats(0.0, 1.0)) for _ in range(layers)],
+        structures=[draw(st.sampled_from(STRUCTURES)) for _ in range(layers)],
+        biases=[draw(st.booleans()) for _ in range(layers)],
+        acts=[draw(st.sampled_from(ops.ACTIVATIONS)) for _ in range(layers)],
+        layout=draw(st.sampled_from(LAYOUTS)),
+        isa=draw(st.sampled_from(ISAS)),
+        k_block=draw(st.sampled_from(K_BLOCKS)),
+        row_block=draw(st.sampled_from(ROW_BLOCKS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=chain_cases())
+def test_sparse_linear_chain_matches_dense(case):
+    """``ops.linear_chain`` (consecutive layers fused panel by panel) against the dense
+    layers one after another."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    widths = case["widths"]
+    weights, packed, biases = [], [], []
+    for i in range(len(widths) - 1):
+        weight = make_weight(widths[i + 1], widths[i], case["sparsities"][i], case["structures"][i], gen)
+        weights.append(weight)
+        packed.append(ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"]))
+        biases.append(torch.randn(widths[i + 1], generator=gen) if case["biases"][i] else None)
+    x = make_input(case["lead"], widths[0], case["layout"], gen)
+
+    with torch_sparsecpu.force_isa(case["isa"]):
+        y = ops.linear_chain(x, weights, packed, biases, case["acts"])
+    expected, scale = x.double(), x.double().abs()
+    for weight, bias, act in zip(weights, biases, case["acts"]):
+        expected = reference(expected, weight, bias, act).double()
+        scale = term_scale(scale, weight, bias) * 1.13  # |act'| <= 1.13 (GELU's maximum)
+    expected = expected.float()
+    assert y.is_contiguous()
+    # Each layer's rounding is carried into the next: allow it once per layer.
+    assert_close_scaled(y, expected, scale, rel=1e-5 * (len(widths) - 1),
+                        what=str({k: v for k, v in case.items() if k != "seed"}))
