@@ -111,12 +111,16 @@ struct PanelPlan {
 
 // Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
 // (row block rb at tile + (rb - rb_begin) * row_block * width, i.e. the rows of
-// the output panel in order), K-block by K-block over groups of row blocks.
+// the output panel in order): row block by row block when the panel fits in L2,
+// else K-block by K-block over groups of row blocks.
 void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, int64_t rb_begin,
                     int64_t rb_end, const float* panel, int64_t width, bool gemv, const float* bias,
                     Activation act, float* tile) {
   const auto row_block_fn = gemv ? k.spmv_row_block : k.spmm_row_block;
-  const int64_t group = std::max<int64_t>(1, kTileGroupBytes / (w.row_block * width * 4));
+  // A panel that fits in L2 stays there: one row block at a time, so the weights
+  // stream in storage order. A larger one is swept once per group instead.
+  const bool panel_fits_l2 = w.in_features * width * 4 <= kTileGroupBytes;
+  const int64_t group = panel_fits_l2 ? 1 : std::max<int64_t>(1, kTileGroupBytes / (w.row_block * width * 4));
   for (int64_t g = rb_begin; g < rb_end; g += group) {
     const int64_t g_end = std::min(rb_end, g + group);
     for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
