@@ -11,13 +11,30 @@ from . import _C  # noqa: F401  (registers the schemas before the fakes below)
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
-def pack_linear(weight: Tensor, *, k_block: int = 128, row_block: int = 32) -> Tensor:
+def default_k_block(weight: Tensor) -> int:
+    """K-block size for a weight: the power of two nearest above 16 / density, at least
+    128 and at most 65536 (one block for inputs narrower than that).
+
+    A K-block of 128 features is 32 KiB of a 64-token panel: it stays in L1. But each row
+    pays a fixed cost per K-block (its partial sums go to and from the tile), so at high
+    sparsity, where a 128-feature segment holds only a few nonzeros, longer segments
+    win even though their activations then come from L2. Measured on BERT's MLP shapes
+    (docs/tile_planner.md): 128 is best at 80%, 512 at 95%, one block at 99%."""
+    density = max(int(torch.count_nonzero(weight)), 1) / max(weight.numel(), 1)
+    k_block = 128
+    while k_block < 16 / density and k_block < 65536:
+        k_block *= 2
+    return k_block
+
+
+def pack_linear(weight: Tensor, *, k_block: int | None = None, row_block: int = 32) -> Tensor:
     """Packs a 2-D float32 weight ``[out_features, in_features]`` into the offset-CSR
     buffer that :func:`linear` reads (a 1-D int32 tensor; layout in docs/packed_format.md).
 
     ``k_block`` cuts the input dimension into blocks of that many features (0: one
-    block; at most 65536, as offsets are 16-bit within their block); ``row_block``
-    groups output rows into blocks scheduled as one unit.
+    block; at most 65536, as offsets are 16-bit within their block; None:
+    :func:`default_k_block`); ``row_block`` groups output rows into blocks scheduled as
+    one unit.
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -26,6 +43,8 @@ def pack_linear(weight: Tensor, *, k_block: int = 128, row_block: int = 32) -> T
             f"weight must be a 2-D float32 CPU tensor, got {weight.dtype} of shape "
             f"{tuple(weight.shape)} on {weight.device}"
         )
+    if k_block is None:
+        k_block = default_k_block(weight)
     for name, value, lowest, highest in (("k_block", k_block, 0, 65536), ("row_block", row_block, 1, 2**30)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
