@@ -58,14 +58,9 @@ def median_us(fn, min_run_time: float) -> float:
 
 
 def graph_parts(graph: SparseCompiledGraph):
-    """(compiled graph without the wrapper, the stale check, number of watched weights),
-    across the two layouts of SparseCompiledGraph's internals (attributes on the object,
-    or one published ``_build`` record)."""
-    build = getattr(graph, "_build", None)
-    if build is not None and hasattr(build, "compiled"):
-        watched = len(build.watched_inputs) + len(build.watched_constants)
-        return build.compiled, build.is_stale, watched
-    return graph._compiled, graph._is_stale, len(graph._watched) + len(graph._watched_attrs)
+    """(compiled graph without the wrapper, the stale check, number of watched weights)."""
+    build = graph._build
+    return build.compiled, build.is_stale, len(build.watched)
 
 
 def stale_check_cost(layers: int, min_run_time: float) -> None:
