@@ -21,25 +21,28 @@ def available_isas() -> list[str]:
     return list(_C.available_isas())
 
 
-def kernel_names(isa_name: str) -> list[str]:
-    """Register tiles of one ISA, e.g. ``spmm_f32_1x64__avx2`` (1 row x 64 tokens)."""
+def _check_isa_name(isa_name) -> None:
     if isa_name not in ISAS:
         raise ValueError(f"isa_name must be one of {', '.join(ISAS)}, got {isa_name!r}")
+
+
+def kernel_names(isa_name: str) -> list[str]:
+    """Register tiles of one ISA, e.g. ``spmm_f32_1x64__avx2`` (1 row x 64 tokens) and
+    the GEMV kernels ``spmv_f32_1x1__avx2`` ... ``spmv_f32_1x7__avx2``."""
+    _check_isa_name(isa_name)
     return list(_C.kernel_names(isa_name))
 
 
 def max_panel_width(isa_name: str) -> int:
     """Tokens per full activation panel of one ISA's kernels."""
-    if isa_name not in ISAS:
-        raise ValueError(f"isa_name must be one of {', '.join(ISAS)}, got {isa_name!r}")
+    _check_isa_name(isa_name)
     return int(_C.max_panel_width(isa_name))
 
 
 @contextlib.contextmanager
 def force_isa(isa_name: str) -> Iterator[None]:
     """Run the sparse ops with one ISA's kernels inside the ``with`` block (process-wide)."""
-    if isa_name not in ISAS:
-        raise ValueError(f"isa_name must be one of {', '.join(ISAS)}, got {isa_name!r}")
+    _check_isa_name(isa_name)
     if isa_name not in available_isas():
         raise ValueError(f"isa_name {isa_name!r} is not supported by this CPU "
                          f"(available: {', '.join(available_isas())})")
