@@ -6,7 +6,7 @@ import os
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-# Flags shared by every source. Never -march=native: each ISA's kernel file selects
+# Flags shared by every source. No host-specific -march flag: each ISA's kernel file selects
 # its instructions with `#pragma GCC target`, and the ISA is chosen at run time.
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
 link_flags = ["-fopenmp"]
