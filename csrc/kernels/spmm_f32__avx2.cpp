@@ -75,12 +75,14 @@ void pack_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_
   }
 }
 
-// Tile -> token-major y, 8 tokens x 8 output rows at a time.
+// Tile -> token-major y, 8 tokens x 8 output rows at a time. Tokens outside: the
+// 8 rows of y being written get whole cache lines in turn (y's rows are often a
+// multiple of 4 KiB apart and share cache sets).
 void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
                       float* y, int64_t y_stride) {
   const int64_t full_rows = rows / 8 * 8, full_tokens = tokens / 8 * 8;
-  for (int64_t o = 0; o < full_rows; o += 8) {
-    for (int64_t t = 0; t < full_tokens; t += 8) {
+  for (int64_t t = 0; t < full_tokens; t += 8) {
+    for (int64_t o = 0; o < full_rows; o += 8) {
       __m256 block[8];
       for (int k = 0; k < 8; ++k) block[k] = _mm256_loadu_ps(tile + (o + k) * panel_width + t);
       transpose8x8(block);

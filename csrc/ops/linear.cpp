@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -89,9 +90,40 @@ PackedLinearView checked_view(const at::Tensor& packed) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Partial sums of a group of row blocks wait in L2 while one K-block's
-// activations are swept over the whole group from L1 (see spmm_row_block).
-constexpr int64_t kTileGroupBytes = 256 * 1024;
+// Partial sums of a group of row blocks wait in L2 (or L1) while one K-block's
+// activations are swept over the whole group from L1 (see spmm_row_block); the
+// group's tile is then unpacked while it is still in cache.
+constexpr int64_t kTileGroupBytes = 64 * 1024;
+
+// Row blocks per group for a panel of `width` tokens.
+int64_t row_blocks_per_group(const PackedLinearView& w, int64_t width) {
+  return std::max<int64_t>(1, kTileGroupBytes / (w.row_block * width * 4));
+}
+
+// Grow-only scratch memory for one call site and thread: a fresh std::vector per
+// call would zero it and, past glibc's mmap threshold, page-fault it every time.
+// Buffers above kRetainedFloats are released after each use (release_if_large).
+class ScratchBuffer {
+ public:
+  float* get(size_t floats) {
+    if (floats > capacity_) {
+      data_.reset(new float[floats]);
+      capacity_ = floats;
+    }
+    return data_.get();
+  }
+  void release_if_large() {
+    if (capacity_ > kRetainedFloats) {
+      data_.reset();
+      capacity_ = 0;
+    }
+  }
+
+ private:
+  static constexpr size_t kRetainedFloats = size_t{4} << 20;  // 16 MiB
+  std::unique_ptr<float[]> data_;
+  size_t capacity_ = 0;
+};
 
 // How a layer's tokens are cut into panels for the kernels of one ISA.
 struct PanelPlan {
@@ -111,16 +143,13 @@ struct PanelPlan {
 
 // Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
 // (row block rb at tile + (rb - rb_begin) * row_block * width, i.e. the rows of
-// the output panel in order): row block by row block when the panel fits in L2,
-// else K-block by K-block over groups of row blocks.
+// the output panel in order), group by group of row_blocks_per_group, K-block
+// by K-block within a group.
 void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, int64_t rb_begin,
                     int64_t rb_end, const float* panel, int64_t width, bool gemv, const float* bias,
                     Activation act, float* tile) {
   const auto row_block_fn = gemv ? k.spmv_row_block : k.spmm_row_block;
-  // A panel that fits in L2 stays there: one row block at a time, so the weights
-  // stream in storage order. A larger one is swept once per group instead.
-  const bool panel_fits_l2 = w.in_features * width * 4 <= kTileGroupBytes;
-  const int64_t group = panel_fits_l2 ? 1 : std::max<int64_t>(1, kTileGroupBytes / (w.row_block * width * 4));
+  const int64_t group = row_blocks_per_group(w, width);
   for (int64_t g = rb_begin; g < rb_end; g += group) {
     const int64_t g_end = std::min(rb_end, g + group);
     for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
@@ -136,7 +165,9 @@ void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, in
 //
 // The tokens are cut into panels of max_panel_width; each panel is copied once
 // into feature-major layout, then every (panel, row block) pair is a work item.
-// Items are split into one contiguous chunk per thread, balanced by nonzeros.
+// Items are split into one contiguous chunk per thread, balanced by nonzeros;
+// a chunk runs group by group of row blocks, each group unpacked into y as soon
+// as it is done.
 void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
                       int64_t token_stride, int64_t feature_stride, const float* bias,
                       Activation act, float* y) {
@@ -145,11 +176,12 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   const int64_t num_panels = plan.num_panels();
   const int64_t panel_floats = w.in_features * plan.max_width;
 
-  std::vector<float> panels(static_cast<size_t>(num_panels * panel_floats));
+  thread_local ScratchBuffer panel_buffer;
+  float* panels = panel_buffer.get(static_cast<size_t>(num_panels * panel_floats));
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       k.pack_panel(x + p * plan.max_width * token_stride, plan.tokens_in(p), w.in_features,
-                   token_stride, feature_stride, plan.width_of(p), panels.data() + p * panel_floats);
+                   token_stride, feature_stride, plan.width_of(p), panels + p * panel_floats);
     }
   });
 
@@ -169,24 +201,25 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   chunk_start[0] = 0;
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile;
+    thread_local ScratchBuffer tile_buffer;
     for (int64_t c = begin; c < end; ++c) {
-      // The chunk's items of one panel are consecutive row blocks: one run each.
       for (int64_t item = chunk_start[c]; item < chunk_start[c + 1];) {
+        // One group: consecutive row blocks of one panel, at most one tile group.
         const int64_t p = item / w.num_row_blocks, rb_begin = item % w.num_row_blocks;
-        const int64_t rb_end = std::min(w.num_row_blocks, rb_begin + chunk_start[c + 1] - item);
         const int64_t width = plan.width_of(p);
+        const int64_t rb_end = std::min({w.num_row_blocks, rb_begin + chunk_start[c + 1] - item,
+                                         rb_begin + row_blocks_per_group(w, width)});
         const int64_t first_row = rb_begin * w.row_block;
         const int64_t rows = std::min(w.out_features, rb_end * w.row_block) - first_row;
-        tile.resize(static_cast<size_t>((rb_end - rb_begin) * w.row_block * width + k.vector_width));
-        run_row_blocks(k, w, rb_begin, rb_end, panels.data() + p * panel_floats, width, plan.is_gemv(p),
-                       bias, act, tile.data());
-        k.unpack_tile(tile.data(), rows, width, plan.tokens_in(p),
+        float* tile = tile_buffer.get(static_cast<size_t>((rb_end - rb_begin) * w.row_block * width + k.vector_width));
+        run_row_blocks(k, w, rb_begin, rb_end, panels + p * panel_floats, width, plan.is_gemv(p), bias, act, tile);
+        k.unpack_tile(tile, rows, width, plan.tokens_in(p),
                       y + p * plan.max_width * w.out_features + first_row, w.out_features);
         item += rb_end - rb_begin;
       }
     }
   });
+  panel_buffer.release_if_large();
 }
 
 // Tensor columns: every layer of a chain over one panel of tokens before the next
@@ -209,19 +242,22 @@ void sparse_linear_chain_2d(const std::vector<PackedLinearView>& layers, const f
   const PackedLinearView& last = layers.back();
   at::parallel_for(0, plan.num_panels(), 1, [&](int64_t begin, int64_t end) {
     const size_t buffer_floats = static_cast<size_t>(max_features * plan.max_width + k.vector_width);
-    std::vector<float> current(buffer_floats), next(buffer_floats);
+    thread_local ScratchBuffer buffers[2];
+    float* current = buffers[0].get(buffer_floats);
+    float* next = buffers[1].get(buffer_floats);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t width = plan.width_of(p);
       k.pack_panel(x + p * plan.max_width * token_stride, plan.tokens_in(p), layers.front().in_features,
-                   token_stride, feature_stride, width, current.data());
+                   token_stride, feature_stride, width, current);
       for (size_t l = 0; l < layers.size(); ++l) {
-        run_row_blocks(k, layers[l], 0, layers[l].num_row_blocks, current.data(), width, plan.is_gemv(p),
-                       biases[l], acts[l], next.data());
+        run_row_blocks(k, layers[l], 0, layers[l].num_row_blocks, current, width, plan.is_gemv(p),
+                       biases[l], acts[l], next);
         std::swap(current, next);
       }
-      k.unpack_tile(current.data(), last.out_features, width, plan.tokens_in(p),
+      k.unpack_tile(current, last.out_features, width, plan.tokens_in(p),
                     y + p * plan.max_width * last.out_features, last.out_features);
     }
+    for (ScratchBuffer& buffer : buffers) buffer.release_if_large();
   });
 }
 
