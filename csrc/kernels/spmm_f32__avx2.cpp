@@ -22,11 +22,10 @@ struct Vec {
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T div(T a, T b) { return _mm256_div_ps(a, b); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T min(T a, T b) { return _mm256_min_ps(a, b); }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }
-  static T and_(T a, T b) { return _mm256_and_ps(a, b); }
   static T xor_(T a, T b) { return _mm256_xor_ps(a, b); }
   static T floor(T a) { return _mm256_floor_ps(a); }
-  static T blend_negative(T mask, T a, T b) { return _mm256_blendv_ps(a, b, mask); }
   static T pow2(T n) {
     const __m256i biased = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
