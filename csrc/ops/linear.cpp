@@ -90,14 +90,25 @@ PackedLinearView checked_view(const at::Tensor& packed) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Partial sums of a group of row blocks wait in L2 (or L1) while one K-block's
-// activations are swept over the whole group from L1 (see spmm_row_block); the
-// group's tile is then unpacked while it is still in cache.
-constexpr int64_t kTileGroupBytes = 64 * 1024;
+// Row blocks are scheduled in groups whose partial sums (the tile) fit in
+// kTileGroupBytes; each group's tile is unpacked while it is still in cache.
+// Within a group, a panel that fits in L2 is swept row block by row block (the
+// weights then stream in storage order, which the prefetcher follows: it decides
+// GEMV speed); a larger panel is swept K-block by K-block over the whole group,
+// so each K-block's activations are read from L1 by every row of the group and the
+// panel comes from L3 once per group rather than once per row block.
+constexpr int64_t kPanelInL2Bytes = 256 * 1024;
+constexpr int64_t kTileGroupBytes = 256 * 1024;
 
-// Row blocks per group for a panel of `width` tokens.
+bool panel_fits_l2(const PackedLinearView& w, int64_t width) {
+  return w.in_features * width * 4 <= kPanelInL2Bytes;
+}
+
+// Row blocks per group for a panel of `width` tokens: small groups (the tile near
+// L1) when the panel fits in L2 and sweeping it again is cheap.
 int64_t row_blocks_per_group(const PackedLinearView& w, int64_t width) {
-  return std::max<int64_t>(1, kTileGroupBytes / (w.row_block * width * 4));
+  const int64_t group_bytes = panel_fits_l2(w, width) ? kTileGroupBytes / 4 : kTileGroupBytes;
+  return std::max<int64_t>(1, group_bytes / (w.row_block * width * 4));
 }
 
 // Grow-only scratch memory for one call site and thread: a fresh std::vector per
@@ -143,20 +154,23 @@ struct PanelPlan {
 
 // Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
 // (row block rb at tile + (rb - rb_begin) * row_block * width, i.e. the rows of
-// the output panel in order), group by group of row_blocks_per_group, K-block
-// by K-block within a group.
+// the output panel in order), group by group of row_blocks_per_group.
 void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, int64_t rb_begin,
                     int64_t rb_end, const float* panel, int64_t width, bool gemv, const float* bias,
                     Activation act, float* tile) {
   const auto row_block_fn = gemv ? k.spmv_row_block : k.spmm_row_block;
+  const auto tile_of = [&](int64_t rb) { return tile + (rb - rb_begin) * w.row_block * width; };
+  if (panel_fits_l2(w, width)) {
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+      row_block_fn(w, rb, 0, w.num_k_blocks, panel, width, bias, act, tile_of(rb));
+    }
+    return;
+  }
   const int64_t group = row_blocks_per_group(w, width);
   for (int64_t g = rb_begin; g < rb_end; g += group) {
     const int64_t g_end = std::min(rb_end, g + group);
     for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
-      for (int64_t rb = g; rb < g_end; ++rb) {
-        row_block_fn(w, rb, kb, kb + 1, panel, width, bias, act,
-                     tile + (rb - rb_begin) * w.row_block * width);
-      }
+      for (int64_t rb = g; rb < g_end; ++rb) row_block_fn(w, rb, kb, kb + 1, panel, width, bias, act, tile_of(rb));
     }
   }
 }
