@@ -154,6 +154,31 @@ def test_negative_zero_and_nan_weights():
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("second_k_block", [32, 100, 0])
+def test_linear_chain_pipelined_pair(isa, second_k_block):
+    """A second layer with more than 256 KiB of input panel (1100 features x >= 64 tokens)
+    and a small output runs pipelined behind the first (run_layer_pair): its K-blocks
+    start as soon as the first layer's finished rows cover them, whether or not K-block
+    edges line up with the first layer's row groups. A third layer follows the pair."""
+    features = (48, 1100, 40, 24)
+    weights = [sparse_weight(o, i, 0.8) for i, o in zip(features, features[1:])]
+    biases = [torch.randn(w.shape[0]) for w in weights]
+    acts = ["gelu", "relu", "none"]
+    packed = [ops.pack_linear(weights[0], k_block=32, row_block=16),
+              ops.pack_linear(weights[1], k_block=second_k_block, row_block=16),
+              ops.pack_linear(weights[2])]
+    for tokens in (5, 64, 130):  # a GEMV panel (not pipelined), one panel, panels on both threads
+        x = torch.randn(tokens, features[0])
+        expected = x.double()
+        for w, b, a in zip(weights, biases, acts):
+            expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), b.double()))
+        with torch_sparsecpu.force_isa(isa):
+            actual = ops.linear_chain(x, weights, packed, biases, acts)
+        assert_close_rel(actual, expected.float(), rel=1e-5, what=f"pipelined chain tokens={tokens}",
+                         scale=max(expected.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_chain_matches_layer_by_layer(isa, threads):
     """Tensor columns: chains of 1-3 layers over token counts around the panel sizes
