@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch_sparsecpu
 from torch_sparsecpu import kernels, ops
 
-from conftest import assert_close_rel, sparse_weight
+from conftest import assert_close_rel, sparse_weight, torch_threads
 
 ISAS = kernels.available_isas()
 ACTIVATION_REFERENCE = {
@@ -154,6 +154,22 @@ def test_negative_zero_and_nan_weights():
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_large_panels_packed_per_slice(isa, layout):
+    """Panels over 256 KiB (1300 features x >= 56 tokens) are packed one K-block slice at
+    a time by each thread that uses them: contiguous and strided inputs, a K-block that
+    does not divide the features, a narrower last panel, one and two threads."""
+    weight = sparse_weight(80, 1300, 0.9)
+    bias = torch.randn(80)
+    for tokens in (56, 64, 130):
+        x = torch.randn(tokens, 1300) if layout == "contiguous" else torch.randn(1300, tokens).T
+        for threads in (1, 2):
+            with torch_threads(threads):
+                check_linear(x, weight, bias, "relu", isa=isa, k_block=96, row_block=16,
+                             what=f"{layout} tokens={tokens} threads={threads}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("second_k_block", [32, 100, 0])
 def test_linear_chain_pipelined_pair(isa, second_k_block):
     """A second layer with more than 256 KiB of input panel (1100 features x >= 64 tokens)
@@ -185,9 +201,7 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
     (GEMV panels, padded panels, more panels than threads and fewer)."""
     shapes = [(40, 96, 40), (7, 300, 33, 5), (64, 64)]
     activations = ["gelu", "relu", "silu", "gelu_tanh", "none"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for features in shapes:
             weights = [sparse_weight(o, i, s) for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99))]
             biases = [torch.randn(w.shape[0]) if n % 2 == 0 else None for n, w in enumerate(weights)]
@@ -202,5 +216,3 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
                     actual = ops.linear_chain(x, weights, packed, biases, acts)
                 assert_close_rel(actual, expected.float(), rel=1e-5, what=f"chain {features} tokens={tokens}",
                                  scale=max(expected.abs().max().item(), 1.0))
-    finally:
-        torch.set_num_threads(previous)

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -154,10 +155,13 @@ struct PanelPlan {
 
 // Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
 // (row block rb at tile + (rb - rb_begin) * row_block * width, i.e. the rows of
-// the output panel in order), group by group of row_blocks_per_group.
+// the output panel in order), group by group of row_blocks_per_group. For a panel
+// larger than L2, `before_k_block(kb)`, when given, runs before each group starts
+// on K-block kb (to pack that slice of the panel just in time).
 void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, int64_t rb_begin,
                     int64_t rb_end, const float* panel, int64_t width, bool gemv, const float* bias,
-                    Activation act, float* tile) {
+                    Activation act, float* tile,
+                    const std::function<void(int64_t)>& before_k_block = nullptr) {
   const auto row_block_fn = gemv ? k.spmv_row_block : k.spmm_row_block;
   const auto tile_of = [&](int64_t rb) { return tile + (rb - rb_begin) * w.row_block * width; };
   if (panel_fits_l2(w, width)) {
@@ -170,6 +174,7 @@ void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, in
   for (int64_t g = rb_begin; g < rb_end; g += group) {
     const int64_t g_end = std::min(rb_end, g + group);
     for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+      if (before_k_block) before_k_block(kb);
       for (int64_t rb = g; rb < g_end; ++rb) row_block_fn(w, rb, kb, kb + 1, panel, width, bias, act, tile_of(rb));
     }
   }
@@ -177,11 +182,13 @@ void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, in
 
 // y[n, o] = act(bias[o] + sum_i W[o, i] x[n, i]) for a 2-D x of any strides.
 //
-// The tokens are cut into panels of max_panel_width; each panel is copied once
-// into feature-major layout, then every (panel, row block) pair is a work item.
-// Items are split into one contiguous chunk per thread, balanced by nonzeros;
-// a chunk runs group by group of row blocks, each group unpacked into y as soon
-// as it is done.
+// The tokens are cut into panels of max_panel_width; every (panel, row block) pair
+// is a work item. Items are split into one contiguous chunk per thread, balanced by
+// nonzeros; a chunk runs group by group of row blocks, each group unpacked into y as
+// soon as it is done. A panel that fits in L2 is copied into feature-major layout
+// once, up front. A larger one is packed by each thread that uses it, one K-block
+// slice at a time right before the slice is swept, so the slice is read from L1/L2
+// and no thread waits for another's packing.
 void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
                       int64_t token_stride, int64_t feature_stride, const float* bias,
                       Activation act, float* y) {
@@ -189,13 +196,18 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   const PanelPlan plan{k, tokens, k.max_panel_width};
   const int64_t num_panels = plan.num_panels();
   const int64_t panel_floats = w.in_features * plan.max_width;
+  const auto packed_per_slice = [&](int64_t p) { return !panel_fits_l2(w, plan.width_of(p)); };
+  const auto pack_features = [&](int64_t p, int64_t first, int64_t count, float* panel) {
+    const int64_t width = plan.width_of(p);
+    k.pack_panel(x + p * plan.max_width * token_stride + first * feature_stride, plan.tokens_in(p), count,
+                 token_stride, feature_stride, width, panel + first * width);
+  };
 
   thread_local ScratchBuffer panel_buffer;
   float* panels = panel_buffer.get(static_cast<size_t>(num_panels * panel_floats));
   at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      k.pack_panel(x + p * plan.max_width * token_stride, plan.tokens_in(p), w.in_features,
-                   token_stride, feature_stride, plan.width_of(p), panels + p * panel_floats);
+      if (!packed_per_slice(p)) pack_features(p, 0, w.in_features, panels + p * panel_floats);
     }
   });
 
@@ -215,7 +227,7 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   chunk_start[0] = 0;
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    thread_local ScratchBuffer tile_buffer;
+    thread_local ScratchBuffer tile_buffer, own_panel_buffer;
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t item = chunk_start[c]; item < chunk_start[c + 1];) {
         // One group: consecutive row blocks of one panel, at most one tile group.
@@ -226,12 +238,22 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
         const int64_t first_row = rb_begin * w.row_block;
         const int64_t rows = std::min(w.out_features, rb_end * w.row_block) - first_row;
         float* tile = tile_buffer.get(static_cast<size_t>((rb_end - rb_begin) * w.row_block * width + k.vector_width));
-        run_row_blocks(k, w, rb_begin, rb_end, panels + p * panel_floats, width, plan.is_gemv(p), bias, act, tile);
+        if (packed_per_slice(p)) {
+          float* panel = own_panel_buffer.get(static_cast<size_t>(panel_floats));
+          const auto pack_slice = [&](int64_t kb) {
+            const int64_t first = kb * w.k_block;
+            pack_features(p, first, std::min(w.k_block, w.in_features - first), panel);
+          };
+          run_row_blocks(k, w, rb_begin, rb_end, panel, width, plan.is_gemv(p), bias, act, tile, pack_slice);
+        } else {
+          run_row_blocks(k, w, rb_begin, rb_end, panels + p * panel_floats, width, plan.is_gemv(p), bias, act, tile);
+        }
         k.unpack_tile(tile, rows, width, plan.tokens_in(p),
                       y + p * plan.max_width * w.out_features + first_row, w.out_features);
         item += rb_end - rb_begin;
       }
     }
+    own_panel_buffer.release_if_large();
   });
   panel_buffer.release_if_large();
 }
