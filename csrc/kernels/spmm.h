@@ -136,6 +136,13 @@ struct SpmmKernels {
                       int64_t tokens, float* y, int64_t y_stride);
 };
 
+// The AVX2 panel copies (8x8 transposes, spmm_f32__avx2.cpp), which the AVX-512
+// table uses too: every CPU with AVX-512 has AVX2. Signatures as in SpmmKernels.
+void pack_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                     int64_t feature_stride, int64_t panel_width, float* panel);
+void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
+                      float* y, int64_t y_stride);
+
 // Kernel tables, one per ISA (defined in spmm_f32__<isa>.cpp).
 extern const SpmmKernels kSpmmScalar;
 extern const SpmmKernels kSpmmAvx2;

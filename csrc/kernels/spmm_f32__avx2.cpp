@@ -54,11 +54,25 @@ inline void transpose8x8(__m256 rows[8]) {
   rows[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
+// Any strides and token counts, zero-padding tokens >= `tokens`.
+void pack_panel_any(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                    int64_t feature_stride, int64_t panel_width, float* panel) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* src = x + t * token_stride;
+    for (int64_t i = 0; i < in_features; ++i) panel[i * panel_width + t] = src[i * feature_stride];
+  }
+  for (int64_t i = 0; i < in_features; ++i) {
+    for (int64_t t = tokens; t < panel_width; ++t) panel[i * panel_width + t] = 0.0f;
+  }
+}
+
+}  // namespace
+
 // Token-major x -> feature-major panel, 8x8 blocks at a time when features are contiguous.
 void pack_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                      int64_t feature_stride, int64_t panel_width, float* panel) {
   if (feature_stride != 1 || tokens != panel_width || tokens % 8 != 0) {
-    return pack_panel_simd(x, tokens, in_features, token_stride, feature_stride, panel_width, panel);
+    return pack_panel_any(x, tokens, in_features, token_stride, feature_stride, panel_width, panel);
   }
   const int64_t full = in_features / 8 * 8;
   for (int64_t t = 0; t < tokens; t += 8) {
@@ -94,7 +108,6 @@ void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int6
   }
 }
 
-}  // namespace
 }  // namespace kernels
 }  // namespace sparsecpu
 

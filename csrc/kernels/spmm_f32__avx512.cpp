@@ -43,7 +43,7 @@ struct Vec {
 namespace sparsecpu {
 namespace kernels {
 const SpmmKernels kSpmmAvx512 = {"avx512", Vec::kWidth, Vec::kWidth * Vec::kMaxVectors,
-                                 &pack_panel_simd, &spmm_row_block_simd, &spmv_row_block_simd,
-                               &unpack_tile_generic};
+                                 &pack_panel_avx2, &spmm_row_block_simd, &spmv_row_block_simd,
+                                 &unpack_tile_avx2};
 }  // namespace kernels
 }  // namespace sparsecpu

@@ -217,21 +217,3 @@ void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
       return;  // unreachable: the caller sizes panels to 1..kMaxVectors registers
   }
 }
-
-void pack_panel_simd(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
-                     int64_t feature_stride, int64_t panel_width, float* panel) {
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* src = x + t * token_stride;
-    for (int64_t i = 0; i < in_features; ++i) panel[i * panel_width + t] = src[i * feature_stride];
-  }
-  for (int64_t i = 0; i < in_features; ++i) {
-    for (int64_t t = tokens; t < panel_width; ++t) panel[i * panel_width + t] = 0.0f;
-  }
-}
-
-void unpack_tile_generic(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
-                         float* y, int64_t y_stride) {
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t o = 0; o < rows; ++o) y[t * y_stride + o] = tile[o * panel_width + t];
-  }
-}
