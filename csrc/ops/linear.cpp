@@ -114,7 +114,8 @@ int64_t row_blocks_per_group(const PackedLinearView& w, int64_t width) {
 
 // Grow-only scratch memory for one call site and thread: a fresh std::vector per
 // call would zero it and, past glibc's mmap threshold, page-fault it every time.
-// Buffers above kRetainedFloats are released after each use (release_if_large).
+// Buffers above kRetainedFloats are released after each use (release_if_large),
+// so a thread keeps at most a few of 4 MiB each between calls.
 class ScratchBuffer {
  public:
   float* get(size_t floats) {
@@ -132,7 +133,7 @@ class ScratchBuffer {
   }
 
  private:
-  static constexpr size_t kRetainedFloats = size_t{4} << 20;  // 16 MiB
+  static constexpr size_t kRetainedFloats = size_t{1} << 20;  // 4 MiB
   std::unique_ptr<float[]> data_;
   size_t capacity_ = 0;
 };
