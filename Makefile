@@ -8,7 +8,7 @@ TORCH_STAMP := $(VENV)/.torch-2.13.0
 BUILD_STAMP := $(VENV)/.sparsecpu-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
 
-.PHONY: demo test bench sanitize clean
+.PHONY: demo test bench probe sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ test: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_linear.py
+
+# The AVX2 kernels alone, one core, no torch (benchmarks/probe_kernels.cpp): FMA peak,
+# the microkernel's L1 ceiling, and pack / kernel / unpack of BERT's 3072x768 layer at 90%.
+PROBE := build/probe_kernels
+PROBE_SOURCES := benchmarks/probe_kernels.cpp csrc/kernels/pack.cpp csrc/kernels/spmm_f32__avx2.cpp
+$(PROBE): $(PROBE_SOURCES) $(wildcard csrc/kernels/*.h)
+	mkdir -p build
+	g++ -O3 -std=c++17 -fno-math-errno -Icsrc/kernels -o $@ $(PROBE_SOURCES)
+probe: $(PROBE)
+	$(PROBE) 3072 768 0.9
 
 # The kernel/op tests under AddressSanitizer + UBSan. The instrumented extension is built
 # into build/sanitize (never over the in-place torch_sparsecpu/_C*.so) next to a copy of
