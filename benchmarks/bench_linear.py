@@ -48,7 +48,7 @@ TABLE_COLUMNS = [
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_sweep_arguments(parser, sparsities="50,70,80,90,95,99", tokens="1,32,128,512", threads="2")
+    add_sweep_arguments(parser, sparsities="50,70,80,90,95,99", tokens="1,32,128,512", threads="2", rounds=3)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 90%% sparsity, 128 tokens, 2 threads "
                              "(overrides --sparsities, --tokens, --threads)")
@@ -63,11 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     shapes = load_shapes(names=SHAPE_NAMES)
     cases = enumerate_cases(shapes, args.sparsities, args.tokens, args.threads)
-    print(plan_summary(cases, args.min_run_time))
+    print(plan_summary(cases, args.min_run_time, args.rounds))
     with torch_sparsecpu.force_isa(args.isa):
-        info = machine_info(args.threads, args.min_run_time)
+        info = machine_info(args.threads, args.min_run_time, args.rounds)
         try:
-            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_linear"))
+            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_linear", args.rounds))
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     print(f"\n{describe_machine(info)}\n")

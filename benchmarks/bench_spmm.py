@@ -214,15 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if skipped:
         print(skipped_summary(skipped, args.max_dense_gflop))
-    print(plan_summary(cases, args.min_run_time))
+    print(plan_summary(cases, args.min_run_time, args.rounds))
     if args.dry_run or not cases:
         return 0
 
     started = time.perf_counter()
     with torch_sparsecpu.force_isa(args.isa):
-        info = machine_info(args.threads, args.min_run_time)
+        info = machine_info(args.threads, args.min_run_time, args.rounds)
         try:
-            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_spmm"))
+            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_spmm", args.rounds))
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     elapsed = time.perf_counter() - started

@@ -9,7 +9,8 @@ One place for each idea:
   ``torch_sparsecpu.ops.linear``;
 - the correctness check every implementation passes before it is timed (a benchmark that
   could print a wrong-answer speed-up is a bug);
-- median timing with ``torch.utils.benchmark``;
+- median timing with ``torch.utils.benchmark``, in rounds that interleave the three
+  implementations;
 - the sweep over shapes x sparsities x tokens x threads, its runtime estimate, and
   plain-text / markdown tables of the results.
 """
@@ -319,7 +320,7 @@ def split_by_size(
     return keep, skip
 
 
-def estimate_seconds(cases: Sequence[Case], min_run_time: float) -> float:
+def estimate_seconds(cases: Sequence[Case], min_run_time: float, rounds: int = 1) -> float:
     """A rough forecast of :func:`run_sweep`'s wall time from nominal FLOP rates."""
 
     def timing_seconds(call: float) -> float:
@@ -327,7 +328,6 @@ def estimate_seconds(cases: Sequence[Case], min_run_time: float) -> float:
         return call + max(min_run_time, MIN_SAMPLES * call)
 
     total = 0.0
-    dense_timed = set()
     weights_made = set()
     for case in cases:
         nnz_flop = case.dense_flop * (1 - case.sparsity_pct / 100)
@@ -339,11 +339,7 @@ def estimate_seconds(cases: Sequence[Case], min_run_time: float) -> float:
             "sparsecpu": nnz_flop / rates["sparsecpu"],
         }
         total += sum(calls.values())  # correctness check
-        total += timing_seconds(calls["csr"]) + timing_seconds(calls["sparsecpu"])
-        dense_key = (case.shape, case.tokens, case.threads)
-        if dense_key not in dense_timed:
-            dense_timed.add(dense_key)
-            total += timing_seconds(calls["dense"])
+        total += rounds * sum(timing_seconds(call) for call in calls.values())
         if (case.shape, case.sparsity_pct) not in weights_made:
             weights_made.add((case.shape, case.sparsity_pct))
             numel = case.shape.in_features * case.shape.out_features
@@ -351,25 +347,28 @@ def estimate_seconds(cases: Sequence[Case], min_run_time: float) -> float:
     return total
 
 
-def plan_summary(cases: Sequence[Case], min_run_time: float) -> str:
+def plan_summary(cases: Sequence[Case], min_run_time: float, rounds: int = 1) -> str:
     """How many cases will run and roughly how long they will take."""
-    estimate = format_duration(estimate_seconds(cases, min_run_time))
+    estimate = format_duration(estimate_seconds(cases, min_run_time, rounds))
     return (
-        f"{len(cases)} cases; estimated runtime {estimate} "
+        f"{len(cases)} cases x {rounds} round(s); estimated runtime {estimate} "
         "(rough: from nominal FLOP rates; the progress bar's ETA is better once started)"
     )
 
 
-def run_sweep(cases: Sequence[Case], min_run_time: float, description: str) -> list[CaseResult]:
+def run_sweep(
+    cases: Sequence[Case], min_run_time: float, description: str, rounds: int = 1
+) -> list[CaseResult]:
     """Checks then times every case.
 
     Each weight is built and packed once and serves the run of consecutive cases that share
-    it (all its token and thread counts, in the order of :func:`enumerate_cases`). Dense
-    F.linear does not look at the values, so it is timed once per (shape, tokens, threads)
-    and that time serves every sparsity. Raises :class:`ResultMismatch` on a wrong answer.
+    it (all its token and thread counts, in the order of :func:`enumerate_cases`). A case
+    is timed in ``rounds`` rounds, each timing dense, CSR and sparsecpu one after the
+    other, and each implementation's time is its median over the rounds: dense is timed
+    next to the sparse kernels it is compared with, so a slow spell of a noisy machine
+    hits both. Raises :class:`ResultMismatch` on a wrong answer.
     """
     results = []
-    dense_ms_cache: dict[tuple[LayerShape, int, int], float] = {}
     with tqdm(total=len(cases), desc=description, unit="case", dynamic_ncols=True) as progress:
         for (shape, sparsity_pct), layer_cases in groupby(
             cases, key=lambda case: (case.shape, case.sparsity_pct)
@@ -386,20 +385,17 @@ def run_sweep(cases: Sequence[Case], min_run_time: float, description: str) -> l
                     with torch_threads(case.threads):
                         for name in ("csr", "sparsecpu"):
                             check_against_reference(name, candidates[name](), reference, case)
-                    dense_key = (shape, tokens, case.threads)
-                    if dense_key not in dense_ms_cache:
-                        dense_ms_cache[dense_key] = median_ms(
-                            candidates["dense"], case.threads, min_run_time
-                        )
+                    times: dict[str, list[float]] = {name: [] for name in candidates}
+                    for _ in range(rounds):
+                        for name, fn in candidates.items():
+                            times[name].append(median_ms(fn, case.threads, min_run_time))
                     results.append(
                         CaseResult(
                             case=case,
                             nnz=layer.nnz,
-                            dense_ms=dense_ms_cache[dense_key],
-                            csr_ms=median_ms(candidates["csr"], case.threads, min_run_time),
-                            sparsecpu_ms=median_ms(
-                                candidates["sparsecpu"], case.threads, min_run_time
-                            ),
+                            dense_ms=statistics.median(times["dense"]),
+                            csr_ms=statistics.median(times["csr"]),
+                            sparsecpu_ms=statistics.median(times["sparsecpu"]),
                         )
                     )
                     progress.update()
@@ -498,6 +494,7 @@ def add_sweep_arguments(
     tokens: str,
     threads: str,
     min_run_time: float = 0.2,
+    rounds: int = 1,
 ) -> None:
     """The arguments both benchmarks take, with each script's defaults."""
     parser.add_argument("--sparsities", type=parse_int_list, default=parse_int_list(sparsities),
@@ -508,6 +505,9 @@ def add_sweep_arguments(
                         help=f"torch thread counts, comma-separated (default {threads})")
     parser.add_argument("--min-run-time", type=float, default=min_run_time,
                         help=f"seconds per blocked_autorange measurement (default {min_run_time})")
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="rounds per case, each timing dense, CSR and sparsecpu in turn; "
+                             f"medians over rounds are reported (default {rounds})")
     parser.add_argument("--isa", choices=torch_sparsecpu.available_isas(),
                         default=torch_sparsecpu.isa(),
                         help=f"sparsecpu kernels to run (default: {torch_sparsecpu.isa()}, "
@@ -522,6 +522,8 @@ def validate_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--tokens must be >= 1")
     if min(args.threads) < 1:
         parser.error("--threads must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     cpus = os.cpu_count() or 1
     if max(args.threads) > cpus:
         print(f"warning: --threads {max(args.threads)} is more than this machine's {cpus} CPUs",
@@ -538,7 +540,7 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(threads: Sequence[int], min_run_time: float) -> dict:
+def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1) -> dict:
     """What a reader needs to compare these numbers with others."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -554,8 +556,9 @@ def machine_info(threads: Sequence[int], min_run_time: float) -> dict:
         "available_isas": torch_sparsecpu.available_isas(),
         "threads": list(threads),
         "min_run_time_s": min_run_time,
+        "rounds": rounds,
         "timing": "median of torch.utils.benchmark.Timer.blocked_autorange "
-                  f"(at least {MIN_SAMPLES} samples)",
+                  f"(at least {MIN_SAMPLES} samples), median over {rounds} interleaved round(s)",
     }
 
 

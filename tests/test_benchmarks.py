@@ -1,0 +1,49 @@
+"""Smoke tests of the benchmark scripts: they run, check before they time, and report what
+they measured (the figures themselves are measured in benchmarks/, never here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_linear  # noqa: E402
+import common  # noqa: E402
+
+
+def test_bench_linear_prints_one_row_per_case(capsys):
+    assert bench_linear.main(["--sparsities", "90", "--tokens", "9", "--threads", "1",
+                              "--min-run-time", "0.01", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cases x 2 round(s)" in out
+    assert "median over 2 interleaved round(s)" in out
+    rows = [line for line in out.splitlines() if line.startswith("bert.")]
+    assert len(rows) == 2 and all(" 90 " in row and " 9 " in row for row in rows)
+
+
+def test_sweep_times_every_implementation_each_round(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "median_ms", lambda fn, threads, min_run_time: calls.append(fn) or 1.0)
+    shape = common.LayerShape(name="tiny", model="test", out_features=16, in_features=24)
+    cases = common.enumerate_cases([shape], [90], [5], [1])
+    results = common.run_sweep(cases, 0.01, "test", rounds=3)
+    assert len(results) == 1 and len(calls) == 3 * 3
+    assert results[0].sparsecpu_ms == results[0].dense_ms == 1.0
+
+
+def test_sweep_refuses_to_time_a_wrong_answer(monkeypatch):
+    real = common.implementations
+
+    def wrong_sparsecpu(layer, x):
+        candidates = real(layer, x)
+        candidates["sparsecpu"] = lambda: torch.zeros_like(candidates["dense"]())
+        return candidates
+
+    monkeypatch.setattr(common, "implementations", wrong_sparsecpu)
+    shape = common.LayerShape(name="tiny", model="test", out_features=16, in_features=24)
+    with pytest.raises(common.ResultMismatch, match="sparsecpu differs"):
+        common.run_sweep(common.enumerate_cases([shape], [50], [5], [1]), 0.01, "test")
