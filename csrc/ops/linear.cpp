@@ -186,10 +186,10 @@ void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, in
 // The tokens are cut into panels of max_panel_width; every (panel, row block) pair
 // is a work item. Items are split into one contiguous chunk per thread, balanced by
 // nonzeros; a chunk runs group by group of row blocks, each group unpacked into y as
-// soon as it is done. A panel that fits in L2 is copied into feature-major layout
-// once, up front. A larger one is packed by each thread that uses it, one K-block
-// slice at a time right before the slice is swept, so the slice is read from L1/L2
-// and no thread waits for another's packing.
+// soon as it is done. Each thread packs the panels it uses into its own buffer right
+// before using them, so a panel is read from L2, never from L3, and no thread waits
+// for another's packing: a panel that fits in L2 whole, when the chunk reaches it; a
+// larger one slice by slice, right before each K-block is swept.
 void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
                       int64_t token_stride, int64_t feature_stride, const float* bias,
                       Activation act, float* y) {
@@ -197,20 +197,11 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   const PanelPlan plan{k, tokens, k.max_panel_width};
   const int64_t num_panels = plan.num_panels();
   const int64_t panel_floats = w.in_features * plan.max_width;
-  const auto packed_per_slice = [&](int64_t p) { return !panel_fits_l2(w, plan.width_of(p)); };
   const auto pack_features = [&](int64_t p, int64_t first, int64_t count, float* panel) {
     const int64_t width = plan.width_of(p);
     k.pack_panel(x + p * plan.max_width * token_stride + first * feature_stride, plan.tokens_in(p), count,
                  token_stride, feature_stride, width, panel + first * width);
   };
-
-  thread_local ScratchBuffer panel_buffer;
-  float* panels = panel_buffer.get(static_cast<size_t>(num_panels * panel_floats));
-  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      if (!packed_per_slice(p)) pack_features(p, 0, w.in_features, panels + p * panel_floats);
-    }
-  });
 
   const int64_t num_items = num_panels * w.num_row_blocks;
   std::vector<int64_t> cost_prefix(num_items + 1, 0);
@@ -228,8 +219,10 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   chunk_start[0] = 0;
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    thread_local ScratchBuffer tile_buffer, own_panel_buffer;
+    thread_local ScratchBuffer tile_buffer, panel_buffer;
+    float* panel = panel_buffer.get(static_cast<size_t>(panel_floats));
     for (int64_t c = begin; c < end; ++c) {
+      int64_t packed_panel = -1;  // the panel whole in `panel`, if any
       for (int64_t item = chunk_start[c]; item < chunk_start[c + 1];) {
         // One group: consecutive row blocks of one panel, at most one tile group.
         const int64_t p = item / w.num_row_blocks, rb_begin = item % w.num_row_blocks;
@@ -239,24 +232,25 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
         const int64_t first_row = rb_begin * w.row_block;
         const int64_t rows = std::min(w.out_features, rb_end * w.row_block) - first_row;
         float* tile = tile_buffer.get(static_cast<size_t>((rb_end - rb_begin) * w.row_block * width + k.vector_width));
-        if (packed_per_slice(p)) {
-          float* panel = own_panel_buffer.get(static_cast<size_t>(panel_floats));
+        if (panel_fits_l2(w, width)) {
+          if (packed_panel != p) pack_features(p, 0, w.in_features, panel);
+          packed_panel = p;
+          run_row_blocks(k, w, rb_begin, rb_end, panel, width, plan.is_gemv(p), bias, act, tile);
+        } else {
           const auto pack_slice = [&](int64_t kb) {
             const int64_t first = kb * w.k_block;
             pack_features(p, first, std::min(w.k_block, w.in_features - first), panel);
           };
+          packed_panel = -1;
           run_row_blocks(k, w, rb_begin, rb_end, panel, width, plan.is_gemv(p), bias, act, tile, pack_slice);
-        } else {
-          run_row_blocks(k, w, rb_begin, rb_end, panels + p * panel_floats, width, plan.is_gemv(p), bias, act, tile);
         }
         k.unpack_tile(tile, rows, width, plan.tokens_in(p),
                       y + p * plan.max_width * w.out_features + first_row, w.out_features);
         item += rb_end - rb_begin;
       }
     }
-    own_panel_buffer.release_if_large();
+    panel_buffer.release_if_large();
   });
-  panel_buffer.release_if_large();
 }
 
 // A pair of chained layers whose second layer reads a panel larger than L2 but
