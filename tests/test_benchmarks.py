@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_ffn  # noqa: E402
 import bench_linear  # noqa: E402
 import common  # noqa: E402
 
@@ -47,3 +48,11 @@ def test_sweep_refuses_to_time_a_wrong_answer(monkeypatch):
     shape = common.LayerShape(name="tiny", model="test", out_features=16, in_features=24)
     with pytest.raises(common.ResultMismatch, match="sparsecpu differs"):
         common.run_sweep(common.enumerate_cases([shape], [50], [5], [1]), 0.01, "test")
+
+
+def test_bench_ffn_checks_then_times_three_versions(capsys):
+    assert bench_ffn.main(["--tokens", "9", "--threads", "1", "--rounds", "2", "--min-run-time", "0.01"]) == 0
+    out = capsys.readouterr().out
+    for name in ("eager dense", "linear_chain", "two linear ops"):
+        assert name in out
+    assert "per round:" in out
