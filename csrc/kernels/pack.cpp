@@ -148,5 +148,14 @@ bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
   return true;
 }
 
+void fill_tile_with_bias(const PackedLinearView& w, int64_t rb, const float* bias,
+                         int64_t panel_width, float* tile) {
+  const int64_t rows = w.rows_in_block(rb);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float value = bias != nullptr ? bias[rb * w.row_block + r] : 0.0f;
+    for (int64_t t = 0; t < panel_width; ++t) tile[r * panel_width + t] = value;
+  }
+}
+
 }  // namespace kernels
 }  // namespace sparsecpu

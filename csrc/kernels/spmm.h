@@ -93,6 +93,12 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
 bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
                         PackedLinearView* view, std::string* error);
 
+// Starts row block rb's tile [rows_in_block][panel_width] from the bias (zeros when
+// bias is null): the first step of the kernels that accumulate in the tile. Defined
+// in pack.cpp, compiled for no particular ISA, so every ISA's kernels may call it.
+void fill_tile_with_bias(const PackedLinearView& w, int64_t rb, const float* bias,
+                         int64_t panel_width, float* tile);
+
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------

@@ -28,12 +28,7 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_beg
                            const float* panel, int64_t panel_width, const float* bias, Activation act,
                            float* tile) {
   const int64_t rows = w.rows_in_block(rb);
-  const int64_t first_row = rb * w.row_block;
-  if (kb_begin == 0) {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t t = 0; t < panel_width; ++t) tile[r * panel_width + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
-    }
-  }
+  if (kb_begin == 0) fill_tile_with_bias(w, rb, bias, panel_width, tile);
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const float* panel_kb = panel + kb * w.k_block * panel_width;  // this K-block's features
     for (int64_t s = w.segment(rb, kb, 0); s < w.segment(rb, kb, 0) + rows; ++s) {

@@ -135,12 +135,7 @@ template <int kTokens>
 __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                          const float* panel, const float* bias, Activation act, float* tile) {
   const int64_t rows = w.rows_in_block(rb);
-  const int64_t first_row = rb * w.row_block;
-  if (kb_begin == 0) {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int t = 0; t < kTokens; ++t) tile[r * kTokens + t] = bias != nullptr ? bias[first_row + r] : 0.0f;
-    }
-  }
+  if (kb_begin == 0) fill_tile_with_bias(w, rb, bias, kTokens, tile);
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
     const float* panel_kb = panel + kb * w.k_block * kTokens;  // this K-block's features
