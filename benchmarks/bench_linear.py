@@ -65,9 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = enumerate_cases(shapes, args.sparsities, args.tokens, args.threads)
     print(plan_summary(cases, args.min_run_time, args.rounds))
     with torch_sparsecpu.force_isa(args.isa):
-        info = machine_info(args.threads, args.min_run_time, args.rounds)
+        info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows)
         try:
-            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_linear", args.rounds))
+            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_linear", args.rounds,
+                                                 args.block_rows))
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     print(f"\n{describe_machine(info)}\n")

@@ -220,9 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     with torch_sparsecpu.force_isa(args.isa):
-        info = machine_info(args.threads, args.min_run_time, args.rounds)
+        info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows)
         try:
-            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_spmm", args.rounds))
+            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_spmm", args.rounds,
+                                                 args.block_rows))
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     elapsed = time.perf_counter() - started

@@ -134,17 +134,23 @@ def stable_seed(*parts: object) -> int:
 
 
 def random_sparse_weight(
-    out_features: int, in_features: int, sparsity_pct: int, seed: int
+    out_features: int, in_features: int, sparsity_pct: int, seed: int, block_rows: int = 1
 ) -> Tensor:
-    """A float32 ``[out, in]`` weight with exactly ``round(sparsity * numel)`` zeros at
-    uniformly random positions, nonzeros drawn from N(0, 1/in_features)."""
+    """A float32 ``[out, in]`` weight with exactly ``round(sparsity * blocks)`` zero blocks
+    at uniformly random positions, nonzeros drawn from N(0, 1/in_features). Blocks are
+    single weights, or with ``block_rows=4`` 4 x 1 blocks (4 consecutive output rows of
+    one input feature, as ``magnitude_prune_(block_rows=4)`` leaves them) when 4 divides
+    ``out_features``."""
+    rows = block_rows if out_features % block_rows == 0 else 1
     generator = torch.Generator().manual_seed(seed)
     numel = out_features * in_features
     values = torch.randn(numel, generator=generator) * in_features**-0.5
     values[values == 0] = 1.0  # keep the zero count exact, however unlikely a drawn zero is
-    n_zeros = round(numel * sparsity_pct / 100)
-    values[torch.randperm(numel, generator=generator)[:n_zeros]] = 0.0
-    return values.view(out_features, in_features)
+    blocks = numel // rows
+    zero_blocks = torch.zeros(blocks, dtype=torch.bool)
+    zero_blocks[torch.randperm(blocks, generator=generator)[: round(blocks * sparsity_pct / 100)]] = True
+    zero = zero_blocks.view(out_features // rows, 1, in_features).expand(-1, rows, -1)
+    return values.view(out_features, in_features).masked_fill(zero.reshape(out_features, in_features), 0.0)
 
 
 def random_input(tokens: int, in_features: int, seed: int) -> Tensor:
@@ -163,9 +169,9 @@ class SparseLayer:
     nnz: int
 
 
-def make_sparse_layer(shape: LayerShape, sparsity_pct: int) -> SparseLayer:
+def make_sparse_layer(shape: LayerShape, sparsity_pct: int, block_rows: int = 1) -> SparseLayer:
     seed = stable_seed("weight", shape.name, sparsity_pct)
-    weight = random_sparse_weight(shape.out_features, shape.in_features, sparsity_pct, seed)
+    weight = random_sparse_weight(shape.out_features, shape.in_features, sparsity_pct, seed, block_rows)
     bias = torch.randn(shape.out_features, generator=torch.Generator().manual_seed(seed + 1))
     return SparseLayer(
         weight=weight,
@@ -357,9 +363,10 @@ def plan_summary(cases: Sequence[Case], min_run_time: float, rounds: int = 1) ->
 
 
 def run_sweep(
-    cases: Sequence[Case], min_run_time: float, description: str, rounds: int = 1
+    cases: Sequence[Case], min_run_time: float, description: str, rounds: int = 1, block_rows: int = 1
 ) -> list[CaseResult]:
-    """Checks then times every case.
+    """Checks then times every case, on weights with zeros in ``block_rows`` x 1 blocks
+    (:func:`random_sparse_weight`).
 
     Each weight is built and packed once and serves the run of consecutive cases that share
     it (all its token and thread counts, in the order of :func:`enumerate_cases`). A case
@@ -373,7 +380,7 @@ def run_sweep(
         for (shape, sparsity_pct), layer_cases in groupby(
             cases, key=lambda case: (case.shape, case.sparsity_pct)
         ):
-            layer = make_sparse_layer(shape, sparsity_pct)
+            layer = make_sparse_layer(shape, sparsity_pct, block_rows)
             for tokens, token_cases in groupby(layer_cases, key=lambda case: case.tokens):
                 x = random_input(
                     tokens, shape.in_features, stable_seed("input", shape.name, tokens)
@@ -508,6 +515,9 @@ def add_sweep_arguments(
     parser.add_argument("--rounds", type=int, default=rounds,
                         help="rounds per case, each timing dense, CSR and sparsecpu in turn; "
                              f"medians over rounds are reported (default {rounds})")
+    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
+                        help="1: zeros at random positions (default); 4: whole 4 x 1 blocks of "
+                             "zeros, as magnitude_prune_(block_rows=4) leaves them")
     parser.add_argument("--isa", choices=torch_sparsecpu.available_isas(),
                         default=torch_sparsecpu.isa(),
                         help=f"sparsecpu kernels to run (default: {torch_sparsecpu.isa()}, "
@@ -540,7 +550,7 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1) -> dict:
+def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1, block_rows: int = 1) -> dict:
     """What a reader needs to compare these numbers with others."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -557,6 +567,7 @@ def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1) -
         "threads": list(threads),
         "min_run_time_s": min_run_time,
         "rounds": rounds,
+        "weights": "zeros at random positions" if block_rows == 1 else f"zeros in random {block_rows}x1 blocks",
         "timing": "median of torch.utils.benchmark.Timer.blocked_autorange "
                   f"(at least {MIN_SAMPLES} samples), median over {rounds} interleaved round(s)",
     }
@@ -566,7 +577,7 @@ def describe_machine(info: dict) -> str:
     """One line for the head of a printed table."""
     return (
         f"{info['cpu']} ({info['logical_cpus']} CPUs), torch {info['torch']}, "
-        f"sparsecpu ISA {info['isa']}, {info['timing']}"
+        f"sparsecpu ISA {info['isa']}, {info['weights']}, {info['timing']}"
     )
 
 

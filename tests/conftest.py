@@ -38,6 +38,16 @@ def sparse_weight(out_features: int, in_features: int, sparsity: float, *, gener
     return weight
 
 
+def tall_weight(out_features: int, in_features: int, block_sparsity: float, *, fill: float = 1.0) -> torch.Tensor:
+    """A random float32 weight whose nonzeros come in 4 x 1 blocks (4 consecutive output
+    rows sharing an input feature): a ``block_sparsity`` fraction of the blocks is zero,
+    and each value of the other blocks is kept with probability ``fill``."""
+    assert out_features % 4 == 0
+    blocks = torch.rand(out_features // 4, 1, in_features) >= block_sparsity
+    kept = torch.rand(out_features // 4, 4, in_features) < fill
+    return (torch.randn(out_features // 4, 4, in_features) * (blocks & kept)).reshape(out_features, in_features)
+
+
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "",
                      scale: float | None = None):
     """The correctness contract: max |actual - expected| <= rel * max |expected| (plus a

@@ -74,6 +74,21 @@ def test_ffn_rewritten_and_matches_eager(activation, fused):
     assert decisions[0].name == "0.weight" and decisions[1].name == "2.weight"
 
 
+def test_block_pruned_ffn_runs_tall_blocks():
+    """A model pruned in 4 x 1 blocks is packed in 4 x 1 blocks (reported by explain) and
+    still matches eager; the same model pruned weight by weight stays 1 x 1."""
+    for block_rows in (4, 1):
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+        torch_sparsecpu.magnitude_prune_(model, 0.9, block_rows=block_rows)
+        x = torch.randn(70, 64)
+        with torch.inference_mode():
+            assert_close_rel(torch.compile(model, backend="sparsecpu")(x), model(x))
+        decisions = torch_sparsecpu.explain(model, x)
+        assert [d.block_rows for d in decisions] == [block_rows, block_rows]
+        assert ("4x1 blocks" in str(decisions[0])) == (block_rows == 4)
+        torch._dynamo.reset()
+
+
 def test_inner_eager_matches():
     model = ffn()
     x = torch.randn(7, 64)

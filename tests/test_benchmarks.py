@@ -56,3 +56,18 @@ def test_bench_ffn_checks_then_times_three_versions(capsys):
     for name in ("eager dense", "linear_chain", "two linear ops"):
         assert name in out
     assert "per round:" in out
+
+
+@pytest.mark.parametrize("block_rows", [1, 4])
+def test_random_sparse_weight_zeros_exact_blocks(block_rows):
+    weight = common.random_sparse_weight(64, 30, 90, seed=1, block_rows=block_rows)
+    blocks = weight.reshape(64 // block_rows, block_rows, 30)
+    zero = blocks.eq(0).all(dim=1)
+    assert int(zero.sum()) == round(0.9 * zero.numel())
+    assert bool(blocks.ne(0).all(dim=1).eq(~zero).all())  # a block is all zero or all nonzero
+
+
+def test_bench_linear_block_rows_4_reported(capsys):
+    assert bench_linear.main(["--sparsities", "90", "--tokens", "9", "--threads", "1",
+                              "--min-run-time", "0.01", "--block-rows", "4"]) == 0
+    assert "zeros in random 4x1 blocks" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Property test of the sparse linear op against dense PyTorch.
 
-``ops.linear(x, w, ops.pack_linear(w, k_block=..., row_block=...), b, act)`` must equal
+``ops.linear(x, w, ops.pack_linear(w, k_block=..., row_block=..., block_rows=...), b, act)`` must equal
 ``act(F.linear(x, w, b))`` to 1e-5 relative (of the largest output) for every shape
 (including no tokens and a single feature), sparsity, block structure of the zeros,
 input layout (transposed, sliced, broadcast views), activation and ISA.
@@ -28,6 +28,19 @@ from conftest import assert_close_rel
 ISAS = torch_sparsecpu.available_isas()
 K_BLOCKS = (0, 1, 7, 64, 128)
 ROW_BLOCKS = (1, 5, 32, 64)
+BLOCK_ROWS = (None, 1, 4)  # None: ops.default_block_rows
+
+
+def valid_block_rows(block_rows: int | None, out_f: int, row_block: int) -> int | None:
+    """4 x 1 blocks need 4 | out_features and 4 | row_block; otherwise the default."""
+    return None if block_rows == 4 and (out_f % 4 or row_block % 4) else block_rows
+
+
+def stored_values(weight: torch.Tensor, packed: torch.Tensor) -> int:
+    """Values a packed weight must store: its nonzeros, or 4 per nonzero 4 x 1 block."""
+    if int(packed[9]) == 1:
+        return int(torch.count_nonzero(weight))
+    return 4 * int(weight.reshape(-1, 4, weight.size(1)).ne(0).any(1).sum())
 STRUCTURES = ("random", "blocks_4x1", "blocks_1x4", "zero_rows", "zero_cols", "all_zero", "dense")
 LAYOUTS = ("contiguous", "transposed", "feature_stride", "token_slice", "offset_view", "broadcast")
 
@@ -132,6 +145,7 @@ def cases(draw):
         isa=draw(st.sampled_from(ISAS)),
         k_block=draw(st.sampled_from(K_BLOCKS)),
         row_block=draw(st.sampled_from(ROW_BLOCKS)),
+        block_rows=draw(st.sampled_from(BLOCK_ROWS)),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -145,8 +159,9 @@ def test_sparse_linear_matches_dense(case):
     x = make_input(case["lead"], case["in_f"], case["layout"], gen)
     assume(x.shape == (*case["lead"], case["in_f"]))
 
-    packed = ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"])
-    assert int(packed[8]) == int(torch.count_nonzero(weight)), "nnz in the header"
+    block_rows = valid_block_rows(case["block_rows"], case["out_f"], case["row_block"])
+    packed = ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"], block_rows=block_rows)
+    assert int(packed[8]) == stored_values(weight, packed), "nnz in the header"
     with torch_sparsecpu.force_isa(case["isa"]):
         assert torch_sparsecpu.isa() == case["isa"]
         y = ops.linear(x, weight, packed, bias, case["act"])
@@ -178,6 +193,7 @@ def chain_cases(draw):
         isa=draw(st.sampled_from(ISAS)),
         k_block=draw(st.sampled_from(K_BLOCKS)),
         row_block=draw(st.sampled_from(ROW_BLOCKS)),
+        block_rows=draw(st.sampled_from(BLOCK_ROWS)),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -193,7 +209,9 @@ def test_sparse_linear_chain_matches_dense(case):
     for i in range(len(widths) - 1):
         weight = make_weight(widths[i + 1], widths[i], case["sparsities"][i], case["structures"][i], gen)
         weights.append(weight)
-        packed.append(ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"]))
+        block_rows = valid_block_rows(case["block_rows"], widths[i + 1], case["row_block"])
+        packed.append(ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"],
+                                      block_rows=block_rows))
         biases.append(torch.randn(widths[i + 1], generator=gen) if case["biases"][i] else None)
     x = make_input(case["lead"], widths[0], case["layout"], gen)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import torch_sparsecpu
 from torch_sparsecpu import kernels, ops
 
-from conftest import assert_close_rel, sparse_weight, torch_threads
+from conftest import assert_close_rel, sparse_weight, tall_weight, torch_threads
 
 ISAS = kernels.available_isas()
 ACTIVATION_REFERENCE = {
@@ -78,20 +79,32 @@ def test_linear_sweep(isa, in_features, out_features):
 
 
 def _tile_widths(isa):
-    """Token counts of every register tile (from the kernel list), e.g. 8..64 for avx2."""
+    """Token counts of every register tile (from the kernel list), e.g. 1..7 (GEMV),
+    8..64 (1-row tiles) and 8..24 (4-row strips) for avx2."""
     names = kernels.kernel_names(isa)
-    if names == [f"spmm_f32_1xN__{isa}"]:
+    if names[0] == f"spmm_f32_1xN__{isa}":
         return [1, 5, 64]
-    return [int(name.split("_1x")[1].split("__")[0]) for name in names]  # spmv_ and spmm_ tiles
+    return sorted({int(re.fullmatch(r"sp(?:mm|mv)_f32_\d+x(\d+)__\w+", name)[1]) for name in names})
+
+
+def check_every_tile_and_edge(isa, weights, blockings, **pack_args):
+    """Each weight at NR - 1, NR and NR + 1 tokens for every tile NR of the ISA (and two
+    full panels + 3), packed with each (k_block, row_block), with bias and fused GELU."""
+    widths = _tile_widths(isa)
+    panel = kernels.max_panel_width(isa)
+    token_counts = sorted({n for w in widths for n in (w - 1, w, w + 1) if n > 0} | {panel * 2 + 3})
+    for (label, weight), tokens in itertools.product(weights.items(), token_counts):
+        x = torch.randn(tokens, weight.shape[1])
+        bias = torch.randn(weight.shape[0])
+        for k_block, row_block in blockings:
+            check_linear(x, weight, bias, "gelu", isa=isa, k_block=k_block, row_block=row_block, **pack_args,
+                         what=f"{label} tokens={tokens} k_block={k_block} row_block={row_block} {pack_args}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_tile_and_edge(isa):
     """Each tile at n = NR, NR - 1 and NR + 1 tokens; rows fewer / more than a row block;
     k = 1; empty rows; all-zero and fully dense weights; K- and row-block edges."""
-    widths = _tile_widths(isa)
-    panel = kernels.max_panel_width(isa)
-    token_counts = sorted({n for w in widths for n in (w - 1, w, w + 1) if n > 0} | {panel * 2 + 3})
     weights = {
         "k=1": sparse_weight(37, 1, 0.5),
         "rows<block": sparse_weight(3, 50, 0.7),
@@ -100,12 +113,37 @@ def test_every_tile_and_edge(isa):
         "all zero": torch.zeros(33, 20),
         "dense": torch.randn(33, 20),
     }
-    for (label, weight), tokens in itertools.product(weights.items(), token_counts):
-        x = torch.randn(tokens, weight.shape[1])
-        bias = torch.randn(weight.shape[0])
-        for k_block, row_block in ((0, 32), (1, 1), (7, 5), (128, 64)):
-            check_linear(x, weight, bias, "gelu", isa=isa, k_block=k_block, row_block=row_block,
-                         what=f"{label} tokens={tokens} k_block={k_block} row_block={row_block}")
+    check_every_tile_and_edge(isa, weights, ((0, 32), (1, 1), (7, 5), (128, 64)))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_tall_blocks_every_tile_and_edge(isa):
+    """4 x 1 blocks (block_rows=4): the same edges with full and half-filled blocks, every
+    panel width (strips of 4-row tiles and their remainders)."""
+    weights = {
+        "k=1": tall_weight(36, 1, 0.5),
+        "rows<block": tall_weight(4, 50, 0.7),
+        "rows>block": tall_weight(72, 50, 0.7),
+        "empty rows": torch.cat([torch.zeros(8, 40), tall_weight(8, 40, 0.5), torch.zeros(12, 40)]),
+        "half-filled blocks": tall_weight(40, 60, 0.6, fill=0.5),
+        "all zero": torch.zeros(32, 20),
+        "dense": torch.randn(32, 20),
+    }
+    check_every_tile_and_edge(isa, weights, ((0, 32), (1, 4), (7, 8), (128, 64)), block_rows=4)
+
+
+def test_default_block_rows():
+    """4 x 1 blocks where the weight has them, filled at least 60%; 1 x 1 otherwise."""
+    assert ops.default_block_rows(tall_weight(64, 128, 0.9)) == 4
+    assert ops.default_block_rows(tall_weight(64, 128, 0.9, fill=0.8)) == 4
+    assert ops.default_block_rows(tall_weight(64, 128, 0.9, fill=0.45)) == 1
+    assert ops.default_block_rows(sparse_weight(64, 128, 0.9)) == 1  # unstructured: 29% filled
+    assert ops.default_block_rows(torch.randn(30, 8)) == 1  # rows not a multiple of 4
+    assert ops.default_block_rows(torch.zeros(64, 8)) == 1
+    tall = tall_weight(64, 128, 0.9)
+    assert int(ops.pack_linear(tall)[9]) == 4
+    assert int(ops.pack_linear(tall, row_block=6)[9]) == 1  # 4 does not divide row_block
+    assert int(ops.pack_linear(tall, block_rows=1)[9]) == 1
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -136,12 +174,29 @@ def test_packed_header():
     packed = ops.pack_linear(weight, k_block=128, row_block=32)
     header = packed[:16].tolist()
     nnz = int(torch.count_nonzero(weight))
-    assert header[:9] == [0x31435053, 2, 70, 300, 128, 3, 32, 3, nnz]
+    assert header[:10] == [0x31435053, 3, 70, 300, 128, 3, 32, 3, nnz, 1]
     segments = 70 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + nnz + (nnz + 1) // 2
     # The values of the packed buffer are exactly the nonzeros of the weight.
     values = packed[16 + 2 * segments + 1: 16 + 2 * segments + 1 + nnz].view(torch.float32)
     assert torch.equal(values.sort().values, weight[weight != 0].sort().values)
+
+
+def test_packed_header_tall_blocks():
+    """block_rows=4: one segment per 4-row group and K-block, one offset per block, the
+    4 values of each block stored together, zeros inside a block included."""
+    weight = tall_weight(72, 300, 0.8, fill=0.75)
+    packed = ops.pack_linear(weight, k_block=128, block_rows=4)
+    blocks = int(weight.reshape(18, 4, 300).ne(0).any(1).sum())
+    header = packed[:16].tolist()
+    assert header[:10] == [0x31435053, 3, 72, 300, 128, 3, 32, 3, 4 * blocks, 4]
+    segments = 72 // 4 * 3
+    assert packed.numel() == 16 + 2 * segments + 1 + 4 * blocks + (blocks + 1) // 2
+    seg_rows = packed[16 + segments + 1: 16 + 2 * segments + 1]
+    assert bool((seg_rows % 4 == 0).all()) and bool((seg_rows < 32).all())
+    values = packed[16 + 2 * segments + 1: 16 + 2 * segments + 1 + 4 * blocks].view(torch.float32)
+    assert int((values == 0).sum()) == 4 * blocks - int(torch.count_nonzero(weight))
+    assert torch.equal(values[values != 0].sort().values, weight[weight != 0].sort().values)
 
 
 def test_negative_zero_and_nan_weights():

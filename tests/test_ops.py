@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import torch_sparsecpu
 from torch_sparsecpu import ops
 
 from conftest import assert_close_rel, sparse_weight
@@ -124,3 +126,28 @@ def test_shape_and_dtype_errors():
         ops.pack_linear(weight, row_block=0)
     with pytest.raises(TypeError, match="k_block"):
         ops.pack_linear(weight, k_block=1.5)
+
+
+@pytest.mark.parametrize("block_rows", [1, 4])
+def test_magnitude_prune_exact_sparsity_and_smallest_blocks(block_rows):
+    """The sparsity fraction of blocks (single weights, or 4 x 1 blocks by L2 norm) with
+    the smallest magnitude become zero and nothing else; a layer whose rows are not a
+    multiple of 4 is pruned weight by weight."""
+    model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 6))
+    before = [layer.weight.detach().clone() for layer in model]
+    torch_sparsecpu.magnitude_prune_(model, 0.75, block_rows=block_rows)
+    for layer, original in zip(model, before):
+        rows = block_rows if original.size(0) % block_rows == 0 else 1
+        norms = original.reshape(-1, rows, original.size(1)).norm(dim=1)
+        zero = layer.weight.detach().reshape(-1, rows, original.size(1)).eq(0).all(dim=1)
+        assert int(zero.sum()) == round(0.75 * zero.numel())
+        assert norms[zero].max() <= norms[~zero].min()
+        kept = layer.weight.detach() != 0
+        assert torch.equal(layer.weight.detach()[kept], original[kept])
+
+
+def test_opcheck_linear_tall_blocks():
+    weight = (torch.randn(6, 1, 16) * (torch.rand(6, 1, 16) > 0.7)).expand(6, 4, 16).reshape(24, 16).contiguous()
+    packed = ops.pack_linear(weight, block_rows=4)
+    torch.library.opcheck(torch.ops.sparsecpu.linear.default, (torch.randn(5, 16), weight, packed, None, "relu"))
+    torch.library.opcheck(torch.ops.sparsecpu.pack_linear.default, (weight, 8, 8, 4))

@@ -513,6 +513,13 @@ def test_pack_linear_bad_arguments():
         (TypeError, "k_block", lambda: ops.pack_linear(weight, k_block=True)),
         (ValueError, "row_block", lambda: ops.pack_linear(weight, row_block=0)),
         (TypeError, "row_block", lambda: ops.pack_linear(weight, row_block="4")),
+        (ValueError, "block_rows", lambda: ops.pack_linear(weight, block_rows=2)),
+        (ValueError, "block_rows", lambda: ops.pack_linear(weight, block_rows=0)),
+        (TypeError, "block_rows", lambda: ops.pack_linear(weight, block_rows="4")),
+        (ValueError, "block_rows", lambda: ops.pack_linear(weight, row_block=6, block_rows=4)),
+        (ValueError, "block_rows", lambda: ops.pack_linear(sparse_weight(6, 16, 0.5), block_rows=4)),
+        (ValueError, "block_rows", lambda: torch.ops.sparsecpu.pack_linear(weight, 0, 32, 3)),
+        (ValueError, "block_rows", lambda: torch.ops.sparsecpu.pack_linear(weight, 0, 6, 4)),
     ]
     for error, name, fn in cases:
         with pytest.raises(error) as excinfo:
@@ -574,7 +581,7 @@ def _packed_layout(packed: torch.Tensor) -> dict[str, int]:
 
 @pytest.mark.parametrize("corruption", [
     "magic", "version", "truncated", "extended", "header_only", "empty", "out_features",
-    "nnz", "k_block_zero", "row_block_zero",
+    "nnz", "k_block_zero", "row_block_zero", "block_rows_unknown", "block_rows_size",
 ])
 def test_corrupted_packed_header_is_refused(corruption):
     weight = sparse_weight(32, 64, 0.9)
@@ -600,6 +607,10 @@ def test_corrupted_packed_header_is_refused(corruption):
         bad[4] = 0
     elif corruption == "row_block_zero":
         bad[6] = 0
+    elif corruption == "block_rows_unknown":
+        bad[9] = 3
+    elif corruption == "block_rows_size":  # 4 divides every size, but the buffer's length is for 1
+        bad[9] = 4
     with pytest.raises(ValueError, match="packed"):
         ops.linear(torch.randn(4, 64), weight, bad)
 
@@ -638,6 +649,16 @@ def _run_child(code: str, *argv: str) -> str:
     assert proc.returncode == 0, (
         f"child died with return code {proc.returncode} after:\n{proc.stdout}\n{proc.stderr[-500:]}")
     return proc.stdout
+
+
+def test_tall_block_segment_off_its_row_group_is_refused():
+    """A 4 x 1 block segment must start on a row group (a multiple of 4 in its block)."""
+    weight = (torch.randn(8, 1, 64) * (torch.rand(8, 1, 64) > 0.8)).expand(8, 4, 64).reshape(32, 64).contiguous()
+    packed = ops.pack_linear(weight, k_block=16, row_block=8, block_rows=4)
+    segments = 32 // 4 * 4
+    packed[16 + segments + 1] = 2  # the first segment's row
+    with pytest.raises(ValueError, match="row group"):
+        ops.linear(torch.randn(4, 64), weight, packed)
 
 
 def test_corrupted_packed_contents_never_crash():
@@ -697,6 +718,8 @@ def test_prune_and_sparsify_bad_arguments():
         (TypeError, "sparsity", lambda: torch_sparsecpu.magnitude_prune_(model, "0.5")),
         (TypeError, "sparsity", lambda: torch_sparsecpu.magnitude_prune_(model, True)),
         (TypeError, "name_filter", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, name_filter="0")),
+        (ValueError, "block_rows", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, block_rows=2)),
+        (TypeError, "block_rows", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, block_rows=4.0)),
         (TypeError, "model", lambda: torch_sparsecpu.sparsify(lambda x: x)),
         (ValueError, "min_sparsity", lambda: torch_sparsecpu.sparsify(model, min_sparsity=2)),
         (ValueError, "min_sparsity", lambda: torch_sparsecpu.sparsify(model, min_sparsity=-1e-3)),

@@ -11,30 +11,67 @@ from . import _C  # noqa: F401  (registers the schemas before the fakes below)
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
-def default_k_block(weight: Tensor) -> int:
+TALL_BLOCK_ROWS = 4
+# Tall blocks pay off when this fraction of their stored values is nonzero (see
+# default_block_rows).
+TALL_BLOCK_MIN_FILL = 0.6
+
+
+def _tall_blocks(weight: Tensor) -> Tensor:
+    """[out_features / 4, in_features] bool: which 4 x 1 blocks hold a nonzero."""
+    return weight.reshape(-1, TALL_BLOCK_ROWS, weight.size(1)).ne(0).any(dim=1)
+
+
+def default_block_rows(weight: Tensor) -> int:
+    """4 when the weight's nonzeros come in 4 x 1 blocks (4 consecutive output rows
+    sharing an input feature) filled at least 60%, else 1.
+
+    A 4 x 1 block loads its activations once for 4 rows, which on unstructured weights
+    is the kernel's main cost, but stores (and multiplies) the zeros inside its blocks.
+    Measured on a 3072 x 768 weight at 90% sparsity, 64 tokens, one core
+    (docs/kernels.md): 4 x 1 blocks run at 1.35x the per-value rate of the same weight
+    packed 1 x 1 when full, break even at about 55% fill. Unstructured weights fill
+    their 4 x 1 blocks far less (29% at 90% sparsity) and stay 1 x 1."""
+    if weight.dim() != 2 or weight.size(0) % TALL_BLOCK_ROWS or weight.numel() == 0:
+        return 1
+    blocks = int(_tall_blocks(weight).sum())
+    nnz = int(torch.count_nonzero(weight))
+    return TALL_BLOCK_ROWS if blocks and nnz >= TALL_BLOCK_MIN_FILL * TALL_BLOCK_ROWS * blocks else 1
+
+
+def default_k_block(weight: Tensor, block_rows: int = 1) -> int:
     """K-block size for a weight: the power of two nearest above 16 / density, at least
-    128 and at most 65536 (one block for inputs narrower than that).
+    128 and at most 65536 (one block for inputs narrower than that). With ``block_rows``
+    4 the density is that of the 4 x 1 blocks.
 
     A K-block of 128 features is 32 KiB of a 64-token panel: it stays in L1. But each row
     pays a fixed cost per K-block (its partial sums go to and from the tile), so at high
     sparsity, where a 128-feature segment holds only a few nonzeros, longer segments
     win even though their activations then come from L2. Measured on BERT's MLP shapes
     (docs/tile_planner.md): 128 is best at 80%, 512 at 95%, one block at 99%."""
-    density = max(int(torch.count_nonzero(weight)), 1) / max(weight.numel(), 1)
+    if block_rows == 1:
+        density = max(int(torch.count_nonzero(weight)), 1) / max(weight.numel(), 1)
+    else:
+        blocks = _tall_blocks(weight)
+        density = max(int(blocks.sum()), 1) / max(blocks.numel(), 1)
     k_block = 128
     while k_block < 16 / density and k_block < 65536:
         k_block *= 2
     return k_block
 
 
-def pack_linear(weight: Tensor, *, k_block: int | None = None, row_block: int = 32) -> Tensor:
+def pack_linear(
+    weight: Tensor, *, k_block: int | None = None, row_block: int = 32, block_rows: int | None = None
+) -> Tensor:
     """Packs a 2-D float32 weight ``[out_features, in_features]`` into the offset-CSR
     buffer that :func:`linear` reads (a 1-D int32 tensor; layout in docs/packed_format.md).
 
     ``k_block`` cuts the input dimension into blocks of that many features (0: one
     block; at most 65536, as offsets are 16-bit within their block; None:
     :func:`default_k_block`); ``row_block`` groups output rows into blocks scheduled as
-    one unit.
+    one unit. ``block_rows`` is 1 (each nonzero stored alone) or 4 (nonzeros stored in
+    4 x 1 blocks of consecutive output rows, zeros inside a block included; it must
+    divide ``out_features`` and ``row_block``); None: :func:`default_block_rows`.
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -43,14 +80,26 @@ def pack_linear(weight: Tensor, *, k_block: int | None = None, row_block: int = 
             f"weight must be a 2-D float32 CPU tensor, got {weight.dtype} of shape "
             f"{tuple(weight.shape)} on {weight.device}"
         )
-    if k_block is None:
-        k_block = default_k_block(weight)
-    for name, value, lowest, highest in (("k_block", k_block, 0, 65536), ("row_block", row_block, 1, 2**30)):
+    for name, value, lowest, highest in (
+        ("k_block", k_block, 0, 65536), ("row_block", row_block, 1, 2**30), ("block_rows", block_rows, 1, 4)
+    ):
+        if value is None and name != "row_block":
+            continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if not lowest <= value <= highest:
             raise ValueError(f"{name} must be in [{lowest}, {highest}], got {value}")
-    return torch.ops.sparsecpu.pack_linear(weight.detach(), k_block, row_block)
+    if block_rows is None:
+        block_rows = default_block_rows(weight) if row_block % TALL_BLOCK_ROWS == 0 else 1
+    if block_rows not in (1, TALL_BLOCK_ROWS):
+        raise ValueError(f"block_rows must be 1 or {TALL_BLOCK_ROWS}, got {block_rows}")
+    if weight.size(0) % block_rows or row_block % block_rows:
+        raise ValueError(
+            f"block_rows={block_rows} must divide out_features ({weight.size(0)}) and row_block ({row_block})"
+        )
+    if k_block is None:
+        k_block = default_k_block(weight, block_rows)
+    return torch.ops.sparsecpu.pack_linear(weight.detach(), k_block, row_block, block_rows)
 
 
 def linear(
@@ -101,7 +150,7 @@ def linear_chain(
 
 # The fake kernels let torch.compile / torch.export trace the ops without running them.
 @torch.library.register_fake("sparsecpu::pack_linear")
-def _pack_linear_fake(weight, k_block=128, row_block=32):
+def _pack_linear_fake(weight, k_block=128, row_block=32, block_rows=1):
     words = torch.library.get_ctx().new_dynamic_size()
     return weight.new_empty((words,), dtype=torch.int32)
 

@@ -12,11 +12,16 @@ def magnitude_prune_(
     *,
     layer_types: tuple[type[nn.Module], ...] = (nn.Linear,),
     name_filter=None,
+    block_rows: int = 1,
 ) -> nn.Module:
     """Zeros the ``sparsity`` fraction of smallest-magnitude weights of every layer of
     ``layer_types`` in ``module`` (each layer pruned on its own), in place.
 
-    ``name_filter(name) -> bool`` restricts which layers are pruned. Returns ``module``.
+    ``name_filter(name) -> bool`` restricts which layers are pruned. ``block_rows=4``
+    prunes 4 x 1 blocks (4 consecutive output rows of one input feature) by their L2
+    norm instead of single weights: the packed kernels load each activation once for
+    a whole block (``ops.default_block_rows``). Layers whose output count is not a
+    multiple of 4 are then pruned weight by weight. Returns ``module``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -26,14 +31,24 @@ def magnitude_prune_(
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
     if name_filter is not None and not callable(name_filter):
         raise TypeError(f"name_filter must be callable, got {type(name_filter).__name__}")
+    if not isinstance(block_rows, int) or isinstance(block_rows, bool):
+        raise TypeError(f"block_rows must be an int, got {type(block_rows).__name__}")
+    if block_rows not in (1, 4):
+        raise ValueError(f"block_rows must be 1 or 4, got {block_rows}")
     with torch.no_grad():
         for name, layer in module.named_modules():
             if not isinstance(layer, layer_types) or (name_filter and not name_filter(name)):
                 continue
             weight = layer.weight
-            prune_count = int(round(sparsity * weight.numel()))
+            rows = block_rows if weight.size(0) % block_rows == 0 else 1
+            # [groups of `rows` output rows, rows, everything else]: one block per (group, column).
+            blocks = weight.reshape(weight.size(0) // rows, rows, -1)
+            prune_count = int(round(sparsity * blocks.size(0) * blocks.size(2)))
             if prune_count == 0:
                 continue
-            order = weight.abs().flatten().argsort()
-            weight.view(-1)[order[:prune_count]] = 0.0
+            order = blocks.norm(dim=1).flatten().argsort()
+            pruned = torch.zeros(blocks.size(0) * blocks.size(2), dtype=torch.bool, device=weight.device)
+            pruned[order[:prune_count]] = True
+            mask = pruned.view(blocks.size(0), 1, blocks.size(2)).expand(blocks.shape).reshape(weight.shape)
+            weight.masked_fill_(mask, 0.0)
     return module

@@ -73,14 +73,18 @@ bool set_isa(const std::string& isa, std::string* error) {
 }
 
 std::vector<std::string> spmm_kernel_names(const SpmmKernels& kernels) {
+  const std::string isa = std::string("__") + kernels.isa;
+  if (kernels.vector_width == 1) return {"spmm_f32_1xN" + isa, "spmm_f32_4xN" + isa};
   std::vector<std::string> names;
-  if (kernels.vector_width == 1) return {std::string("spmm_f32_1xN__") + kernels.isa};
-  for (int64_t tokens = 1; tokens <= kMaxGemvTokens; ++tokens) {
-    names.push_back("spmv_f32_1x" + std::to_string(tokens) + "__" + kernels.isa);
-  }
-  for (int64_t width = kernels.vector_width; width <= kernels.max_panel_width;
-       width += kernels.vector_width) {
-    names.push_back("spmm_f32_1x" + std::to_string(width) + "__" + kernels.isa);
+  for (const int64_t rows : {int64_t{1}, kTallBlockRows}) {
+    const std::string prefix = "_f32_" + std::to_string(rows) + "x";
+    for (int64_t tokens = 1; tokens <= kMaxGemvTokens; ++tokens) {
+      names.push_back("spmv" + prefix + std::to_string(tokens) + isa);
+    }
+    const int64_t widest = rows == 1 ? kernels.max_panel_width : kTallStripVectors * kernels.vector_width;
+    for (int64_t width = kernels.vector_width; width <= widest; width += kernels.vector_width) {
+      names.push_back("spmm" + prefix + std::to_string(width) + isa);
+    }
   }
   return names;
 }

@@ -11,31 +11,40 @@ namespace sparsecpu {
 namespace kernels {
 
 // ---------------------------------------------------------------------------
-// Packed weight: offset-CSR, CSR-blocked (format version 2). One int32 buffer:
+// Packed weight: offset-CSR, CSR-blocked (format version 3). One int32 buffer:
 //
 //   header      kHeaderWords words, see HeaderField
-//   seg_ptr     out_features * num_k_blocks + 1 words: start of each segment
-//   seg_rows    out_features * num_k_blocks words: row (within its block) of each segment
-//   values      nnz words, fp32 bit patterns
-//   offsets     ceil(nnz / 2) words holding nnz uint16: the input feature of each
-//               value, counted from the first feature of its K-block
+//   seg_ptr     S + 1 words: start of each segment, counted in nonzero blocks
+//   seg_rows    S words: first row (within its row block) of each segment
+//   values      nnz words, fp32 bit patterns, block_rows per nonzero block
+//   offsets     ceil(blocks / 2) words holding one uint16 per nonzero block: its
+//               input feature, counted from the first feature of its K-block
 //
-// Output rows are grouped in row blocks of `row_block` rows and the input
-// dimension in K-blocks of `k_block` features. A segment holds the nonzeros of
-// one row inside one K-block; segments are ordered
-//   for row block rb: for K-block kb: for row r in rb
+// Nonzeros are stored in blocks of block_rows x 1: block_rows consecutive output
+// rows (a row group) sharing one input feature. block_rows is 1 (plain CSR) or
+// kTallBlockRows, when the weight has that structure: the kernel then loads each
+// activation once for all the rows of a block. A block's values are consecutive,
+// zeros inside a block included; blocks = nnz / block_rows.
+//
+// Output rows are grouped in row blocks of `row_block` rows (a multiple of
+// block_rows) and the input dimension in K-blocks of `k_block` features. A segment
+// holds the blocks of one row group inside one K-block (S = out_features /
+// block_rows * num_k_blocks); segments are ordered
+//   for row block rb: for K-block kb: for row group g in rb
 // so that a row block's partial sums can stay in one L1-resident tile while a
 // K-block's activations stay in L1 too. Inside one (row block, K-block) the
 // segments are sorted by length, so consecutive segments have similar lengths and
-// the exit of the nonzero loop is predictable; seg_rows says which tile row each
+// the exit of the nonzero loop is predictable; seg_rows says which tile rows each
 // segment accumulates into. The kernel multiplies
 // an offset by the row stride of the activation panel it reads (`panel_width` floats).
 // ---------------------------------------------------------------------------
 constexpr int32_t kPackedMagic = 0x31435053;  // "SPC1" little-endian
-constexpr int32_t kPackedVersion = 2;
+constexpr int32_t kPackedVersion = 3;
 // Offsets are 16-bit, relative to their K-block: K-blocks hold at most this many features.
 constexpr int64_t kMaxKBlock = 65536;
 constexpr int64_t kHeaderWords = 16;
+// Rows of the one multi-row block shape, "tall" 4 x 1 blocks: block_rows is 1 or this.
+constexpr int64_t kTallBlockRows = 4;
 
 enum HeaderField : int {
   kMagic = 0,
@@ -47,6 +56,7 @@ enum HeaderField : int {
   kRowBlock = 6,
   kNumRowBlocks = 7,
   kNnz = 8,
+  kBlockRows = 9,
 };
 
 // Read-only view of a packed buffer; pointers into it.
@@ -57,7 +67,8 @@ struct PackedLinearView {
   int64_t num_k_blocks = 0;
   int64_t row_block = 0;
   int64_t num_row_blocks = 0;
-  int64_t nnz = 0;
+  int64_t nnz = 0;         // stored values: blocks * block_rows
+  int64_t block_rows = 1;  // rows per nonzero block (1 or kTallBlockRows)
   const int32_t* seg_ptr = nullptr;
   const int32_t* seg_rows = nullptr;
   const float* values = nullptr;
@@ -67,23 +78,27 @@ struct PackedLinearView {
     const int64_t begin = rb * row_block;
     return (out_features - begin < row_block) ? out_features - begin : row_block;
   }
-  // Index of the segment (row block rb, K-block kb, row r of the block).
-  int64_t segment(int64_t rb, int64_t kb, int64_t r) const {
-    return rb * row_block * num_k_blocks + kb * rows_in_block(rb) + r;
+  // Segments (row groups) of row block rb in each K-block.
+  int64_t segments_in_block(int64_t rb) const { return rows_in_block(rb) / block_rows; }
+  // Index of segment s of (row block rb, K-block kb).
+  int64_t segment(int64_t rb, int64_t kb, int64_t s) const {
+    return (rb * row_block * num_k_blocks) / block_rows + kb * segments_in_block(rb) + s;
   }
+  // Stored values of row block rb (its work, zeros inside blocks included).
   int64_t block_nnz(int64_t rb) const {
     const int64_t first = segment(rb, 0, 0);
-    const int64_t end = first + rows_in_block(rb) * num_k_blocks;
-    return seg_ptr[end] - seg_ptr[first];
+    const int64_t end = first + segments_in_block(rb) * num_k_blocks;
+    return (seg_ptr[end] - seg_ptr[first]) * block_rows;
   }
 };
 
 // Packs a dense row-major [out_features, in_features] matrix (row stride
 // `row_stride` floats). k_block <= 0 means one K-block over all inputs (at most
-// kMaxKBlock features: wider inputs get K-blocks of kMaxKBlock).
+// kMaxKBlock features: wider inputs get K-blocks of kMaxKBlock). block_rows (1 or
+// kTallBlockRows) must divide out_features and row_block.
 std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
                                      int64_t in_features, int64_t row_stride,
-                                     int64_t k_block, int64_t row_block);
+                                     int64_t k_block, int64_t row_block, int64_t block_rows = 1);
 
 // Validates a packed buffer of `words` int32 and returns a view of it. On a
 // bad buffer returns false and writes the reason to `error`. The header and sizes
@@ -103,6 +118,11 @@ void fill_tile_with_bias(const PackedLinearView& w, int64_t rb, const float* bia
 // Kernels.
 // ---------------------------------------------------------------------------
 enum class Activation : int { kNone = 0, kRelu, kGeluErf, kGeluTanh, kSilu };
+
+// Tall blocks run register tiles of kTallBlockRows rows x kTallStripVectors
+// registers of tokens (12 accumulators + 3 activations + 1 broadcast = AVX2's 16
+// registers), in strips across the panel.
+constexpr int kTallStripVectors = 3;
 
 // Panels this narrow or narrower run the sparse GEMV kernels (spmv_row_block).
 constexpr int64_t kMaxGemvTokens = 7;

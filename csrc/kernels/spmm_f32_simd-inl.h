@@ -83,67 +83,104 @@ inline Vec::T activate(Vec::T x, Activation act) {
 
 // ---- the microkernel ------------------------------------------------------------
 
-// spmm_f32_1x<kVectors*kWidth>: for each row of row block rb, kVectors registers of
-// tokens accumulate bias + sum_j value_j * panel[offset_j]. Each nonzero costs one
-// broadcast and kVectors loads + FMAs. Partial sums cross K-blocks through the tile,
+// spmm_f32_<kRows>x<kVectors*kWidth>: for each row group of row block rb (one row,
+// or one kTallBlockRows x 1 block row), kRows x kVectors registers accumulate bias +
+// sum_j value_j * panel[offset_j] over tokens [first_token, first_token + kVectors *
+// kWidth). Each nonzero block costs kVectors loads of activations, kRows broadcasts
+// and kRows * kVectors FMAs: tall blocks reuse every activation load kRows times.
+// A 1-row tile spans the whole panel, so its row stride is a compile-time constant;
+// a tall tile covers one strip of it. Partial sums cross K-blocks through the tile,
 // which stays in L1 (row_block x panel width floats). The activation is applied to
 // the registers after the last K-block, where its arithmetic fills FMA slots the
 // load-bound nonzero loop leaves idle.
-template <int kVectors>
-void spmm_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
-                         const float* panel, const float* bias, Activation act, float* tile) {
-  constexpr int64_t kPanelWidth = kVectors * Vec::kWidth;
-  const int64_t rows = w.rows_in_block(rb);
+template <int kRows, int kVectors>
+void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                        const float* panel, int64_t panel_width, int64_t first_token,
+                        const float* bias, Activation act, float* tile) {
+  const int64_t stride = kRows == 1 ? kVectors * Vec::kWidth : panel_width;
+  const int64_t groups = w.segments_in_block(rb);
   const int64_t first_row = rb * w.row_block;
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
     const int32_t* seg = w.seg_ptr + first_segment;
     const int32_t* seg_rows = w.seg_rows + first_segment;
-    const float* panel_kb = panel + kb * w.k_block * kPanelWidth;  // this K-block's features
+    const float* panel_kb = panel + kb * w.k_block * stride + first_token;  // this K-block's features
     const bool finish = act != Activation::kNone && kb == w.num_k_blocks - 1;
-    for (int64_t s = 0; s < rows; ++s) {
+    for (int64_t s = 0; s < groups; ++s) {
       const int64_t r = seg_rows[s];
-      float* out = tile + r * kPanelWidth;
-      Vec::T acc[kVectors];
-      if (kb == 0) {
-        const Vec::T b = Vec::set1(bias != nullptr ? bias[first_row + r] : 0.0f);
-        for (int v = 0; v < kVectors; ++v) acc[v] = b;
-      } else {
-        for (int v = 0; v < kVectors; ++v) acc[v] = Vec::load(out + v * Vec::kWidth);
+      float* out = tile + r * stride + first_token;
+      Vec::T acc[kRows][kVectors];
+      for (int m = 0; m < kRows; ++m) {
+        if (kb == 0) {
+          const Vec::T b = Vec::set1(bias != nullptr ? bias[first_row + r + m] : 0.0f);
+          for (int v = 0; v < kVectors; ++v) acc[m][v] = b;
+        } else {
+          for (int v = 0; v < kVectors; ++v) acc[m][v] = Vec::load(out + m * stride + v * Vec::kWidth);
+        }
       }
       const int32_t end = seg[s + 1];
 #pragma GCC unroll 2
       for (int32_t j = seg[s]; j < end; ++j) {
-        const Vec::T value = Vec::set1(w.values[j]);
-        const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * kPanelWidth;
-        for (int v = 0; v < kVectors; ++v) acc[v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[v]);
+        const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * stride;
+        if (kRows == 1) {
+          const Vec::T value = Vec::set1(w.values[j]);
+          for (int v = 0; v < kVectors; ++v) acc[0][v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[0][v]);
+        } else {
+          Vec::T xv[kVectors];
+          for (int v = 0; v < kVectors; ++v) xv[v] = Vec::load(x + v * Vec::kWidth);
+          for (int m = 0; m < kRows; ++m) {
+            const Vec::T value = Vec::set1(w.values[static_cast<int64_t>(j) * kRows + m]);
+            for (int v = 0; v < kVectors; ++v) acc[m][v] = Vec::fma(value, xv[v], acc[m][v]);
+          }
+        }
       }
-      if (finish) {
-        for (int v = 0; v < kVectors; ++v) Vec::store(out + v * Vec::kWidth, activate(acc[v], act));
-      } else {
-        for (int v = 0; v < kVectors; ++v) Vec::store(out + v * Vec::kWidth, acc[v]);
+      for (int m = 0; m < kRows; ++m) {
+        for (int v = 0; v < kVectors; ++v) {
+          Vec::store(out + m * stride + v * Vec::kWidth, finish ? activate(acc[m][v], act) : acc[m][v]);
+        }
       }
     }
   }
 }
 
-// spmv_f32_1x<kTokens>: few tokens, memory-bound. Each nonzero's value and offset
-// are read once for all kTokens tokens; four partial sums per token break the FMA
-// dependency chain. The panel is [in_features][kTokens], the tile [rows][kTokens]
-// exactly (no padding).
-template <int kTokens>
-__attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_row_block_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
-                         const float* panel, const float* bias, Activation act, float* tile) {
+// spmv_f32_<kRows>x<kTokens>: few tokens, memory-bound. Each nonzero block's values
+// and offset are read once for all kTokens tokens. A 1-row group keeps four partial
+// sums per token to break the FMA dependency chain; a tall block's kRows rows are
+// independent chains already. The panel is [in_features][kTokens], the tile
+// [rows][kTokens] exactly (no padding).
+template <int kRows, int kTokens>
+__attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_register_tile(
+    const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end, const float* panel,
+    const float* bias, Activation act, float* tile) {
   const int64_t rows = w.rows_in_block(rb);
+  const int64_t groups = w.segments_in_block(rb);
   if (kb_begin == 0) fill_tile_with_bias(w, rb, bias, kTokens, tile);
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
     const float* panel_kb = panel + kb * w.k_block * kTokens;  // this K-block's features
-    for (int64_t s = first_segment; s < first_segment + rows; ++s) {
-      // Four independent partial sums per token, kept in registers.
-      float acc0[kTokens] = {}, acc1[kTokens] = {}, acc2[kTokens] = {}, acc3[kTokens] = {};
+    for (int64_t s = first_segment; s < first_segment + groups; ++s) {
+      float* out = tile + w.seg_rows[s] * kTokens;
       int32_t j = w.seg_ptr[s];
       const int32_t end = w.seg_ptr[s + 1];
+      if (kRows > 1) {
+        float acc[kRows][kTokens] = {};
+        for (; j < end; ++j) {
+          const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens;
+          const float* value = w.values + static_cast<int64_t>(j) * kRows;
+#pragma GCC unroll 4
+          for (int m = 0; m < kRows; ++m) {
+#pragma GCC unroll 8
+            for (int t = 0; t < kTokens; ++t) acc[m][t] += value[m] * x[t];
+          }
+        }
+        for (int m = 0; m < kRows; ++m) {
+#pragma GCC unroll 8
+          for (int t = 0; t < kTokens; ++t) out[m * kTokens + t] += acc[m][t];
+        }
+        continue;
+      }
+      // Four independent partial sums per token, kept in registers.
+      float acc0[kTokens] = {}, acc1[kTokens] = {}, acc2[kTokens] = {}, acc3[kTokens] = {};
       for (; j + 4 <= end; j += 4) {
         const float* x0 = panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens;
         const float* x1 = panel_kb + static_cast<int64_t>(w.offsets[j + 1]) * kTokens;
@@ -162,7 +199,6 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_row_block_til
 #pragma GCC unroll 8
         for (int t = 0; t < kTokens; ++t) acc0[t] += w.values[j] * x[t];
       }
-      float* out = tile + w.seg_rows[s] * kTokens;
 #pragma GCC unroll 8
       for (int t = 0; t < kTokens; ++t) out[t] += (acc0[t] + acc1[t]) + (acc2[t] + acc3[t]);
     }
@@ -184,10 +220,12 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_row_block_til
 void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                          const float* panel, int64_t panel_width, const float* bias, Activation act,
                          float* tile) {
+  constexpr int kTall = static_cast<int>(kTallBlockRows);
   switch (panel_width) {
-#define SPARSECPU_GEMV_CASE(N) \
-  case N:                      \
-    return spmv_row_block_tile<N>(w, rb, kb_begin, kb_end, panel, bias, act, tile);
+#define SPARSECPU_GEMV_CASE(N)                                                                   \
+  case N:                                                                                        \
+    return w.block_rows == 1 ? spmv_register_tile<1, N>(w, rb, kb_begin, kb_end, panel, bias, act, tile) \
+                             : spmv_register_tile<kTall, N>(w, rb, kb_begin, kb_end, panel, bias, act, tile);
     SPARSECPU_GEMV_CASE(1) SPARSECPU_GEMV_CASE(2) SPARSECPU_GEMV_CASE(3) SPARSECPU_GEMV_CASE(4)
     SPARSECPU_GEMV_CASE(5) SPARSECPU_GEMV_CASE(6) SPARSECPU_GEMV_CASE(7)
 #undef SPARSECPU_GEMV_CASE
@@ -196,19 +234,37 @@ void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
   }
 }
 
-// The tile list: register tiles of 1..8 vectors (kMaxVectors == 8 on every ISA).
+// The tile lists. 1 x 1 blocks: register tiles of 1 row x 1..8 vectors, the whole
+// panel (kMaxVectors == 8 on every ISA). Tall blocks: kTallBlockRows rows x
+// kTallStripVectors vectors in strips across the panel; a narrower last strip takes
+// the rest.
 #define SPARSECPU_FOR_EACH_TILE(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
 
 void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                          const float* panel, int64_t panel_width, const float* bias, Activation act,
                          float* tile) {
-  switch (panel_width / Vec::kWidth) {
+  const int64_t vectors = panel_width / Vec::kWidth;
+  if (w.block_rows == 1) {
+    switch (vectors) {
 #define SPARSECPU_TILE_CASE(V) \
   case V:                      \
-    return spmm_row_block_tile<V>(w, rb, kb_begin, kb_end, panel, bias, act, tile);
-    SPARSECPU_FOR_EACH_TILE(SPARSECPU_TILE_CASE)
+    return spmm_register_tile<1, V>(w, rb, kb_begin, kb_end, panel, panel_width, 0, bias, act, tile);
+      SPARSECPU_FOR_EACH_TILE(SPARSECPU_TILE_CASE)
 #undef SPARSECPU_TILE_CASE
-    default:
-      return;  // unreachable: the caller sizes panels to 1..kMaxVectors registers
+      default:
+        return;  // unreachable: the caller sizes panels to 1..kMaxVectors registers
+    }
+  }
+  constexpr int kRows = static_cast<int>(kTallBlockRows);
+  int64_t v = 0;
+  for (; v + kTallStripVectors <= vectors; v += kTallStripVectors) {
+    spmm_register_tile<kRows, kTallStripVectors>(w, rb, kb_begin, kb_end, panel, panel_width, v * Vec::kWidth,
+                                                 bias, act, tile);
+  }
+  static_assert(kTallStripVectors == 3, "the remainders below are 1 and 2 vectors");
+  if (vectors - v == 2) {
+    spmm_register_tile<kRows, 2>(w, rb, kb_begin, kb_end, panel, panel_width, v * Vec::kWidth, bias, act, tile);
+  } else if (vectors - v == 1) {
+    spmm_register_tile<kRows, 1>(w, rb, kb_begin, kb_end, panel, panel_width, v * Vec::kWidth, bias, act, tile);
   }
 }

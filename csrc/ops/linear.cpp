@@ -415,7 +415,7 @@ at::Tensor linear_chain_cpu(const at::Tensor& input, at::TensorList weights, at:
   return y;
 }
 
-at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t row_block) {
+at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t row_block, int64_t block_rows) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
                     "sparsecpu::pack_linear: weight must be a 2-D float32 CPU tensor, got ",
                     weight.scalar_type(), " of shape ", weight.sizes(), " on ", weight.device());
@@ -423,11 +423,17 @@ at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t ro
                     "sparsecpu::pack_linear: k_block must be in [0, ", kernels::kMaxKBlock,
                     "] (0: one K-block), got ", k_block);
   TORCH_CHECK_VALUE(row_block >= 1, "sparsecpu::pack_linear: row_block must be >= 1, got ", row_block);
+  TORCH_CHECK_VALUE(block_rows == 1 || block_rows == kernels::kTallBlockRows,
+                    "sparsecpu::pack_linear: block_rows must be 1 or ", kernels::kTallBlockRows, ", got ",
+                    block_rows);
+  TORCH_CHECK_VALUE(weight.size(0) % block_rows == 0 && row_block % block_rows == 0,
+                    "sparsecpu::pack_linear: block_rows=", block_rows, " must divide out_features (",
+                    weight.size(0), ") and row_block (", row_block, ")");
   TORCH_CHECK_VALUE(weight.numel() < (int64_t{1} << 30),
                     "sparsecpu::pack_linear: weights of 2^30 or more elements are not supported");
   const at::Tensor w = weight.contiguous();
   std::vector<int32_t> words = kernels::pack_linear_f32(w.data_ptr<float>(), w.size(0), w.size(1),
-                                                        w.size(1), k_block, row_block);
+                                                        w.size(1), k_block, row_block, block_rows);
   at::Tensor packed = at::empty({static_cast<int64_t>(words.size())}, weight.options().dtype(at::kInt));
   std::copy(words.begin(), words.end(), packed.data_ptr<int32_t>());
   return packed;
@@ -436,7 +442,7 @@ at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t ro
 }  // namespace
 
 TORCH_LIBRARY(sparsecpu, m) {
-  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=32) -> Tensor");
+  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=32, int block_rows=1) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
   m.def("linear_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, str[] activations) -> Tensor");
 }

@@ -35,10 +35,12 @@ class LayerDecision:
     taken: bool
     reason: str
     activation: str = "none"
+    block_rows: int = 1  # the packed format's nonzero blocks: 1 x 1, or 4 x 1 (ops.default_block_rows)
 
     def __str__(self) -> str:
         sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
-        what = f"sparse, activation {self.activation}" if self.taken else f"dense: {self.reason}"
+        blocks = f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
+        what = f"sparse, {blocks}activation {self.activation}" if self.taken else f"dense: {self.reason}"
         return f"{self.name:<48} [{self.out_features:>5} x {self.in_features:>5}] {sparsity}  {what}"
 
 
@@ -196,9 +198,10 @@ def rewrite_sparse_linears(
         if act_node is not None:
             graph.erase_node(act_node)
         graph.erase_node(node)
-        decisions.append(LayerDecision(name, *shape, sparsity, True, "", activation))
-        log.debug("linear %s %s: sparse (sparsity %.1f%%, activation %s)", name, list(shape),
-                  100 * sparsity, activation)
+        block_rows = int(packed_attrs[packed_by_weight[weight_node]][9])  # header: kBlockRows
+        decisions.append(LayerDecision(name, *shape, sparsity, True, "", activation, block_rows))
+        log.debug("linear %s %s: sparse (sparsity %.1f%%, %dx1 blocks, activation %s)", name, list(shape),
+                  100 * sparsity, block_rows, activation)
     graph.lint()
     return packed_attrs, packed_by_weight, decisions
 
