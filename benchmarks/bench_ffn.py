@@ -32,10 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-run-time", type=float, default=0.3)
+    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
+                        help="1: zeros at random positions (default); 4: zeros in 4 x 1 blocks")
     args = parser.parse_args(argv)
 
-    w1 = random_sparse_weight(INTERMEDIATE, HIDDEN, args.sparsity, seed=1)
-    w2 = random_sparse_weight(HIDDEN, INTERMEDIATE, args.sparsity, seed=2)
+    w1 = random_sparse_weight(INTERMEDIATE, HIDDEN, args.sparsity, seed=1, block_rows=args.block_rows)
+    w2 = random_sparse_weight(HIDDEN, INTERMEDIATE, args.sparsity, seed=2, block_rows=args.block_rows)
     b1, b2 = torch.randn(INTERMEDIATE), torch.randn(HIDDEN)
     p1, p2 = ops.pack_linear(w1), ops.pack_linear(w2)
     x = random_input(args.tokens, HIDDEN, seed=3)
@@ -56,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             times[name].append(median_ms(fn, args.threads, args.min_run_time))
 
     dense = statistics.median(times["eager dense"])
-    print(f"FFN {HIDDEN}->{INTERMEDIATE} GELU ->{HIDDEN}, {args.sparsity}% sparse, {args.tokens} tokens, "
+    zeros = "at random positions" if args.block_rows == 1 else f"in {args.block_rows}x1 blocks"
+    print(f"FFN {HIDDEN}->{INTERMEDIATE} GELU ->{HIDDEN}, {args.sparsity}% sparse (zeros {zeros}), {args.tokens} tokens, "
           f"{args.threads} threads, medians over {args.rounds} interleaved rounds")
     for name, ms in times.items():
         print(f"  {name:>15}  {statistics.median(ms):8.3f} ms  {dense / statistics.median(ms):6.2f}x")

@@ -26,9 +26,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-def ffn_block(sparsity: float):
+def ffn_block(sparsity: float, block_rows: int = 1):
     model = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
-    return torch_sparsecpu.magnitude_prune_(model, sparsity), (torch.randn(128, 768),), 1e-5
+    torch_sparsecpu.magnitude_prune_(model, sparsity, block_rows=block_rows)
+    return model, (torch.randn(128, 768),), 1e-5
+
+
+def ffn_block_4x1(sparsity: float):
+    """The same block pruned in 4 x 1 blocks, which the backend packs in blocks."""
+    return ffn_block(sparsity, block_rows=4)
 
 
 def bert_base(sparsity: float):
@@ -56,6 +62,7 @@ def main() -> int:
 
     cases = {
         "FFN 768->3072 GELU ->768, 128 tokens": ffn_block,
+        "same FFN pruned in 4x1 blocks": ffn_block_4x1,
         "HF BERT-base encoder, 1 x 128 tokens": bert_base,
     }
     rows = []
@@ -71,8 +78,10 @@ def main() -> int:
             actual = compiled(*inputs)
             error = relative_error(actual, expected)
             taken = sum(d.taken for d in decisions)
+            blocked = sum(d.taken and d.block_rows > 1 for d in decisions)
             ok = error <= tolerance
-            print(f"  {taken}/{len(decisions)} linears sparse; max error {error:.2e} relative "
+            print(f"  {taken}/{len(decisions)} linears sparse ({blocked} in 4x1 blocks); "
+                  f"max error {error:.2e} relative "
                   f"(tolerance {tolerance:g}): {'OK' if ok else 'MISMATCH'}")
             if not ok:
                 return 1
