@@ -140,6 +140,8 @@ def test_default_block_rows():
     assert ops.default_block_rows(sparse_weight(64, 128, 0.9)) == 1  # unstructured: 29% filled
     assert ops.default_block_rows(torch.randn(30, 8)) == 1  # rows not a multiple of 4
     assert ops.default_block_rows(torch.zeros(64, 8)) == 1
+    eight_by_one = tall_weight(64, 128, 0.9).reshape(8, 8, 128)[:, :4].repeat_interleave(2, 0).reshape(64, 128)
+    assert ops.default_block_rows(eight_by_one) == 4  # 8 x 1 blocks are two 4 x 1 blocks
     tall = tall_weight(64, 128, 0.9)
     assert int(ops.pack_linear(tall)[9]) == 4
     assert int(ops.pack_linear(tall, row_block=6)[9]) == 1  # 4 does not divide row_block
