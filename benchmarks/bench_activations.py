@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import torch_sparsecpu
-from common import median_ms, random_input, random_sparse_weight, torch_threads
+from common import median_ms, random_input, random_sparse_weight
+from torch_sparsecpu.kernels import torch_threads
 
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 

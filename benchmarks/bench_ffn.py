@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from common import median_ms, random_input, random_sparse_weight, torch_threads
+from common import median_ms, random_input, random_sparse_weight
+from torch_sparsecpu.kernels import torch_threads
 from torch_sparsecpu import ops
 
 HIDDEN, INTERMEDIATE = 768, 3072

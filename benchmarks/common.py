@@ -18,7 +18,6 @@ One place for each idea:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from itertools import groupby
@@ -40,6 +39,7 @@ from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
 import torch_sparsecpu
+from torch_sparsecpu.kernels import torch_threads
 
 SHAPES_FILE = Path(__file__).with_name("shapes.json")
 
@@ -226,17 +226,6 @@ def check_against_reference(
             f"{implementation} differs from dense F.linear by {error:.3g} at "
             f"[token {token}, output {output}] (tolerance {tolerance:.3g}): {case.describe()}"
         )
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block, restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def median_ms(fn: Callable[[], Tensor], threads: int, min_run_time: float) -> float:

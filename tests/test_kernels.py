@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import torch_sparsecpu
 from torch_sparsecpu import kernels, ops
+from torch_sparsecpu.kernels import torch_threads
 
-from conftest import assert_close_rel, sparse_weight, tall_weight, torch_threads
+from conftest import assert_close_rel, sparse_weight, tall_weight
 
 ISAS = kernels.available_isas()
 ACTIVATION_REFERENCE = {

@@ -1,12 +1,18 @@
 """Which ISA's kernels run: chosen once at load time (the best this CPU has),
-forced by ``TORCH_SPARSECPU_ISA=scalar|avx2|avx512`` or by :func:`force_isa`."""
+forced by ``TORCH_SPARSECPU_ISA=scalar|avx2|avx512`` or by :func:`force_isa`; and on how
+many threads (:func:`torch_threads`)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
 
 from . import _C
+
+T = TypeVar("T")
 
 ISAS = ("scalar", "avx2", "avx512")
 
@@ -40,15 +46,26 @@ def max_panel_width(isa_name: str) -> int:
 
 
 @contextlib.contextmanager
-def force_isa(isa_name: str) -> Iterator[None]:
+def _temporarily(get: Callable[[], T], set_: Callable[[T], object], value: T) -> Iterator[None]:
+    """``set_(value)`` inside the ``with`` block, the value ``get()`` had restored after."""
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
+def force_isa(isa_name: str) -> contextlib.AbstractContextManager[None]:
     """Run the sparse ops with one ISA's kernels inside the ``with`` block (process-wide)."""
     _check_isa_name(isa_name)
     if isa_name not in available_isas():
         raise ValueError(f"isa_name {isa_name!r} is not supported by this CPU "
                          f"(available: {', '.join(available_isas())})")
-    previous = _C.isa()
-    _C.set_isa(isa_name)
-    try:
-        yield
-    finally:
-        _C.set_isa(previous)
+    return _temporarily(_C.isa, _C.set_isa, isa_name)
+
+
+def torch_threads(threads: int) -> contextlib.AbstractContextManager[None]:
+    """``torch.set_num_threads(threads)`` inside the ``with`` block, restored after (the
+    sparse ops split their work over torch's threads)."""
+    return _temporarily(torch.get_num_threads, torch.set_num_threads, threads)
