@@ -11,7 +11,7 @@ from . import _C  # noqa: F401  (registers the schemas before the fakes below)
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
-TALL_BLOCK_ROWS = 4
+TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in spmm.h)
 # Tall blocks pay off when this fraction of their stored values is nonzero (see
 # default_block_rows).
 TALL_BLOCK_MIN_FILL = 0.6
@@ -81,7 +81,8 @@ def pack_linear(
             f"{tuple(weight.shape)} on {weight.device}"
         )
     for name, value, lowest, highest in (
-        ("k_block", k_block, 0, 65536), ("row_block", row_block, 1, 2**30), ("block_rows", block_rows, 1, 4)
+        ("k_block", k_block, 0, 65536), ("row_block", row_block, 1, 2**30),
+        ("block_rows", block_rows, 1, TALL_BLOCK_ROWS),
     ):
         if value is None and name != "row_block":
             continue

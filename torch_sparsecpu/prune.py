@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops import TALL_BLOCK_ROWS
+
 
 def magnitude_prune_(
     module: nn.Module,
@@ -33,8 +35,8 @@ def magnitude_prune_(
         raise TypeError(f"name_filter must be callable, got {type(name_filter).__name__}")
     if not isinstance(block_rows, int) or isinstance(block_rows, bool):
         raise TypeError(f"block_rows must be an int, got {type(block_rows).__name__}")
-    if block_rows not in (1, 4):
-        raise ValueError(f"block_rows must be 1 or 4, got {block_rows}")
+    if block_rows not in (1, TALL_BLOCK_ROWS):
+        raise ValueError(f"block_rows must be 1 or {TALL_BLOCK_ROWS}, got {block_rows}")
     with torch.no_grad():
         for name, layer in module.named_modules():
             if not isinstance(layer, layer_types) or (name_filter and not name_filter(name)):

@@ -28,4 +28,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return sparsecpu::kernels::spmm_kernel_names(kernels_named(isa));
       }, "Names of the register tiles the ISA's kernel table instantiates.");
   m.def("max_panel_width", [](const std::string& isa) { return kernels_named(isa).max_panel_width; });
+  m.attr("TALL_BLOCK_ROWS") = sparsecpu::kernels::kTallBlockRows;  // block_rows of 4 x 1 blocks
 }
