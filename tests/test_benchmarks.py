@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_ffn  # noqa: E402
 import bench_linear  # noqa: E402
+import bench_packing  # noqa: E402
 import common  # noqa: E402
 
 
@@ -71,3 +72,12 @@ def test_bench_linear_block_rows_4_reported(capsys):
     assert bench_linear.main(["--sparsities", "90", "--tokens", "9", "--threads", "1",
                               "--min-run-time", "0.01", "--block-rows", "4"]) == 0
     assert "zeros in random 4x1 blocks" in capsys.readouterr().out
+
+
+def test_bench_packing_checks_then_times_each_packing(capsys):
+    assert bench_packing.main(["--shape", "bert.output", "--tokens", "9", "--rounds", "2",
+                               "--min-run-time", "0.01", "--packings", "auto/32,0/128"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["dense", "auto/32", "0/128"]
+    assert all(float(row[1]) > 0 for row in rows)

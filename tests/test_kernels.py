@@ -189,7 +189,7 @@ def test_packed_header_tall_blocks():
     """block_rows=4: one segment per 4-row group and K-block, one offset per block, the
     4 values of each block stored together, zeros inside a block included."""
     weight = tall_weight(72, 300, 0.8, fill=0.75)
-    packed = ops.pack_linear(weight, k_block=128, block_rows=4)
+    packed = ops.pack_linear(weight, k_block=128, row_block=32, block_rows=4)
     blocks = int(weight.reshape(18, 4, 300).ne(0).any(1).sum())
     header = packed[:16].tolist()
     assert header[:10] == [0x31435053, 3, 72, 300, 128, 3, 32, 3, 4 * blocks, 4]

@@ -42,6 +42,17 @@ def test_opcheck_pack_linear():
     torch.library.opcheck(torch.ops.sparsecpu.pack_linear.default, (sparse_weight(9, 13, 0.5), 4, 2))
 
 
+def test_pack_defaults_agree():
+    """The op schema's row_block default, the fake kernel's and the Python wrapper's are
+    one value; a weight packed with no row_block says so in its header."""
+    schema = {a.name: a.default_value for a in torch.ops.sparsecpu.pack_linear.default._schema.arguments}
+    assert schema["row_block"] == ops.DEFAULT_ROW_BLOCK
+    weight = sparse_weight(300, 20, 0.5)
+    row_block_word = 6  # kRowBlock in spmm.h's header
+    assert ops.pack_linear(weight)[row_block_word].item() == ops.DEFAULT_ROW_BLOCK
+    assert torch.ops.sparsecpu.pack_linear(weight)[row_block_word].item() == ops.DEFAULT_ROW_BLOCK
+
+
 def test_opcheck_linear_chain():
     weights = [sparse_weight(24, 16, 0.8), sparse_weight(8, 24, 0.5)]
     packed = [ops.pack_linear(w) for w in weights]

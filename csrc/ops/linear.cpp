@@ -452,7 +452,8 @@ at::Tensor pack_linear_cpu(const at::Tensor& weight, int64_t k_block, int64_t ro
 }  // namespace
 
 TORCH_LIBRARY(sparsecpu, m) {
-  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=32, int block_rows=1) -> Tensor");
+  // row_block's default is ops.DEFAULT_ROW_BLOCK (a test checks they agree).
+  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=128, int block_rows=1) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
   m.def("linear_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, str[] activations) -> Tensor");
 }

@@ -1,0 +1,94 @@
+"""Packings of one layer side by side: the evidence behind the packing defaults.
+
+Packs one weight from ``shapes.json`` several ways (``k_block`` / ``row_block`` pairs) and
+times ``torch_sparsecpu.ops.linear`` on each, interleaved with dense ``F.linear`` in every
+round, in one process with the same threads, after checking each result against dense.
+
+    python benchmarks/bench_packing.py --shape bert.intermediate --sparsity 90 --tokens 64 \\
+        --threads 1 --packings auto/32,auto/128,128/128
+
+A packing is ``K/R``: ``K`` the K-block (``auto``: ``ops.default_k_block``, ``0``: one
+block), ``R`` the row block. Prints each packing's median over rounds, its speed-up over
+dense and GFLOP/s over nonzeros; exits non-zero, reporting no timings, on a wrong result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+
+import torch_sparsecpu
+from common import (
+    RELATIVE_TOLERANCE,
+    load_shapes,
+    median_ms,
+    random_input,
+    random_sparse_weight,
+    stable_seed,
+)
+from torch_sparsecpu.kernels import torch_threads
+
+
+def parse_packing(text: str) -> tuple[int | None, int]:
+    """argparse type for ``K/R``: (k_block or None for auto, row_block)."""
+    try:
+        k_block, row_block = text.split("/")
+        return (None if k_block == "auto" else int(k_block)), int(row_block)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/R such as auto/128 or 256/32, got {text!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="bert.intermediate", help="a layer name from shapes.json")
+    parser.add_argument("--sparsity", type=int, default=90, help="percent of zero weights")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
+                        help="1: zeros at random positions (default); 4: zeros in 4 x 1 blocks")
+    parser.add_argument("--packings", type=lambda text: [parse_packing(p) for p in text.split(",")],
+                        default=[(None, 32), (None, torch_sparsecpu.ops.DEFAULT_ROW_BLOCK)],
+                        help="comma-separated K/R pairs (default: auto/32,auto/<DEFAULT_ROW_BLOCK>)")
+    args = parser.parse_args(argv)
+
+    (shape,) = load_shapes(names=[args.shape])
+    weight = random_sparse_weight(shape.out_features, shape.in_features, args.sparsity,
+                                  stable_seed("weight", shape.name, args.sparsity), args.block_rows)
+    x = random_input(args.tokens, shape.in_features, seed=stable_seed("input", args.tokens))
+    packed = {f"{'auto' if k is None else k}/{r}": torch_sparsecpu.ops.pack_linear(weight, k_block=k, row_block=r)
+              for k, r in args.packings}
+    candidates = {"dense": lambda: F.linear(x, weight)}
+    for name, buffer in packed.items():
+        candidates[name] = lambda buffer=buffer: torch_sparsecpu.ops.linear(x, weight, buffer)
+
+    with torch_threads(args.threads):
+        reference = candidates["dense"]()
+        for name in packed:
+            error = (candidates[name]() - reference).abs().max().item()
+            if not error <= RELATIVE_TOLERANCE * reference.abs().max().item():
+                sys.exit(f"error: packing {name}: wrong result (max error {error:.3g}), no timings reported")
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(args.rounds):
+        for name, fn in candidates.items():
+            times[name].append(median_ms(fn, args.threads, args.min_run_time))
+
+    nnz_flops = 2 * int(weight.count_nonzero()) * args.tokens
+    dense_ms = statistics.median(times["dense"])
+    print(f"{shape.name} [{shape.out_features}x{shape.in_features}], {args.sparsity}% sparse, "
+          f"{args.tokens} tokens, {args.threads} thread(s), medians over {args.rounds} interleaved rounds")
+    print(f"{'packing K/R':>14} {'ms':>9} {'x dense':>8} {'GFLOP/s nnz':>12}")
+    for name, values in times.items():
+        ms = statistics.median(values)
+        rate = "" if name == "dense" else f"{nnz_flops / ms / 1e6:12.1f}"
+        print(f"{name:>14} {ms:9.3f} {dense_ms / ms:7.2f}x {rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
