@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
   }
   const int out = std::atoi(argv[1]), in = std::atoi(argv[2]);
   const double sparsity = std::atof(argv[3]);
-  const int k_block = argc > 4 ? std::atoi(argv[4]) : 256, row_block = argc > 5 ? std::atoi(argv[5]) : 32;
+  const int k_block = argc > 4 ? std::atoi(argv[4]) : 256, row_block = argc > 5 ? std::atoi(argv[5]) : 128;  // ops.DEFAULT_ROW_BLOCK
   if (out <= 0 || in <= 0 || !(sparsity >= 0 && sparsity < 1) || k_block < 0 || row_block <= 0) {
     std::fprintf(stderr, "error: need OUT, IN > 0, 0 <= SPARSITY < 1, K_BLOCK >= 0, ROW_BLOCK > 0\n");
     return 2;
