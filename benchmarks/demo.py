@@ -1,5 +1,7 @@
 """`make demo`: prune real model definitions, compile them with backend="sparsecpu",
-check the outputs against eager PyTorch, then time both in this process.
+check the outputs against eager PyTorch, then time both in this process: eager and
+compiled alternate over ROUNDS rounds and the medians over rounds are printed, so a
+change of the machine's speed between two measurements moves both.
 
 Every speed-up printed is measured after its output was checked: a wrong answer
 stops the demo with a non-zero exit code.
@@ -8,6 +10,7 @@ stops the demo with a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -17,9 +20,19 @@ from torch.utils import benchmark
 import torch_sparsecpu
 
 
+ROUNDS = 3
+
+
 def median_ms(fn, *args, threads: int) -> float:
     timer = benchmark.Timer("fn(*args)", globals={"fn": fn, "args": args}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
+    return timer.blocked_autorange(min_run_time=0.4).median * 1e3
+
+
+def interleaved_medians_ms(eager, compiled, *args, threads: int) -> tuple[float, float]:
+    """Medians over ROUNDS rounds, each timing eager then compiled."""
+    rounds = [(median_ms(eager, *args, threads=threads), median_ms(compiled, *args, threads=threads))
+              for _ in range(ROUNDS)]
+    return statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -85,11 +98,11 @@ def main() -> int:
                   f"(tolerance {tolerance:g}): {'OK' if ok else 'MISMATCH'}")
             if not ok:
                 return 1
-            eager_ms = median_ms(eager, *inputs, threads=args.threads)
-            sparse_ms = median_ms(compiled, *inputs, threads=args.threads)
+            eager_ms, sparse_ms = interleaved_medians_ms(eager, compiled, *inputs, threads=args.threads)
         rows.append((name, eager_ms, sparse_ms))
 
-    print(f"\n{'model':<40} {'eager dense ms':>15} {'sparsecpu ms':>13} {'speed-up':>9}")
+    print(f"\nmedians over {ROUNDS} interleaved rounds")
+    print(f"{'model':<40} {'eager dense ms':>15} {'sparsecpu ms':>13} {'speed-up':>9}")
     for name, eager_ms, sparse_ms in rows:
         print(f"{name:<40} {eager_ms:>15.2f} {sparse_ms:>13.2f} {eager_ms / sparse_ms:>8.2f}x")
     return 0
