@@ -134,22 +134,30 @@ def stable_seed(*parts: object) -> int:
 
 
 def random_sparse_weight(
-    out_features: int, in_features: int, sparsity_pct: int, seed: int, block_rows: int = 1
+    out_features: int, in_features: int, sparsity_pct: int, seed: int, block_rows: int = 1,
+    fill: float = 1.0,
 ) -> Tensor:
     """A float32 ``[out, in]`` weight with exactly ``round(sparsity * blocks)`` zero blocks
     at uniformly random positions, nonzeros drawn from N(0, 1/in_features). Blocks are
     single weights, or with ``block_rows=4`` 4 x 1 blocks (4 consecutive output rows of
     one input feature, as ``magnitude_prune_(block_rows=4)`` leaves them) when 4 divides
-    ``out_features``."""
+    ``out_features``.
+
+    ``fill`` < 1 (4 x 1 blocks only): each value of a kept block is kept with probability
+    ``fill``, and fewer blocks are zero (``1 - (1 - sparsity) / fill`` of them), so the
+    weight's sparsity stays about ``sparsity_pct`` while its blocks are partly filled."""
     rows = block_rows if out_features % block_rows == 0 else 1
     generator = torch.Generator().manual_seed(seed)
     numel = out_features * in_features
     values = torch.randn(numel, generator=generator) * in_features**-0.5
     values[values == 0] = 1.0  # keep the zero count exact, however unlikely a drawn zero is
     blocks = numel // rows
+    zero_fraction = 1 - (1 - sparsity_pct / 100) / fill if rows > 1 else sparsity_pct / 100
     zero_blocks = torch.zeros(blocks, dtype=torch.bool)
-    zero_blocks[torch.randperm(blocks, generator=generator)[: round(blocks * sparsity_pct / 100)]] = True
+    zero_blocks[torch.randperm(blocks, generator=generator)[: round(blocks * max(zero_fraction, 0.0))]] = True
     zero = zero_blocks.view(out_features // rows, 1, in_features).expand(-1, rows, -1)
+    if rows > 1 and fill < 1:
+        zero = zero | (torch.rand(out_features // rows, rows, in_features, generator=generator) >= fill)
     return values.view(out_features, in_features).masked_fill(zero.reshape(out_features, in_features), 0.0)
 
 

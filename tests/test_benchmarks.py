@@ -81,3 +81,13 @@ def test_bench_packing_checks_then_times_each_packing(capsys):
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [row[0] for row in rows] == ["dense", "auto/32", "0/128"]
     assert all(float(row[1]) > 0 for row in rows)
+
+
+def test_bench_packing_partly_filled_blocks_both_ways(capsys):
+    assert bench_packing.main(["--shape", "bert.output", "--tokens", "9", "--rounds", "1", "--min-run-time", "0.01",
+                               "--block-rows", "4", "--fill", "0.5", "--packings", "auto/128/1,auto/128/4"]) == 0
+    out = capsys.readouterr().out
+    assert "in 4x1 blocks filled 50%" in out
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["dense", "auto/128/1", "auto/128/4"]
+    with pytest.raises(SystemExit):  # --fill needs 4 x 1 blocks
+        bench_packing.main(["--fill", "0.5"])

@@ -134,9 +134,12 @@ def test_tall_blocks_every_tile_and_edge(isa):
 
 
 def test_default_block_rows():
-    """4 x 1 blocks where the weight has them, filled at least 60%; 1 x 1 otherwise."""
+    """4 x 1 blocks where the weight has them, filled at least TALL_BLOCK_MIN_FILL (80%);
+    1 x 1 otherwise."""
+    assert ops.TALL_BLOCK_MIN_FILL == 0.8
     assert ops.default_block_rows(tall_weight(64, 128, 0.9)) == 4
-    assert ops.default_block_rows(tall_weight(64, 128, 0.9, fill=0.8)) == 4
+    assert ops.default_block_rows(tall_weight(64, 128, 0.9, fill=0.92)) == 4
+    assert ops.default_block_rows(tall_weight(64, 128, 0.9, fill=0.68)) == 1
     assert ops.default_block_rows(tall_weight(64, 128, 0.9, fill=0.45)) == 1
     assert ops.default_block_rows(sparse_weight(64, 128, 0.9)) == 1  # unstructured: 29% filled
     assert ops.default_block_rows(torch.randn(30, 8)) == 1  # rows not a multiple of 4

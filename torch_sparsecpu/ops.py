@@ -14,7 +14,7 @@ ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in spmm.h)
 # Tall blocks pay off when this fraction of their stored values is nonzero (see
 # default_block_rows).
-TALL_BLOCK_MIN_FILL = 0.6
+TALL_BLOCK_MIN_FILL = 0.8
 
 # Output rows per row block (the op schema's default too). 128 rows x 64 tokens make a
 # 32 KiB tile: more rows share each K-block's activations while they are in L1 than with
@@ -30,13 +30,14 @@ def _tall_blocks(weight: Tensor) -> Tensor:
 
 def default_block_rows(weight: Tensor) -> int:
     """4 when the weight's nonzeros come in 4 x 1 blocks (4 consecutive output rows
-    sharing an input feature) filled at least 60%, else 1.
+    sharing an input feature) filled at least 80%, else 1.
 
-    A 4 x 1 block loads its activations once for 4 rows, which on unstructured weights
-    is the kernel's main cost, but stores (and multiplies) the zeros inside its blocks.
-    Measured on a 3072 x 768 weight at 90% sparsity, 64 tokens, one core
-    (docs/kernels.md): 4 x 1 blocks run at 1.35x the per-value rate of the same weight
-    packed 1 x 1 when full, break even at about 55% fill. Unstructured weights fill
+    A 4 x 1 block loads its activations once for 4 rows but stores (and multiplies) the
+    zeros inside its blocks; the 1 x 1 kernel on the same weight also finds its
+    activation rows in L1, as consecutive rows share features. Measured through the op
+    on BERT's 3072 x 768 layer at 90% (benchmarks/bench_packing.py --fill, 64 tokens on
+    1 thread and 128 on 2; docs/packed_format.md): 4 x 1 blocks filled 70% ran 10% slower
+    than 1 x 1, 80% about even (0-5% faster), 90% 7-12% faster. Unstructured weights fill
     their 4 x 1 blocks far less (29% at 90% sparsity) and stay 1 x 1."""
     if weight.dim() != 2 or weight.size(0) % TALL_BLOCK_ROWS or weight.numel() == 0:
         return 1
