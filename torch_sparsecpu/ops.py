@@ -18,8 +18,8 @@ TALL_BLOCK_MIN_FILL = 0.8
 
 # Output rows per row block (the op schema's default too). 128 rows x 64 tokens make a
 # 32 KiB tile: more rows share each K-block's activations while they are in L1 than with
-# 32, which measured up to 1.3x faster on BERT's 3072 x 768 layer at 90% (one core) and
-# never slower (docs/packed_format.md#choosing-k_block-and-row_block).
+# 32, which measured 5-12% faster on BERT's 3072 x 768 layer at 90% on one thread, 1-6%
+# on two, never slower (docs/packed_format.md#choosing-k_block-and-row_block).
 DEFAULT_ROW_BLOCK = 128
 
 
