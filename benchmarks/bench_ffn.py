@@ -19,8 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from common import median_ms, random_input, random_sparse_weight
-from torch_sparsecpu.kernels import torch_threads
+from common import add_single_case_arguments, check_then_time, random_input, random_sparse_weight
 from torch_sparsecpu import ops
 
 HIDDEN, INTERMEDIATE = 768, 3072
@@ -28,13 +27,7 @@ HIDDEN, INTERMEDIATE = 768, 3072
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sparsity", type=int, default=90, help="percent of zero weights")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--min-run-time", type=float, default=0.3)
-    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
-                        help="1: zeros at random positions (default); 4: zeros in 4 x 1 blocks")
+    add_single_case_arguments(parser, tokens=128, threads=2, rounds=7, min_run_time=0.3)
     args = parser.parse_args(argv)
 
     w1 = random_sparse_weight(INTERMEDIATE, HIDDEN, args.sparsity, seed=1, block_rows=args.block_rows)
@@ -47,16 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "linear_chain": lambda: ops.linear_chain(x, [w1, w2], [p1, p2], [b1, b2], ["gelu", "none"]),
         "two linear ops": lambda: ops.linear(ops.linear(x, w1, p1, b1, "gelu"), w2, p2, b2),
     }
-    with torch_threads(args.threads):
-        reference = candidates["eager dense"]()
-        for name in ("linear_chain", "two linear ops"):
-            error = (candidates[name]() - reference).abs().max().item()
-            if not error <= 1e-5 * reference.abs().max().item():
-                sys.exit(f"error: {name}: wrong result (max error {error:.3g}), no timings reported")
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(args.rounds):
-        for name, fn in candidates.items():
-            times[name].append(median_ms(fn, args.threads, args.min_run_time))
+    times = check_then_time(candidates, "eager dense", args.threads, args.rounds, args.min_run_time,
+                            tolerance=1e-5)
 
     dense = statistics.median(times["eager dense"])
     zeros = "at random positions" if args.block_rows == 1 else f"in {args.block_rows}x1 blocks"

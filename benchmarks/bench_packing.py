@@ -30,14 +30,13 @@ import torch.nn.functional as F
 
 import torch_sparsecpu
 from common import (
-    RELATIVE_TOLERANCE,
+    add_single_case_arguments,
+    check_then_time,
     load_shapes,
-    median_ms,
     random_input,
     random_sparse_weight,
     stable_seed,
 )
-from torch_sparsecpu.kernels import torch_threads
 
 
 def parse_packing(text: str) -> tuple[int | None, int, int | None]:
@@ -55,13 +54,7 @@ def parse_packing(text: str) -> tuple[int | None, int, int | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="bert.intermediate", help="a layer name from shapes.json")
-    parser.add_argument("--sparsity", type=int, default=90, help="percent of zero weights")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
-                        help="1: zeros at random positions (default); 4: zeros in 4 x 1 blocks")
+    add_single_case_arguments(parser, tokens=64, threads=1, rounds=5, min_run_time=0.2)
     parser.add_argument("--fill", type=float, default=1.0,
                         help="with --block-rows 4: fraction of each kept block's values that are nonzero")
     parser.add_argument("--packings", type=lambda text: [parse_packing(p) for p in text.split(",")],
@@ -82,16 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, buffer in packed.items():
         candidates[name] = lambda buffer=buffer: torch_sparsecpu.ops.linear(x, weight, buffer)
 
-    with torch_threads(args.threads):
-        reference = candidates["dense"]()
-        for name in packed:
-            error = (candidates[name]() - reference).abs().max().item()
-            if not error <= RELATIVE_TOLERANCE * reference.abs().max().item():
-                sys.exit(f"error: packing {name}: wrong result (max error {error:.3g}), no timings reported")
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(args.rounds):
-        for name, fn in candidates.items():
-            times[name].append(median_ms(fn, args.threads, args.min_run_time))
+    times = check_then_time(candidates, "dense", args.threads, args.rounds, args.min_run_time)
 
     nnz_flops = 2 * int(weight.count_nonzero()) * args.tokens
     dense_ms = statistics.median(times["dense"])

@@ -250,6 +250,31 @@ def median_ms(fn: Callable[[], Tensor], threads: int, min_run_time: float) -> fl
     return statistics.median(times) * 1e3
 
 
+def check_then_time(
+    candidates: dict[str, Callable[[], Tensor]],
+    reference: str,
+    threads: int,
+    rounds: int,
+    min_run_time: float,
+    tolerance: float = RELATIVE_TOLERANCE,
+) -> dict[str, list[float]]:
+    """Checks every candidate against ``candidates[reference]`` (max |difference| <=
+    ``tolerance`` * max |reference|; a wrong one exits, reporting no timings), then times
+    them all in ``rounds`` interleaved rounds: per candidate, one :func:`median_ms` per
+    round, so a slow spell of the machine hits every candidate alike."""
+    with torch_threads(threads):
+        expected = candidates[reference]()
+        for name, fn in candidates.items():
+            error = (fn() - expected).abs().nan_to_num(nan=float("inf")).max().item()
+            if not error <= tolerance * expected.abs().max().item():
+                sys.exit(f"error: {name}: wrong result (max error {error:.3g}), no timings reported")
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            times[name].append(median_ms(fn, threads, min_run_time))
+    return times
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -519,6 +544,20 @@ def add_sweep_arguments(
                         default=torch_sparsecpu.isa(),
                         help=f"sparsecpu kernels to run (default: {torch_sparsecpu.isa()}, "
                              "the best this CPU has)")
+
+
+def add_single_case_arguments(
+    parser: argparse.ArgumentParser, *, tokens: int, threads: int, rounds: int, min_run_time: float
+) -> None:
+    """The arguments of the benchmarks that time one case several ways (bench_ffn.py,
+    bench_packing.py), with each script's defaults."""
+    parser.add_argument("--sparsity", type=int, default=90, help="percent of zero weights")
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds; medians are reported")
+    parser.add_argument("--min-run-time", type=float, default=min_run_time)
+    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
+                        help="1: zeros at random positions (default); 4: zeros in 4 x 1 blocks")
 
 
 def validate_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -91,3 +91,16 @@ def test_bench_packing_partly_filled_blocks_both_ways(capsys):
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["dense", "auto/128/1", "auto/128/4"]
     with pytest.raises(SystemExit):  # --fill needs 4 x 1 blocks
         bench_packing.main(["--fill", "0.5"])
+
+
+def test_check_then_time_refuses_a_wrong_candidate(monkeypatch):
+    x = torch.randn(5, 3)
+    timed = []
+    monkeypatch.setattr(common, "median_ms", lambda fn, threads, min_run_time: timed.append(fn) or 1.0)
+    times = common.check_then_time({"ref": lambda: x, "same": lambda: x.clone()}, "ref", 1, 2, 0.01)
+    assert times == {"ref": [1.0, 1.0], "same": [1.0, 1.0]} and len(timed) == 4
+    with pytest.raises(SystemExit, match="wrong: wrong result"):
+        common.check_then_time({"ref": lambda: x, "wrong": lambda: x + 1}, "ref", 1, 2, 0.01)
+    with pytest.raises(SystemExit, match="nan: wrong result"):
+        common.check_then_time({"ref": lambda: x, "nan": lambda: x * float("nan")}, "ref", 1, 2, 0.01)
+    assert len(timed) == 4  # nothing timed after a wrong result
