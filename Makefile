@@ -32,7 +32,8 @@ bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_linear.py
 
 # The AVX2 kernels alone, one core, no torch (benchmarks/probe_kernels.cpp): FMA peak,
-# the microkernel's L1 ceiling, and pack / kernel / unpack of BERT's 3072x768 layer at 90%.
+# the microkernel's L1 ceiling, pack / kernel / unpack of BERT's 3072x768 layer at 90%, and
+# the kernel with its activations forced into L1 (the cost of L1 misses).
 PROBE := build/probe_kernels
 PROBE_SOURCES := benchmarks/probe_kernels.cpp csrc/kernels/pack.cpp csrc/kernels/spmm_f32__avx2.cpp
 $(PROBE): $(PROBE_SOURCES) $(wildcard csrc/kernels/*.h)
