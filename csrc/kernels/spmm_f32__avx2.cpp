@@ -30,6 +30,11 @@ struct Vec {
     const __m256i biased = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
   }
+  // The first n lanes (masked lanes are neither read nor written).
+  using Mask = __m256i;
+  static Mask first(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static T load_first(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void store_first(float* p, T v, Mask m) { _mm256_maskstore_ps(p, m, v); }
 };
 
 #include "spmm_f32_simd-inl.h"

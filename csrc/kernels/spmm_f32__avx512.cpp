@@ -30,6 +30,11 @@ struct Vec {
     const __m512i biased = _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
   }
+  // The first n lanes (masked lanes are neither read nor written).
+  using Mask = __mmask16;
+  static Mask first(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static T load_first(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store_first(float* p, T v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
 };
 
 #include "spmm_f32_simd-inl.h"

@@ -5,7 +5,9 @@
 // register type and operations:
 //   Vec::T, Vec::kWidth, Vec::kMaxVectors (register tile: 1 row x kMaxVectors*kWidth tokens),
 //   zero, set1, load, store, add, mul, div, fma(a, b, c) = a*b + c, min, max, xor_,
-//   floor, pow2(n) = 2^n for an integer-valued n in [-127, 127].
+//   floor, pow2(n) = 2^n for an integer-valued n in [-127, 127];
+//   Mask, first(n) (the first n <= kWidth lanes), load_first / store_first (masked:
+//   the other lanes' memory is neither read nor written).
 // No header may be included from here: everything instantiated below is
 // compiled for this ISA only and must not leak into shared inline functions.
 
@@ -151,18 +153,32 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
   }
 }
 
-// spmv_f32_<kRows>x<kTokens>: few tokens, memory-bound. Each nonzero block's values
-// and offset are read once for all kTokens tokens. A 1-row group keeps four partial
-// sums per token to break the FMA dependency chain; a tall block's kRows rows are
-// independent chains already. The panel is [in_features][kTokens], the tile
-// [rows][kTokens] exactly (no padding).
+// spmv_f32_<kRows>x<kTokens>: few tokens. Each nonzero block's value(s) and offset are
+// read once for all kTokens tokens. The panel is [in_features][kTokens], the tile
+// [rows][kTokens] exactly (no padding): a feature's kTokens activations are loaded as
+// the first kTokens lanes of one register (a masked load, which reads nothing past
+// them), so a nonzero costs three loads (offset, value, activations) and one FMA
+// whatever the token count. Four partial sums (a 1-row group) or the kRows rows of a
+// tall block (independent chains already) hide the FMA latency. One token and 1-row
+// groups keep scalar code: one lane of a register FMA does no more work than a
+// scalar FMA, and the scalar loop measured faster.
+// out[i] += lanes[i] for i < n (n a compile-time constant at every call): a plain
+// store of the register and scalar adds, cheaper than a masked store.
+inline void add_first_lanes(Vec::T lanes, int n, float* out) {
+  float values[Vec::kWidth];
+  Vec::store(values, lanes);
+  for (int i = 0; i < n; ++i) out[i] += values[i];
+}
+
 template <int kRows, int kTokens>
 __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_register_tile(
     const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end, const float* panel,
     const float* bias, Activation act, float* tile) {
+  static_assert(kTokens <= Vec::kWidth, "a feature's activations fill one register at most");
   const int64_t rows = w.rows_in_block(rb);
   const int64_t groups = w.segments_in_block(rb);
   if (kb_begin == 0) fill_tile_with_bias(w, rb, bias, kTokens, tile);
+  const Vec::Mask tokens = Vec::first(kTokens);
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_segment = w.segment(rb, kb, 0);
     const float* panel_kb = panel + kb * w.k_block * kTokens;  // this K-block's features
@@ -170,57 +186,64 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_register_tile
       float* out = tile + w.seg_rows[s] * kTokens;
       int32_t j = w.seg_ptr[s];
       const int32_t end = w.seg_ptr[s + 1];
-      if (kRows > 1) {
-        float acc[kRows][kTokens] = {};
-        for (; j < end; ++j) {
-          const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens;
-          const float* value = w.values + static_cast<int64_t>(j) * kRows;
-#pragma GCC unroll 4
-          for (int m = 0; m < kRows; ++m) {
-#pragma GCC unroll 8
-            for (int t = 0; t < kTokens; ++t) acc[m][t] += value[m] * x[t];
+      if (kRows > 1 && kTokens == 1) {
+        // Lanes are the block's rows: its kRows values (consecutive) times one activation.
+        const Vec::Mask block_rows = Vec::first(kRows);
+        Vec::T acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+        for (; j + 4 <= end; j += 4) {
+          for (int q = 0; q < 4; ++q) {
+            const Vec::T values = Vec::load_first(w.values + static_cast<int64_t>(j + q) * kRows, block_rows);
+            acc[q] = Vec::fma(values, Vec::set1(panel_kb[w.offsets[j + q]]), acc[q]);
           }
         }
-        for (int m = 0; m < kRows; ++m) {
-#pragma GCC unroll 8
-          for (int t = 0; t < kTokens; ++t) out[m * kTokens + t] += acc[m][t];
+        for (; j < end; ++j) {
+          const Vec::T values = Vec::load_first(w.values + static_cast<int64_t>(j) * kRows, block_rows);
+          acc[0] = Vec::fma(values, Vec::set1(panel_kb[w.offsets[j]]), acc[0]);
         }
-        continue;
-      }
-      // Four independent partial sums per token, kept in registers.
-      float acc0[kTokens] = {}, acc1[kTokens] = {}, acc2[kTokens] = {}, acc3[kTokens] = {};
-      for (; j + 4 <= end; j += 4) {
-        const float* x0 = panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens;
-        const float* x1 = panel_kb + static_cast<int64_t>(w.offsets[j + 1]) * kTokens;
-        const float* x2 = panel_kb + static_cast<int64_t>(w.offsets[j + 2]) * kTokens;
-        const float* x3 = panel_kb + static_cast<int64_t>(w.offsets[j + 3]) * kTokens;
-#pragma GCC unroll 8
-        for (int t = 0; t < kTokens; ++t) {
-          acc0[t] += w.values[j] * x0[t];
-          acc1[t] += w.values[j + 1] * x1[t];
-          acc2[t] += w.values[j + 2] * x2[t];
-          acc3[t] += w.values[j + 3] * x3[t];
+        add_first_lanes(Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3])), kRows, out);
+      } else if (kRows > 1) {
+        Vec::T acc[kRows];
+        for (int m = 0; m < kRows; ++m) acc[m] = Vec::zero();
+        for (; j < end; ++j) {
+          const Vec::T x = Vec::load_first(panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens, tokens);
+          const float* value = w.values + static_cast<int64_t>(j) * kRows;
+          for (int m = 0; m < kRows; ++m) acc[m] = Vec::fma(Vec::set1(value[m]), x, acc[m]);
         }
+        for (int m = 0; m < kRows; ++m) add_first_lanes(acc[m], kTokens, out + m * kTokens);
+      } else if (kTokens == 1) {
+        float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
+        for (; j + 4 <= end; j += 4) {
+          acc0 += w.values[j] * panel_kb[w.offsets[j]];
+          acc1 += w.values[j + 1] * panel_kb[w.offsets[j + 1]];
+          acc2 += w.values[j + 2] * panel_kb[w.offsets[j + 2]];
+          acc3 += w.values[j + 3] * panel_kb[w.offsets[j + 3]];
+        }
+        for (; j < end; ++j) acc0 += w.values[j] * panel_kb[w.offsets[j]];
+        out[0] += (acc0 + acc1) + (acc2 + acc3);
+      } else {
+        Vec::T acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+        for (; j + 4 <= end; j += 4) {
+          for (int q = 0; q < 4; ++q) {
+            const Vec::T x = Vec::load_first(panel_kb + static_cast<int64_t>(w.offsets[j + q]) * kTokens, tokens);
+            acc[q] = Vec::fma(Vec::set1(w.values[j + q]), x, acc[q]);
+          }
+        }
+        for (; j < end; ++j) {
+          const Vec::T x = Vec::load_first(panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens, tokens);
+          acc[0] = Vec::fma(Vec::set1(w.values[j]), x, acc[0]);
+        }
+        add_first_lanes(Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3])), kTokens, out);
       }
-      for (; j < end; ++j) {
-        const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens;
-#pragma GCC unroll 8
-        for (int t = 0; t < kTokens; ++t) acc0[t] += w.values[j] * x[t];
-      }
-#pragma GCC unroll 8
-      for (int t = 0; t < kTokens; ++t) out[t] += (acc0[t] + acc1[t]) + (acc2[t] + acc3[t]);
     }
   }
   if (act != Activation::kNone && kb_end == w.num_k_blocks) {
     // The neighbouring row block's partial sums may follow the tile: touch only
-    // rows * kTokens floats, the last partial register through a copy.
+    // rows * kTokens floats, the last partial register masked.
     const int64_t n = rows * kTokens, full = n / Vec::kWidth * Vec::kWidth;
     for (int64_t i = 0; i < full; i += Vec::kWidth) Vec::store(tile + i, activate(Vec::load(tile + i), act));
     if (full < n) {
-      float rest[Vec::kWidth] = {};
-      for (int64_t i = full; i < n; ++i) rest[i - full] = tile[i];
-      Vec::store(rest, activate(Vec::load(rest), act));
-      for (int64_t i = full; i < n; ++i) tile[i] = rest[i - full];
+      const Vec::Mask rest = Vec::first(static_cast<int>(n - full));
+      Vec::store_first(tile + full, activate(Vec::load_first(tile + full, rest), act), rest);
     }
   }
 }
