@@ -100,6 +100,9 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
                         const float* panel, int64_t panel_width, int64_t first_token,
                         const float* bias, Activation act, float* tile) {
   const int64_t stride = kRows == 1 ? kVectors * Vec::kWidth : panel_width;
+  // Accumulator sets of a 1-row tile: enough for about 8 independent FMA chains, at
+  // most 4 (kVectors = 1, 2: 4 sets; 3, 4: 2; wider tiles: 1).
+  constexpr int kSets = kRows > 1 || kVectors >= 3 ? 1 : kVectors == 2 ? 2 : 4;
   const int64_t groups = w.segments_in_block(rb);
   const int64_t first_row = rb * w.row_block;
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
@@ -120,9 +123,34 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
           for (int v = 0; v < kVectors; ++v) acc[m][v] = Vec::load(out + m * stride + v * Vec::kWidth);
         }
       }
+      int32_t j = seg[s];
       const int32_t end = seg[s + 1];
+      if (kSets > 1) {
+        // A narrow 1-row tile has too few accumulators to hide the FMA latency: kSets
+        // sets take consecutive nonzeros in turn and are summed at the end.
+        Vec::T extra[kSets > 1 ? kSets - 1 : 1][kVectors];
+        for (int q = 0; q + 1 < kSets; ++q) {
+          for (int v = 0; v < kVectors; ++v) extra[q][v] = Vec::zero();
+        }
+        for (; j + kSets <= end; j += kSets) {
+          const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * stride;
+          const Vec::T value = Vec::set1(w.values[j]);
+          for (int v = 0; v < kVectors; ++v) acc[0][v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[0][v]);
+#pragma GCC unroll 4
+          for (int q = 0; q + 1 < kSets; ++q) {
+            const float* xq = panel_kb + static_cast<int64_t>(w.offsets[j + 1 + q]) * stride;
+            const Vec::T value_q = Vec::set1(w.values[j + 1 + q]);
+            for (int v = 0; v < kVectors; ++v) {
+              extra[q][v] = Vec::fma(value_q, Vec::load(xq + v * Vec::kWidth), extra[q][v]);
+            }
+          }
+        }
+        for (int q = 0; q + 1 < kSets; ++q) {
+          for (int v = 0; v < kVectors; ++v) acc[0][v] = Vec::add(acc[0][v], extra[q][v]);
+        }
+      }
 #pragma GCC unroll 2
-      for (int32_t j = seg[s]; j < end; ++j) {
+      for (; j < end; ++j) {  // every nonzero, or those left over from the sets
         const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * stride;
         if (kRows == 1) {
           const Vec::T value = Vec::set1(w.values[j]);
