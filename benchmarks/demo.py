@@ -10,6 +10,7 @@ stops the demo with a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 
@@ -50,12 +51,12 @@ def ffn_block_4x1(sparsity: float):
     return ffn_block(sparsity, block_rows=4)
 
 
-def bert_base(sparsity: float):
+def bert_base(sparsity: float, tokens: int = 128):
     import transformers
 
     model = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False).eval()
     torch_sparsecpu.magnitude_prune_(model, sparsity, name_filter=lambda n: n.startswith("encoder."))
-    input_ids = torch.randint(0, model.config.vocab_size, (1, 128))
+    input_ids = torch.randint(0, model.config.vocab_size, (1, tokens))
 
     def last_hidden_state(module):
         return lambda ids: module(ids).last_hidden_state
@@ -67,7 +68,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bert-tokens", type=int, default=128,
+                        help="sequence length of the BERT input (1: batch-1 decoding-like GEMV)")
     args = parser.parse_args()
+    if args.bert_tokens < 1:
+        parser.error(f"--bert-tokens must be >= 1, got {args.bert_tokens}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, sparse kernels: {torch_sparsecpu.isa()}, "
@@ -76,7 +81,7 @@ def main() -> int:
     cases = {
         "FFN 768->3072 GELU ->768, 128 tokens": ffn_block,
         "same FFN pruned in 4x1 blocks": ffn_block_4x1,
-        "HF BERT-base encoder, 1 x 128 tokens": bert_base,
+        f"HF BERT-base encoder, 1 x {args.bert_tokens} tokens": functools.partial(bert_base, tokens=args.bert_tokens),
     }
     rows = []
     for name, build in cases.items():
