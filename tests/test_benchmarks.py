@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch_sparsecpu
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_ffn  # noqa: E402
@@ -51,12 +53,29 @@ def test_sweep_refuses_to_time_a_wrong_answer(monkeypatch):
         common.run_sweep(common.enumerate_cases([shape], [50], [5], [1]), 0.01, "test")
 
 
-def test_bench_ffn_checks_then_times_three_versions(capsys):
+def test_bench_ffn_checks_then_times_four_versions(capsys):
     assert bench_ffn.main(["--tokens", "9", "--threads", "1", "--rounds", "2", "--min-run-time", "0.01"]) == 0
     out = capsys.readouterr().out
-    for name in ("eager dense", "linear_chain", "two linear ops"):
+    for name in ("eager dense", "compiled", "linear_chain", "two linear ops"):
         assert name in out
-    assert "per round:" in out
+    assert "linear_chain / two linear ops, per round:" in out
+    assert "compiled / linear_chain, per round:" in out
+
+
+def test_bench_ffn_compiled_block_runs_one_chain():
+    """The compiled candidate is what the must-show figure claims: both layers sparse, as
+    one linear_chain (inference mode), with the benchmark's own weights."""
+    w1 = common.random_sparse_weight(3072, 768, 90, seed=1)
+    w2 = common.random_sparse_weight(768, 3072, 90, seed=2)
+    b1, b2 = torch.randn(3072), torch.randn(768)
+    model = bench_ffn.compiled_ffn(w1, b1, w2, b2)
+    assert torch.equal(model[0].weight, w1) and torch.equal(model[2].bias, b2)
+    decisions = torch_sparsecpu.explain(model, torch.randn(4, 768))
+    assert [d.taken for d in decisions] == [True, True]
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})
+    with torch.inference_mode(), torch.profiler.profile() as profile:
+        compiled(torch.randn(4, 768))
+    assert "sparsecpu::linear_chain" in {event.name for event in profile.events()}
 
 
 @pytest.mark.parametrize("block_rows", [1, 4])
