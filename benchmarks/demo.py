@@ -71,8 +71,8 @@ def main() -> int:
     parser.add_argument("--bert-tokens", type=int, default=128,
                         help="sequence length of the BERT input (1: batch-1 decoding-like GEMV)")
     args = parser.parse_args()
-    if args.bert_tokens < 1:
-        parser.error(f"--bert-tokens must be >= 1, got {args.bert_tokens}")
+    if not 1 <= args.bert_tokens <= 512:  # BERT-base has 512 positions
+        parser.error(f"--bert-tokens must be in [1, 512], got {args.bert_tokens}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, sparse kernels: {torch_sparsecpu.isa()}, "
