@@ -183,44 +183,6 @@ def _linear_chain_fake(input, weights, packed, biases, activations):
     return input.new_empty((*input.shape[:-1], weights[-1].size(0)))
 
 
-# Gradients are those of the dense layer: y = act(x W^T + b). Gradients flow through
-# the live ``weight`` (never through ``packed``); the pre-activation is recomputed
-# sparsely in backward rather than kept alive from forward.
-def _linear_setup_context(ctx, inputs, output):
-    input, weight, packed, bias, activation = inputs
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(input, weight, packed, bias)
+# Autograd for sparsecpu::linear is registered in C++ (csrc/ops/autograd.cpp): the
+# gradients of the dense layer, without a Python call in grad mode.
 
-
-def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, pre, 0)
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre, approximate="none")
-    if activation == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, pre)
-    return grad
-
-
-def _linear_backward(ctx, grad_output):
-    input, weight, packed, bias = ctx.saved_tensors
-    grad = grad_output
-    if ctx.activation != "none":
-        pre = torch.ops.sparsecpu.linear(input, weight, packed, bias, "none")
-        grad = _activation_backward(grad, pre, ctx.activation)
-    grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = grad @ weight
-    if ctx.needs_input_grad[1]:
-        grad_weight = grad.reshape(-1, weight.size(0)).t() @ input.reshape(-1, weight.size(1))
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad.reshape(-1, weight.size(0)).sum(0)
-    return grad_input, grad_weight, None, grad_bias, None
-
-
-torch.library.register_autograd(
-    "sparsecpu::linear", _linear_backward, setup_context=_linear_setup_context
-)
