@@ -99,6 +99,30 @@ def test_gradients_match_dense(activation):
         assert_close_rel(leaf.grad, dense_leaf.grad, rel=1e-4, what=f"grad of {name}")
 
 
+@pytest.mark.parametrize("bias_given, wants", [
+    (False, ("input",)), (False, ("weight",)), (False, ("input", "weight")),
+    (True, ("input",)), (True, ("weight",)), (True, ("bias",)), (True, ("weight", "bias")),
+])
+def test_gradients_of_some_leaves(bias_given, wants):
+    """Only the leaves that require grad get one, with or without a bias: the autograd
+    kernel indexes its inputs' edges, and a missing bias is not one of them."""
+    weight = sparse_weight(24, 18, 0.7)
+    packed = ops.pack_linear(weight)
+    tensors = {"input": torch.randn(4, 18), "weight": weight.clone(), "bias": torch.randn(24) if bias_given else None}
+    leaves = {k: (v.clone().requires_grad_(k in wants) if v is not None else None) for k, v in tensors.items()}
+    dense = {k: (v.clone().requires_grad_(k in wants) if v is not None else None) for k, v in tensors.items()}
+    grad = torch.randn(4, 24)
+    ops.linear(leaves["input"], leaves["weight"], packed, leaves["bias"], "gelu").backward(grad)
+    F.gelu(F.linear(dense["input"], dense["weight"], dense["bias"])).backward(grad)
+    for name in ("input", "weight", "bias"):
+        if leaves[name] is None:
+            continue
+        if name in wants:
+            assert_close_rel(leaves[name].grad, dense[name].grad, rel=1e-4, what=f"grad of {name}")
+        else:
+            assert leaves[name].grad is None, name
+
+
 def test_packed_buffer_checked():
     x, weight, packed, bias, _ = next(linear_samples())
     bad_magic = packed.clone()
