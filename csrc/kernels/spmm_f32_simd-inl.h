@@ -198,6 +198,19 @@ inline void add_first_lanes(Vec::T lanes, int n, float* out) {
   for (int i = 0; i < n; ++i) out[i] += values[i];
 }
 
+// Sum over nonzero blocks j in [j, end) of the products fma_into(j, acc) adds, kept in
+// four partial sums (consecutive blocks in turn) so the FMA latency does not serialise
+// the loop.
+template <typename FmaInto>
+inline Vec::T four_partial_sums(int32_t j, int32_t end, FmaInto fma_into) {
+  Vec::T acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+  for (; j + 4 <= end; j += 4) {
+    for (int q = 0; q < 4; ++q) acc[q] = fma_into(j + q, acc[q]);
+  }
+  for (; j < end; ++j) acc[0] = fma_into(j, acc[0]);
+  return Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3]));
+}
+
 template <int kRows, int kTokens>
 __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_register_tile(
     const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end, const float* panel,
@@ -217,18 +230,11 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_register_tile
       if (kRows > 1 && kTokens == 1) {
         // Lanes are the block's rows: its kRows values (consecutive) times one activation.
         const Vec::Mask block_rows = Vec::first(kRows);
-        Vec::T acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
-        for (; j + 4 <= end; j += 4) {
-          for (int q = 0; q < 4; ++q) {
-            const Vec::T values = Vec::load_first(w.values + static_cast<int64_t>(j + q) * kRows, block_rows);
-            acc[q] = Vec::fma(values, Vec::set1(panel_kb[w.offsets[j + q]]), acc[q]);
-          }
-        }
-        for (; j < end; ++j) {
-          const Vec::T values = Vec::load_first(w.values + static_cast<int64_t>(j) * kRows, block_rows);
-          acc[0] = Vec::fma(values, Vec::set1(panel_kb[w.offsets[j]]), acc[0]);
-        }
-        add_first_lanes(Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3])), kRows, out);
+        add_first_lanes(four_partial_sums(j, end, [&](int32_t i, Vec::T acc) {
+                          const Vec::T values = Vec::load_first(w.values + static_cast<int64_t>(i) * kRows, block_rows);
+                          return Vec::fma(values, Vec::set1(panel_kb[w.offsets[i]]), acc);
+                        }),
+                        kRows, out);
       } else if (kRows > 1) {
         Vec::T acc[kRows];
         for (int m = 0; m < kRows; ++m) acc[m] = Vec::zero();
@@ -249,18 +255,11 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_register_tile
         for (; j < end; ++j) acc0 += w.values[j] * panel_kb[w.offsets[j]];
         out[0] += (acc0 + acc1) + (acc2 + acc3);
       } else {
-        Vec::T acc[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
-        for (; j + 4 <= end; j += 4) {
-          for (int q = 0; q < 4; ++q) {
-            const Vec::T x = Vec::load_first(panel_kb + static_cast<int64_t>(w.offsets[j + q]) * kTokens, tokens);
-            acc[q] = Vec::fma(Vec::set1(w.values[j + q]), x, acc[q]);
-          }
-        }
-        for (; j < end; ++j) {
-          const Vec::T x = Vec::load_first(panel_kb + static_cast<int64_t>(w.offsets[j]) * kTokens, tokens);
-          acc[0] = Vec::fma(Vec::set1(w.values[j]), x, acc[0]);
-        }
-        add_first_lanes(Vec::add(Vec::add(acc[0], acc[1]), Vec::add(acc[2], acc[3])), kTokens, out);
+        add_first_lanes(four_partial_sums(j, end, [&](int32_t i, Vec::T acc) {
+                          const Vec::T x = Vec::load_first(panel_kb + static_cast<int64_t>(w.offsets[i]) * kTokens, tokens);
+                          return Vec::fma(Vec::set1(w.values[i]), x, acc);
+                        }),
+                        kTokens, out);
       }
     }
   }
