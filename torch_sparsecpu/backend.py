@@ -3,8 +3,9 @@
     torch.compile(model, backend="sparsecpu", options={"min_sparsity": 0.7})
 
 Dynamo hands us an FX graph whose parameters are placeholders and whose example
-inputs are the model's real parameters. We pack the sparse float32 linear weights
-once, rewrite their calls into ``sparsecpu::linear`` and hand the graph on to
+inputs are the model's real parameters. We pack the sparse float32 weights of
+linears and 1 x 1 convolutions once, rewrite their calls into ``sparsecpu::linear``
+/ ``sparsecpu::conv1x1`` and hand the graph on to
 Inductor (or run it eagerly). Before every call the wrapper checks that the packed
 weights are current (``_version`` and storage); if not, it rebuilds.
 """
@@ -21,8 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .ops import pack_linear
-from .passes import LayerDecision, find_static_tensors, fuse_sparse_chains, rewrite_sparse_linears
+from .passes import LayerDecision, find_static_tensors, fuse_sparse_chains, pack_weight, rewrite_sparse_layers
 
 log = logging.getLogger("torch_sparsecpu")
 
@@ -33,15 +33,15 @@ INNER_COMPILERS = ("inductor", "eager")
 class SparseCPUOptions:
     """Knobs of the backend, given as ``torch.compile(..., options={...})``.
 
-    min_sparsity:      a linear takes the sparse path when at least this fraction of
+    min_sparsity:      a linear (or 1 x 1 conv) takes the sparse path when at least this fraction of
                        its weight is exactly zero (below it dense kernels win on this
                        class of CPU; see docs/benchmarks.md).
     inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
-    fuse_activations:  fuse a ReLU / GELU / SiLU that follows a sparse linear into it.
+    fuse_activations:  fuse a ReLU / GELU / SiLU that follows a sparse layer into it.
     fuse_layers:       run sparse linears that feed each other as one op, panel of
                        tokens by panel, so intermediates stay in cache (inference
                        only: graphs compiled with grad mode on keep separate layers).
-    verbose:           log each linear taken or skipped at INFO instead of DEBUG.
+    verbose:           log each linear / conv2d taken or skipped at INFO instead of DEBUG.
     """
 
     min_sparsity: float = 0.6
@@ -172,7 +172,7 @@ class SparseCompiledGraph:
                 new._dynamo_source = old._dynamo_source
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
-        packed, packed_attr_of, decisions = rewrite_sparse_linears(
+        packed, packed_attr_of, decisions = rewrite_sparse_layers(
             graph, static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
@@ -210,7 +210,7 @@ class SparseCompiledGraph:
     def _repacked(self, build: _Build, args: Sequence) -> _Build:
         """The build for the weights as they are now: the packed buffers rewritten in
         place when their sizes still match (no recompile), else a full rebuild."""
-        fresh = [(w, pack_linear(w.current(args).detach())) for w in build.watched]
+        fresh = [(w, pack_weight(w.current(args))) for w in build.watched]
         if all(new.shape == w.packed.shape for w, new in fresh):
             log.info("sparsecpu: weights changed since they were packed; repacking in place")
             watched = []
@@ -257,7 +257,7 @@ def sparsecpu_backend(gm: fx.GraphModule, example_inputs: Sequence, *, options=N
 
 def explain(model: Callable, *args, **options) -> list[LayerDecision]:
     """Compiles ``model`` with the sparsecpu backend, runs it once on ``args`` and returns
-    one :class:`LayerDecision` per linear call: taken or not, sparsity, and why."""
+    one :class:`LayerDecision` per linear or conv2d call: taken or not, sparsity, and why."""
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     parsed = SparseCPUOptions.from_mapping({**options, "inner": "eager"})

@@ -62,6 +62,15 @@ inline void transpose8x8(__m256 rows[8]) {
 // Any strides and token counts, zero-padding tokens >= `tokens`.
 void pack_panel_any(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                     int64_t feature_stride, int64_t panel_width, float* panel) {
+  if (token_stride == 1) {  // feature-major already (NCHW pixels): row copies
+    for (int64_t i = 0; i < in_features; ++i) {
+      const float* src = x + i * feature_stride;
+      float* dst = panel + i * panel_width;
+      for (int64_t t = 0; t < tokens; ++t) dst[t] = src[t];
+      for (int64_t t = tokens; t < panel_width; ++t) dst[t] = 0.0f;
+    }
+    return;
+  }
   for (int64_t t = 0; t < tokens; ++t) {
     const float* src = x + t * token_stride;
     for (int64_t i = 0; i < in_features; ++i) panel[i * panel_width + t] = src[i * feature_stride];

@@ -191,7 +191,24 @@ void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, in
   }
 }
 
-// y[n, o] = act(bias[o] + sum_i W[o, i] x[n, i]) for a 2-D x of any strides.
+// Where a layer's output goes: y[t * token_stride + o * feature_stride] for token t
+// and output feature o. Linear writes token-major rows (feature_stride 1); a 1 x 1
+// convolution writes NCHW planes, feature-major (token_stride 1).
+struct OutputLayout {
+  int64_t token_stride;
+  int64_t feature_stride;
+};
+
+// Tile [rows][width] (tokens [0, tokens) valid) into y laid out as `out`, y pointing
+// at the tile's first token and row.
+void write_tile(const kernels::SpmmKernels& k, const float* tile, int64_t rows, int64_t width, int64_t tokens,
+                float* y, OutputLayout out) {
+  if (out.feature_stride == 1) return k.unpack_tile(tile, rows, width, tokens, y, out.token_stride);
+  for (int64_t o = 0; o < rows; ++o) std::copy_n(tile + o * width, tokens, y + o * out.feature_stride);
+}
+
+// y[n, o] = act(bias[o] + sum_i W[o, i] x[n, i]) for a 2-D x of any strides, into a
+// y laid out as `out` (token t of x is token t of y).
 //
 // The tokens are cut into panels of max_panel_width; every (panel, row block) pair
 // is a work item. Items are split into one contiguous chunk per thread, balanced by
@@ -202,7 +219,7 @@ void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, in
 // larger one slice by slice, right before each K-block is swept.
 void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
                       int64_t token_stride, int64_t feature_stride, const float* bias,
-                      Activation act, float* y) {
+                      Activation act, float* y, OutputLayout out) {
   const kernels::SpmmKernels& k = kernels::active_kernels();
   const PanelPlan plan{k, tokens, k.max_panel_width};
   const int64_t num_panels = plan.num_panels();
@@ -254,8 +271,8 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
           packed_panel = -1;
           run_row_blocks(k, w, rb_begin, rb_end, panel, width, plan.is_gemv(p), bias, act, tile, pack_slice);
         }
-        k.unpack_tile(tile, rows, width, plan.tokens_in(p),
-                      y + p * plan.max_width * w.out_features + first_row, w.out_features);
+        write_tile(k, tile, rows, width, plan.tokens_in(p),
+                   y + p * plan.max_width * out.token_stride + first_row * out.feature_stride, out);
         item += rb_end - rb_begin;
       }
     }
@@ -390,7 +407,56 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const a
   const int64_t tokens = x2d.size(0);
   if (tokens == 0 || w.out_features == 0) return y;
   sparse_linear_2d(w, x2d.data_ptr<float>(), tokens, x2d.stride(0), x2d.stride(1), data_or_null(bias_c),
-                   act, y.data_ptr<float>());
+                   act, y.data_ptr<float>(), OutputLayout{w.out_features, 1});
+  return y;
+}
+
+// Whether conv1x1 reads its input as channels-last pixels (and writes its output so):
+// when the input is laid out channels-last and not also plain NCHW. ops.py's fake
+// kernel applies the same rule.
+bool is_channels_last(const at::Tensor& input) {
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
+}
+
+// A 1 x 1 convolution is a linear layer over pixels: the packed weight is that of
+// weight.flatten(1). Channels-last input is token-major [pixels of all images,
+// channels], exactly a linear's input, and so is the channels-last output. NCHW
+// input is feature-major per image (token stride 1): each image's pixels are its own
+// tokens, panels are plain row copies, and the output planes are written straight
+// from the tiles.
+at::Tensor conv1x1_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
+                       const std::optional<at::Tensor>& bias, int64_t stride, c10::string_view activation) {
+  const char* op = "sparsecpu::conv1x1";
+  const PackedLinearView w = checked_view(packed);
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1, op,
+                    ": weight must be [out_channels, in_channels, 1, 1], got shape ", weight.sizes());
+  const at::Tensor bias_c = checked_bias(w, weight.flatten(1), bias, op);
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
+                    ": input must be a float32 CPU tensor, got ", input.scalar_type(), " on ", input.device());
+  TORCH_CHECK_VALUE(input.dim() == 4 && input.size(1) == w.in_features, op,
+                    ": input must be [batch, ", w.in_features, ", height, width], got shape ", input.sizes());
+  TORCH_CHECK_VALUE(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  at::Tensor x = stride == 1 ? input : input.slice(2, 0, c10::nullopt, stride).slice(3, 0, c10::nullopt, stride);
+  const int64_t batch = x.size(0), height = x.size(2), width = x.size(3), pixels = height * width;
+  const bool channels_last = is_channels_last(input);
+  at::Tensor y = at::empty({batch, w.out_features, height, width},
+                           input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                       : at::MemoryFormat::Contiguous));
+  if (batch == 0 || pixels == 0 || w.out_features == 0) return y;
+  if (channels_last) {
+    const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, w.in_features});  // a view at stride 1
+    sparse_linear_2d(w, rows.data_ptr<float>(), rows.size(0), rows.stride(0), rows.stride(1), data_or_null(bias_c),
+                     act, y.data_ptr<float>(), OutputLayout{w.out_features, 1});
+    return y;
+  }
+  if (height > 1 && x.stride(2) != width * x.stride(3)) x = x.contiguous();  // pixels need one stride
+  const float* x_data = x.data_ptr<float>();
+  float* y_data = y.data_ptr<float>();
+  for (int64_t n = 0; n < batch; ++n) {
+    sparse_linear_2d(w, x_data + n * x.stride(0), pixels, x.stride(3), x.stride(1), data_or_null(bias_c), act,
+                     y_data + n * w.out_features * pixels, OutputLayout{1, pixels});
+  }
   return y;
 }
 
@@ -456,12 +522,17 @@ TORCH_LIBRARY(sparsecpu, m) {
   m.def("pack_linear(Tensor weight, int k_block=128, int row_block=128, int block_rows=1) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
   m.def("linear_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, str[] activations) -> Tensor");
+  // flexible_layout: Inductor may hand conv1x1 channels-last input (its layout
+  // optimisation for graphs with convolutions) instead of converting it to NCHW.
+  m.def("conv1x1(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, int stride=1, str activation=\"none\") -> Tensor",
+        {at::Tag::flexible_layout});
 }
 
 TORCH_LIBRARY_IMPL(sparsecpu, CPU, m) {
   m.impl("pack_linear", &pack_linear_cpu);
   m.impl("linear", &linear_cpu);
   m.impl("linear_chain", &linear_chain_cpu);
+  m.impl("conv1x1", &conv1x1_cpu);
 }
 
 }  // namespace sparsecpu

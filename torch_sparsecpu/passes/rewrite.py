@@ -1,9 +1,11 @@
-"""Rewrite ``linear`` (+ the activation that follows it) into ``sparsecpu::linear``.
+"""Rewrite ``linear`` and 1 x 1 ``conv2d`` calls (+ the activation that follows) into
+``sparsecpu::linear`` / ``sparsecpu::conv1x1``, and fuse chains of sparse linears.
 
-A linear is taken when its weight is a static float32 CPU parameter (a graph input
+A layer is taken when its weight is a static float32 CPU parameter (a graph input
 that Dynamo marks as a parameter or buffer, or a ``get_attr`` constant) whose
 fraction of exact zeros is at least ``min_sparsity``, and its input is float32.
-Everything else is left exactly as it was.
+Convolutions must also be 1 x 1, ungrouped and unpadded. Everything else is left
+exactly as it was.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from .. import ops
 log = logging.getLogger("torch_sparsecpu")
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+CONV2D_TARGETS = (torch.conv2d, F.conv2d)
 
 
 @dataclasses.dataclass
 class LayerDecision:
-    """What the backend did with one linear call of the graph."""
+    """What the backend did with one linear or conv2d call of the graph. For a
+    convolution, out_features and in_features are its output and input channels."""
 
     name: str
     out_features: int
@@ -36,12 +40,13 @@ class LayerDecision:
     reason: str
     activation: str = "none"
     block_rows: int = 1  # the packed format's nonzero blocks: 1 x 1, or 4 x 1 (ops.default_block_rows)
+    kind: str = "linear"  # or "conv2d"
 
     def __str__(self) -> str:
         sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
         blocks = f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
         what = f"sparse, {blocks}activation {self.activation}" if self.taken else f"dense: {self.reason}"
-        return f"{self.name:<48} [{self.out_features:>5} x {self.in_features:>5}] {sparsity}  {what}"
+        return f"{self.name:<48} {self.kind:<6} [{self.out_features:>5} x {self.in_features:>5}] {sparsity}  {what}"
 
 
 def _fetch_attr(root: torch.nn.Module, target: str):
@@ -123,18 +128,54 @@ def _linear_args(node: fx.Node):
     return x, weight, bias
 
 
-def _skip_reason(x, weight_node, bias, static, min_sparsity, autocast) -> tuple[str | None, float | None]:
+def _conv_args(node: fx.Node):
+    """input, weight, bias, stride, padding, dilation, groups of a conv2d call."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    args = list(node.args) + list(defaults[len(node.args):])
+    return [node.kwargs.get(name, arg) for name, arg in zip(names, args)]
+
+
+def _pair(value) -> tuple | None:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(isinstance(v, int) for v in value):
+        return tuple(value) * (3 - len(value))
+    return None
+
+
+def _conv1x1_stride(node: fx.Node, weight_shape: tuple) -> tuple[int | None, str | None]:
+    """The stride of a conv2d call the sparse op can run, or why it cannot."""
+    _, _, _, stride, padding, _, groups = _conv_args(node)
+    if len(weight_shape) != 4 or weight_shape[2:] != (1, 1):
+        kernel = " x ".join(map(str, weight_shape[2:])) or "?"
+        return None, f"{kernel} kernel: only 1 x 1 convolutions take the sparse path"
+    if groups != 1:
+        return None, f"groups={groups}: only ungrouped convolutions take the sparse path"
+    if padding not in ("valid", "same") and _pair(padding) != (0, 0):
+        return None, f"padding={padding}: only unpadded 1 x 1 convolutions take the sparse path"
+    pair = _pair(stride)
+    if pair is None or pair[0] != pair[1]:
+        return None, f"stride={stride}: only equal strides take the sparse path"
+    return pair[0], None
+
+
+def _skip_reason(x, weight_node, bias, static, min_sparsity, autocast,
+                 kind: str = "linear") -> tuple[str | None, float | None]:
     weight = static.get(weight_node) if isinstance(weight_node, fx.Node) else None
     if weight is None:
         return "weight is not a static parameter", None
     if weight.dtype != torch.float32:
         return f"weight dtype is {weight.dtype}, only float32 takes the sparse path", None
-    if weight.device.type != "cpu" or weight.dim() != 2 or weight.is_sparse:
-        return "weight is not a dense 2-D CPU tensor", None
+    dims = 2 if kind == "linear" else 4
+    if weight.device.type != "cpu" or weight.dim() != dims or weight.is_sparse:
+        return f"weight is not a dense {dims}-D CPU tensor", None
     x_value = _example_value(x)
     if x_value is None or x_value.dtype != torch.float32 or x_value.device.type != "cpu":
         dtype = None if x_value is None else x_value.dtype
         return f"input dtype is {dtype}, only float32 CPU inputs take the sparse path", None
+    if kind == "conv2d" and x_value.dim() != 4:
+        return f"input has {x_value.dim()} dims: only batched [N, C, H, W] inputs take the sparse path", None
     if autocast:
         return "the graph runs under autocast", None
     if bias is not None:
@@ -148,7 +189,12 @@ def _skip_reason(x, weight_node, bias, static, min_sparsity, autocast) -> tuple[
     return None, sparsity
 
 
-def rewrite_sparse_linears(
+def pack_weight(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear):
+    """The packed buffer of a linear weight, or of a 1 x 1 convolution's (as [out, in])."""
+    return pack(weight.detach().flatten(1))
+
+
+def rewrite_sparse_layers(
     graph: fx.Graph,
     static: dict[fx.Node, torch.Tensor],
     *,
@@ -158,22 +204,27 @@ def rewrite_sparse_linears(
 ) -> tuple[dict[str, torch.Tensor], dict[fx.Node, str], list[LayerDecision]]:
     """Rewrites ``graph`` in place. Returns the packed tensors by attribute name (the
     new graph reads them with get_attr), the attribute name of each packed weight node,
-    and one decision per linear call."""
+    and one decision per linear or conv2d call."""
     packed_attrs: dict[str, torch.Tensor] = {}
     decisions: list[LayerDecision] = []
     autocast = _under_autocast(graph)
     packed_by_weight: dict[fx.Node, str] = {}
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS + CONV2D_TARGETS:
             continue
-        x, weight_node, bias = _linear_args(node)
+        kind = "linear" if node.target in LINEAR_TARGETS else "conv2d"
+        x, weight_node, bias = _linear_args(node) if kind == "linear" else _conv_args(node)[:3]
         name = _source_name(weight_node) if isinstance(weight_node, fx.Node) else str(weight_node)
         w_value = _example_value(weight_node) if isinstance(weight_node, fx.Node) else None
-        shape = tuple(w_value.shape) if w_value is not None and w_value.dim() == 2 else (0, 0)
-        reason, sparsity = _skip_reason(x, weight_node, bias, static, min_sparsity, autocast)
+        w_shape = tuple(w_value.shape) if w_value is not None else ()
+        shape = w_shape[:2] if len(w_shape) == (2 if kind == "linear" else 4) else (0, 0)
+        reason, sparsity = _skip_reason(x, weight_node, bias, static, min_sparsity, autocast, kind)
+        stride = None
+        if reason is None and kind == "conv2d":
+            stride, reason = _conv1x1_stride(node, w_shape)
         if reason is not None:
-            decisions.append(LayerDecision(name, *shape, sparsity, False, reason))
-            log.debug("linear %s %s: dense (%s)", name, list(shape), reason)
+            decisions.append(LayerDecision(name, *shape, sparsity, False, reason, kind=kind))
+            log.debug("%s %s %s: dense (%s)", kind, name, list(shape), reason)
             continue
 
         users = list(node.users)
@@ -185,22 +236,27 @@ def rewrite_sparse_linears(
 
         if weight_node not in packed_by_weight:
             attr = f"_sparsecpu_packed_{len(packed_attrs)}"
-            packed_attrs[attr] = pack(static[weight_node])
+            packed_attrs[attr] = pack_weight(static[weight_node], pack)
             packed_by_weight[weight_node] = attr
         replaced = act_node or node
         with graph.inserting_before(node):
             packed_node = graph.get_attr(packed_by_weight[weight_node])
-            sparse = graph.call_function(
-                torch.ops.sparsecpu.linear.default, (x, weight_node, packed_node, bias, activation)
-            )
+            if kind == "linear":
+                sparse = graph.call_function(
+                    torch.ops.sparsecpu.linear.default, (x, weight_node, packed_node, bias, activation)
+                )
+            else:
+                sparse = graph.call_function(
+                    torch.ops.sparsecpu.conv1x1.default, (x, weight_node, packed_node, bias, stride, activation)
+                )
         sparse.meta = dict(replaced.meta)
         replaced.replace_all_uses_with(sparse)
         if act_node is not None:
             graph.erase_node(act_node)
         graph.erase_node(node)
         block_rows = int(packed_attrs[packed_by_weight[weight_node]][9])  # header: kBlockRows
-        decisions.append(LayerDecision(name, *shape, sparsity, True, "", activation, block_rows))
-        log.debug("linear %s %s: sparse (sparsity %.1f%%, %dx1 blocks, activation %s)", name, list(shape),
+        decisions.append(LayerDecision(name, *shape, sparsity, True, "", activation, block_rows, kind))
+        log.debug("%s %s %s: sparse (sparsity %.1f%%, %dx1 blocks, activation %s)", kind, name, list(shape),
                   100 * sparsity, block_rows, activation)
     graph.lint()
     return packed_attrs, packed_by_weight, decisions
@@ -242,4 +298,4 @@ def fuse_sparse_chains(graph: fx.Graph) -> list[int]:
     return [len(chain) for chain in chains]
 
 
-__all__ = ["LayerDecision", "find_static_tensors", "fuse_sparse_chains", "rewrite_sparse_linears"]
+__all__ = ["LayerDecision", "find_static_tensors", "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers"]
