@@ -64,6 +64,23 @@ def bert_base(sparsity: float, tokens: int = 128):
     return model, (input_ids,), 1e-4, last_hidden_state
 
 
+def hf_vision_model(name: str, sparsity: float):
+    """A transformers vision model built from its default config (ResNet-50,
+    MobileNetV2-1.0), every convolution pruned, one 224 x 224 image."""
+    import transformers
+
+    builders = {"resnet": (transformers.ResNetModel, transformers.ResNetConfig),
+                "mobilenet": (transformers.MobileNetV2Model, transformers.MobileNetV2Config)}
+    model_class, config_class = builders[name]
+    model = model_class(config_class()).eval()
+    torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,))
+
+    def last_hidden_state(module):
+        return lambda image: module(image).last_hidden_state
+
+    return model, (torch.randn(1, 3, 224, 224),), 1e-4, last_hidden_state
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.9)
@@ -82,6 +99,8 @@ def main() -> int:
         "FFN 768->3072 GELU ->768, 128 tokens": ffn_block,
         "same FFN pruned in 4x1 blocks": ffn_block_4x1,
         f"HF BERT-base encoder, 1 x {args.bert_tokens} tokens": functools.partial(bert_base, tokens=args.bert_tokens),
+        "HF ResNet-50, 1 x 224 x 224": functools.partial(hf_vision_model, "resnet"),
+        "HF MobileNetV2, 1 x 224 x 224": functools.partial(hf_vision_model, "mobilenet"),
     }
     rows = []
     for name, build in cases.items():
@@ -98,7 +117,8 @@ def main() -> int:
             taken = sum(d.taken for d in decisions)
             blocked = sum(d.taken and d.block_rows > 1 for d in decisions)
             ok = error <= tolerance
-            print(f"  {taken}/{len(decisions)} linears sparse ({blocked} in 4x1 blocks); "
+            kinds = " and ".join(sorted({f"{d.kind}s" for d in decisions}))
+            print(f"  {taken}/{len(decisions)} {kinds} sparse ({blocked} in 4x1 blocks); "
                   f"max error {error:.2e} relative "
                   f"(tolerance {tolerance:g}): {'OK' if ok else 'MISMATCH'}")
             if not ok:

@@ -1,5 +1,5 @@
-"""1 x 1 convolutions: the sparsecpu::conv1x1 op against F.conv2d, its gradients, and
-what the backend rewrites (and leaves dense) in convolutional models."""
+"""Convolutions: the sparsecpu::conv2d op against F.conv2d, its gradients, and what
+the backend rewrites (and leaves dense) in convolutional models."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from torch_sparsecpu import ops
 
 from conftest import assert_close_rel, sparse_weight
 
-CONV_CALL = re.compile(r"= torch\.ops\.sparsecpu\.conv1x1\.default\(")
+CONV_CALL = re.compile(r"= torch\.ops\.sparsecpu\.conv2d\.default\(")
 ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
                "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
 
 
-def conv_weight(out_channels: int, in_channels: int, sparsity: float) -> torch.Tensor:
-    return sparse_weight(out_channels, in_channels, sparsity).view(out_channels, in_channels, 1, 1)
+def conv_weight(out_channels: int, in_channels: int, sparsity: float, kernel=(1, 1)) -> torch.Tensor:
+    return sparse_weight(out_channels, in_channels * kernel[0] * kernel[1], sparsity).view(
+        out_channels, in_channels, *kernel)
 
 
 def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,23 +35,16 @@ def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("isa", torch_sparsecpu.available_isas())
-@pytest.mark.parametrize("shape", [
-    # batch, in, out, height, width: one pixel, fewer pixels than a register, a panel and
-    # a bit, several images, channels that fill no register or tile evenly
-    (1, 16, 32, 1, 1), (1, 7, 5, 1, 7), (2, 64, 24, 9, 8), (3, 33, 65, 13, 11), (1, 130, 4, 3, 30),
-])
-@pytest.mark.parametrize("stride", [1, 2, 3])
-def test_conv1x1_matches_conv2d(isa, shape, stride):
+def check_against_conv2d(isa, shape, kernel, stride, padding=(0, 0), dilation=(1, 1)):
     batch, in_channels, out_channels, height, width = shape
-    weight = conv_weight(out_channels, in_channels, 0.8)
+    weight = conv_weight(out_channels, in_channels, 0.8, kernel)
     bias = torch.randn(out_channels)
     packed = ops.pack_linear(weight.flatten(1))
     with torch_sparsecpu.force_isa(isa):
         for layout, x in layouts(torch.randn(batch, in_channels, height, width)).items():
             for activation, apply in ACTIVATIONS.items():
-                expected = apply(F.conv2d(x, weight, bias, stride))
-                actual = ops.conv1x1(x, weight, packed, bias, stride, activation)
+                expected = apply(F.conv2d(x, weight, bias, stride, padding, dilation))
+                actual = ops.conv2d(x, weight, packed, bias, stride, padding, dilation, activation)
                 what = f"{isa} {layout} {activation}"
                 assert actual.shape == expected.shape, what
                 # Channels-last in, channels-last out, like F.conv2d.
@@ -58,84 +52,129 @@ def test_conv1x1_matches_conv2d(isa, shape, stride):
                 assert_close_rel(actual, expected, what=what)
 
 
+# batch, in, out, height, width: one pixel, fewer pixels than a register, a panel and
+# a bit, several images, channels that fill no register or tile evenly
+SHAPES = [(1, 16, 32, 1, 1), (1, 7, 5, 1, 7), (2, 64, 24, 9, 8), (3, 33, 65, 13, 11), (1, 130, 4, 3, 30)]
+
+
+@pytest.mark.parametrize("isa", torch_sparsecpu.available_isas())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("stride", [1, 2, (3, 1)])
+def test_1x1_conv_matches_conv2d(isa, shape, stride):
+    check_against_conv2d(isa, shape, (1, 1), stride)
+
+
+@pytest.mark.parametrize("isa", torch_sparsecpu.available_isas())
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 0, 1), ((1, 3), 1, (0, 1), 1),
+    ((3, 3), 1, 2, 2), ((2, 2), (1, 2), (1, 0), 1), ((5, 5), 2, 2, 1), ((1, 1), 1, 1, 1),
+])
+def test_kxk_conv_matches_conv2d(isa, shape, kernel, stride, padding, dilation):
+    batch, in_channels, _, height, width = shape
+    padding, dilation = _pair(padding), _pair(dilation)
+    if min(height + 2 * padding[0] - (kernel[0] - 1) * dilation[0],
+           width + 2 * padding[1] - (kernel[1] - 1) * dilation[1]) < 1:
+        # The image is smaller than the kernel: refused, as F.conv2d does.
+        weight = conv_weight(4, in_channels, 0.5, kernel)
+        with pytest.raises(ValueError, match="is smaller than the"):
+            ops.conv2d(torch.randn(batch, in_channels, height, width), weight, ops.pack_linear(weight.flatten(1)),
+                       None, stride, padding, dilation)
+        return
+    check_against_conv2d(isa, shape, kernel, stride, padding, dilation)
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else value
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 1.0])
-def test_conv1x1_dense_and_empty_weights(sparsity):
-    weight = conv_weight(12, 20, sparsity)
+def test_conv2d_dense_and_empty_weights(sparsity):
+    weight = conv_weight(12, 20, sparsity, (3, 3))
     x = torch.randn(2, 20, 5, 6)
-    actual = ops.conv1x1(x, weight, ops.pack_linear(weight.flatten(1)), None, 1, "relu")
+    actual = ops.conv2d(x, weight, ops.pack_linear(weight.flatten(1)), None, activation="relu")
     assert_close_rel(actual, F.relu(F.conv2d(x, weight)))
 
 
-def test_conv1x1_empty_batch_and_image():
-    weight = conv_weight(8, 4, 0.5)
+def test_conv2d_empty_batch_and_too_small_images():
+    weight = conv_weight(8, 4, 0.5, (3, 3))
     packed = ops.pack_linear(weight.flatten(1))
-    assert ops.conv1x1(torch.randn(0, 4, 3, 3), weight, packed).shape == (0, 8, 3, 3)
-    assert ops.conv1x1(torch.randn(2, 4, 0, 5), weight, packed).shape == (2, 8, 0, 5)  # F.conv2d refuses it
+    assert ops.conv2d(torch.randn(0, 4, 3, 3), weight, packed).shape == (0, 8, 1, 1)
+    for shape in [(1, 4, 2, 2), (2, 4, 0, 5)]:  # as F.conv2d, an empty image is refused too
+        with pytest.raises(ValueError, match="smaller than the 3 x 3 kernel"):
+            ops.conv2d(torch.randn(shape), weight, packed)
 
 
 def conv_samples():
-    weight = conv_weight(24, 16, 0.9)
+    weight = conv_weight(24, 16, 0.9, (3, 3))
     packed = ops.pack_linear(weight.flatten(1))
     x = torch.randn(2, 16, 7, 6)
-    yield x, weight, packed, torch.randn(24), 1, "gelu"
-    yield x.contiguous(memory_format=torch.channels_last), weight, packed, None, 2, "relu"
+    yield x, weight, packed, torch.randn(24), [1, 1], [1, 1], [1, 1], "gelu"
+    yield x.contiguous(memory_format=torch.channels_last), weight, packed, None, [2, 1], [0, 1], [1, 2], "relu"
+    pointwise = conv_weight(24, 16, 0.9)
+    yield x, pointwise, ops.pack_linear(pointwise.flatten(1)), None, [2, 2], [0, 0], [1, 1], "silu"
 
 
-@pytest.mark.parametrize("args", list(conv_samples()), ids=["nchw", "channels_last"])
-def test_opcheck_conv1x1(args):
-    torch.library.opcheck(torch.ops.sparsecpu.conv1x1.default, args)
-    x, weight, packed, bias, stride, activation = args
+@pytest.mark.parametrize("args", list(conv_samples()), ids=["3x3", "3x3-channels_last", "1x1-stride2"])
+def test_opcheck_conv2d(args):
+    torch.library.opcheck(torch.ops.sparsecpu.conv2d.default, args)
+    x, weight, packed, bias, *rest = args
     grads = (x.clone().requires_grad_(), weight.clone().requires_grad_(),
-             packed, None if bias is None else bias.clone().requires_grad_(), stride, activation)
-    torch.library.opcheck(torch.ops.sparsecpu.conv1x1.default, grads)
+             packed, None if bias is None else bias.clone().requires_grad_(), *rest)
+    torch.library.opcheck(torch.ops.sparsecpu.conv2d.default, grads)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("stride", [1, 2])
-def test_conv1x1_gradients_match_dense(activation, stride):
-    weight = conv_weight(24, 16, 0.9).requires_grad_()
+@pytest.mark.parametrize("kernel,stride,padding", [((1, 1), 2, 0), ((3, 3), 1, 1), ((3, 3), 2, (0, 1))])
+def test_conv2d_gradients_match_dense(activation, kernel, stride, padding):
+    weight = conv_weight(24, 16, 0.9, kernel).requires_grad_()
     bias = torch.randn(24, requires_grad=True)
     x = torch.randn(2, 16, 7, 6, requires_grad=True)
     packed = ops.pack_linear(weight.detach().flatten(1))
-    sparse = ops.conv1x1(x, weight, packed, bias, stride, activation)
-    dense = ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride))
+    sparse = ops.conv2d(x, weight, packed, bias, stride, padding, activation=activation)
+    dense = ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding))
     grad = torch.randn_like(dense)
     for got, want, name in zip(torch.autograd.grad(sparse, (x, weight, bias), grad),
                                torch.autograd.grad(dense, (x, weight, bias), grad), ("input", "weight", "bias")):
         assert_close_rel(got, want, rel=1e-4, what=f"grad of {name}")
 
 
-def test_conv1x1_bad_arguments():
+def test_conv2d_bad_arguments():
     weight = conv_weight(8, 4, 0.5)
     packed = ops.pack_linear(weight.flatten(1))
     x = torch.randn(1, 4, 3, 3)
     with pytest.raises(ValueError, match="stride must be >= 1"):
-        ops.conv1x1(x, weight, packed, stride=0)
-    with pytest.raises(TypeError, match="stride must be an int"):
-        ops.conv1x1(x, weight, packed, stride=(1, 1))
+        ops.conv2d(x, weight, packed, stride=0)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        ops.conv2d(x, weight, packed, padding=(0, -1))
+    with pytest.raises(TypeError, match="dilation must be an int or a pair of ints"):
+        ops.conv2d(x, weight, packed, dilation=(1, 1, 1))
     with pytest.raises(ValueError, match=r"input must be \[batch, 4, height, width\]"):
-        ops.conv1x1(torch.randn(1, 5, 3, 3), weight, packed)
+        ops.conv2d(torch.randn(1, 5, 3, 3), weight, packed)
     with pytest.raises(ValueError, match="weight must be"):
-        ops.conv1x1(x, weight.view(8, 4), packed)
+        ops.conv2d(x, weight.view(8, 4), packed)
+    with pytest.raises(ValueError, match="does not match the packed weight"):
+        ops.conv2d(x, conv_weight(8, 4, 0.5, (3, 3)), packed)
     with pytest.raises(ValueError, match="bias must be float32 of shape"):
-        ops.conv1x1(x, weight, packed, torch.randn(3))
+        ops.conv2d(x, weight, packed, torch.randn(3))
     with pytest.raises(ValueError, match="activation must be one of"):
-        ops.conv1x1(x, weight, packed, activation="tanh")
+        ops.conv2d(x, weight, packed, activation="tanh")
 
 
 class ConvNet(nn.Module):
-    """1 x 1 convolutions (one with stride 2, one followed by ReLU, one by batch norm)
-    among layers that stay dense: a 3 x 3, a grouped and a padded 1 x 1 convolution."""
+    """Convolutions the backend runs sparse (1 x 1 with ReLU, 3 x 3 padded, 1 x 1 with
+    stride 2 before a batch norm, 1 x 1 padded) and two it leaves dense: a grouped one
+    and a 2 x 2 one whose padding='same' pads unevenly."""
 
     def __init__(self):
         super().__init__()
         self.expand = nn.Conv2d(16, 64, 1)
         self.spatial = nn.Conv2d(64, 64, 3, padding=1)
-        self.depthwise = nn.Conv2d(64, 64, 1, groups=64)
+        self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
         self.project = nn.Conv2d(64, 32, 1, stride=2, bias=False)
         self.norm = nn.BatchNorm2d(32)
         self.padded = nn.Conv2d(32, 32, 1, padding=1)
-        self.head = nn.Conv2d(32, 8, (1, 1))
+        self.head = nn.Conv2d(32, 8, 2, padding="same")
 
     def forward(self, x):
         x = F.relu(self.expand(x))
@@ -152,16 +191,17 @@ def conv_net(sparsity=0.9):
     return torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,))
 
 
-def test_explain_takes_only_plain_1x1_convolutions():
+def test_explain_takes_ungrouped_evenly_padded_convolutions():
     model = conv_net()
     decisions = {d.name: d for d in torch_sparsecpu.explain(model, torch.randn(2, 16, 10, 10))}
-    assert {name for name, d in decisions.items() if d.taken} == {"expand.weight", "project.weight", "head.weight"}
+    taken = {"expand.weight", "spatial.weight", "project.weight", "padded.weight"}
+    assert {name for name, d in decisions.items() if d.taken} == taken
     assert decisions["expand.weight"].activation == "relu"
-    assert decisions["expand.weight"].kind == "conv2d"
-    assert (decisions["expand.weight"].out_features, decisions["expand.weight"].in_features) == (64, 16)
-    assert "3 x 3 kernel" in decisions["spatial.weight"].reason
+    assert decisions["spatial.weight"].kind == "conv2d"
+    # A convolution's in_features counts its input channels (the packed matrix has 9x more columns).
+    assert (decisions["spatial.weight"].out_features, decisions["spatial.weight"].in_features) == (64, 64)
     assert "groups=64" in decisions["depthwise.weight"].reason
-    assert "padding" in decisions["padded.weight"].reason
+    assert "pads unevenly" in decisions["head.weight"].reason
     assert "conv2d" in str(decisions["head.weight"])
 
 
@@ -175,7 +215,7 @@ def test_conv_net_compiled_with_inductor_matches_eager(channels_last):
     with torch.no_grad():
         expected = model(x)
         actual, code = run_and_get_code(torch.compile(model, backend="sparsecpu"), x)
-    assert sum(len(CONV_CALL.findall(c)) for c in code) == 3
+    assert sum(len(CONV_CALL.findall(c)) for c in code) == 4
     assert_close_rel(actual, expected)
 
 
@@ -201,7 +241,7 @@ def test_conv_weights_edited_after_compiling_are_honoured():
         assert_close_rel(compiled(x), model(x), what="after in-place edits")
 
 
-def test_hf_resnet_bottleneck_convolutions_run_sparse():
+def test_hf_resnet_convolutions_run_sparse():
     transformers = pytest.importorskip("transformers")
     config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
                                        layer_type="bottleneck")
@@ -209,9 +249,8 @@ def test_hf_resnet_bottleneck_convolutions_run_sparse():
     torch_sparsecpu.magnitude_prune_(model, 0.9, layer_types=(nn.Conv2d,))
     x = torch.randn(1, 3, 64, 64)
     decisions = torch_sparsecpu.explain(model, x)
-    one_by_one = [d for d in decisions if "kernel" not in d.reason]
-    # Each bottleneck layer: reduce and expand 1 x 1 convolutions and a 1 x 1 shortcut.
-    assert len(one_by_one) == 6 and all(d.taken for d in one_by_one)
+    # The 7 x 7 stem, and per bottleneck layer 1 x 1 reduce, 3 x 3, 1 x 1 expand and a 1 x 1 shortcut.
+    assert len(decisions) == 9 and all(d.taken for d in decisions)
     with torch.no_grad():
         expected = model(x).last_hidden_state
         actual = torch.compile(model, backend="sparsecpu")(x).last_hidden_state

@@ -4,8 +4,8 @@
 
 Dynamo hands us an FX graph whose parameters are placeholders and whose example
 inputs are the model's real parameters. We pack the sparse float32 weights of
-linears and 1 x 1 convolutions once, rewrite their calls into ``sparsecpu::linear``
-/ ``sparsecpu::conv1x1`` and hand the graph on to
+linears and convolutions once, rewrite their calls into ``sparsecpu::linear`` /
+``sparsecpu::conv2d`` and hand the graph on to
 Inductor (or run it eagerly). Before every call the wrapper checks that the packed
 weights are current (``_version`` and storage); if not, it rebuilds.
 """
@@ -33,8 +33,8 @@ INNER_COMPILERS = ("inductor", "eager")
 class SparseCPUOptions:
     """Knobs of the backend, given as ``torch.compile(..., options={...})``.
 
-    min_sparsity:      a linear (or 1 x 1 conv) takes the sparse path when at least this fraction of
-                       its weight is exactly zero (below it dense kernels win on this
+    min_sparsity:      a linear or conv2d takes the sparse path when at least this
+                       fraction of its weight is exactly zero (below it dense kernels win on this
                        class of CPU; see docs/benchmarks.md).
     inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
     fuse_activations:  fuse a ReLU / GELU / SiLU that follows a sparse layer into it.

@@ -156,31 +156,40 @@ def linear_chain(
     return torch.ops.sparsecpu.linear_chain(input, list(weights), list(packed), list(biases), list(activations))
 
 
-def conv1x1(
+def _pair(name: str, value, lowest: int) -> list[int]:
+    pair = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < lowest:
+        raise ValueError(f"{name} must be >= {lowest}, got {value!r}")
+    return list(pair)
+
+
+def conv2d(
     input: Tensor,
     weight: Tensor,
     packed: Tensor,
     bias: Tensor | None = None,
-    stride: int = 1,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
     activation: str = "none",
 ) -> Tensor:
-    """``activation(F.conv2d(input, weight, bias, stride))`` for a 1 x 1 ``weight``
-    ``[out_channels, in_channels, 1, 1]``, computed from ``packed`` (made by
-    :func:`pack_linear` from ``weight.flatten(1)``). ``input`` is ``[batch, in_channels,
-    height, width]`` with any strides; the output is channels-last when ``input`` is
-    (and not also contiguous), else contiguous NCHW."""
+    """``activation(F.conv2d(input, weight, bias, stride, padding, dilation))`` (zero
+    padding, no groups) computed from ``packed``, made by :func:`pack_linear` from
+    ``weight.flatten(1)``. ``input`` is ``[batch, in_channels, height, width]`` with any
+    strides; the output is channels-last when ``input`` is (and not also contiguous),
+    else contiguous NCHW."""
     for name, value in (("input", input), ("weight", weight), ("packed", packed)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if not isinstance(stride, int) or isinstance(stride, bool):
-        raise TypeError(f"stride must be an int, got {type(stride).__name__}")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    return torch.ops.sparsecpu.conv1x1(input, weight, packed, bias, stride, activation)
+    return torch.ops.sparsecpu.conv2d(input, weight, packed, bias, _pair("stride", stride, 1),
+                                      _pair("padding", padding, 0), _pair("dilation", dilation, 1), activation)
 
 
 # The fake kernels let torch.compile / torch.export trace the ops without running them.
@@ -210,20 +219,24 @@ def _linear_chain_fake(input, weights, packed, biases, activations):
     return input.new_empty((*input.shape[:-1], weights[-1].size(0)))
 
 
-@torch.library.register_fake("sparsecpu::conv1x1")
-def _conv1x1_fake(input, weight, packed, bias=None, stride=1, activation="none"):
+@torch.library.register_fake("sparsecpu::conv2d")
+def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                 activation="none"):
     torch._check(
         input.dim() == 4 and input.size(1) == weight.size(1),
-        lambda: f"sparsecpu::conv1x1: input must be [batch, {weight.size(1)}, height, width], "
+        lambda: f"sparsecpu::conv2d: input must be [batch, {weight.size(1)}, height, width], "
         f"got {tuple(input.shape)}",
     )
-    height, width = (input.size(2) - 1) // stride + 1, (input.size(3) - 1) // stride + 1
-    # Channels-last in, channels-last out (the rule of conv1x1_cpu's is_channels_last).
+    height, width = (
+        (input.size(d) + 2 * padding[i] - dilation[i] * (weight.size(d) - 1) - 1) // stride[i] + 1
+        for i, d in enumerate((2, 3))
+    )
+    # Channels-last in, channels-last out (the rule of conv.cpp's is_channels_last).
     channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
     return torch.empty((input.size(0), weight.size(0), height, width), dtype=input.dtype, device=input.device,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-# Autograd for sparsecpu::linear and sparsecpu::conv1x1 is registered in C++ (csrc/ops/autograd.cpp): the
+# Autograd for sparsecpu::linear and sparsecpu::conv2d is registered in C++ (csrc/ops/autograd.cpp): the
 # gradients of the dense layer, without a Python call in grad mode.
 

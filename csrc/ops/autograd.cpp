@@ -1,5 +1,5 @@
-// Autograd for sparsecpu::linear and sparsecpu::conv1x1, in C++ so that a call in grad mode with nothing
-// requiring grad costs no Python (the Python `torch.library.register_autograd` kernel
+// Autograd for sparsecpu::linear and sparsecpu::conv2d, in C++ so that a call in grad
+// mode with nothing requiring grad costs no Python (the Python `torch.library.register_autograd` kernel
 // added ~9 us to every such call). Gradients are those of the dense layer
 // y = act(x W^T + b): they flow through the live `weight`, never through `packed`, and
 // the pre-activation is recomputed sparsely in backward rather than kept from forward.
@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace sparsecpu {
 namespace {
@@ -69,27 +70,31 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
-at::Tensor conv1x1_below_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
-                                  const std::optional<at::Tensor>& bias, int64_t stride,
-                                  c10::string_view activation) {
+at::Tensor conv2d_below_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, c10::string_view activation) {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sparsecpu::conv1x1", "")
+                             .findSchemaOrThrow("sparsecpu::conv2d", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, int64_t, c10::string_view)>();
+                                               const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                               at::IntArrayRef, c10::string_view)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(input, weight, packed, bias, stride, activation);
+  return op.call(input, weight, packed, bias, stride, padding, dilation, activation);
 }
 
-// The gradients of F.conv2d(input, weight, bias, stride) followed by the activation,
-// from ATen's own convolution_backward.
-class Conv1x1Function : public torch::autograd::Function<Conv1x1Function> {
+// The gradients of F.conv2d(input, weight, bias, stride, padding, dilation) followed
+// by the activation, from ATen's own convolution_backward.
+class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const at::Tensor& packed, const std::optional<at::Tensor>& bias, int64_t stride,
+                            const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                             const std::string& activation) {
-    at::Tensor output = conv1x1_below_autograd(input, weight, packed, bias, stride, activation);
+    at::Tensor output = conv2d_below_autograd(input, weight, packed, bias, stride, padding, dilation, activation);
     ctx->save_for_backward({input, weight, packed, bias.value_or(at::Tensor())});
     ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["activation"] = activation;
     return output;
   }
@@ -97,26 +102,31 @@ class Conv1x1Function : public torch::autograd::Function<Conv1x1Function> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &weight = saved[1], &packed = saved[2], &bias = saved[3];
-    const int64_t stride = ctx->saved_data["stride"].toInt();
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     at::Tensor grad = grad_outputs[0];
     if (activation != "none") {
       const std::optional<at::Tensor> maybe_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-      const at::Tensor pre = conv1x1_below_autograd(input, weight, packed, maybe_bias, stride, "none");
+      const at::Tensor pre = conv2d_below_autograd(input, weight, packed, maybe_bias, stride, padding, dilation, "none");
       grad = activation_backward(grad, pre, activation);
     }
     const bool bias_grad = bias.defined() && ctx->needs_input_grad(3);
     auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
-        grad, input, weight, bias.defined() ? c10::OptionalIntArrayRef(bias.sizes()) : c10::nullopt,
-        /*stride=*/{stride, stride}, /*padding=*/{0, 0}, /*dilation=*/{1, 1}, /*transposed=*/false,
-        /*output_padding=*/{0, 0}, /*groups=*/1, {ctx->needs_input_grad(0), ctx->needs_input_grad(1), bias_grad});
-    return {grad_input, grad_weight, at::Tensor(), bias_grad ? grad_bias : at::Tensor(), at::Tensor(), at::Tensor()};
+        grad, input, weight, bias.defined() ? c10::OptionalIntArrayRef(bias.sizes()) : c10::nullopt, stride,
+        padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), bias_grad});
+    return {grad_input, grad_weight, at::Tensor(), bias_grad ? grad_bias : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor conv1x1_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
-                            const std::optional<at::Tensor>& bias, int64_t stride, c10::string_view activation) {
-  return Conv1x1Function::apply(input, weight, packed, bias, stride, std::string(activation));
+at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, c10::string_view activation) {
+  return Conv2dFunction::apply(input, weight, packed, bias, stride.vec(), padding.vec(), dilation.vec(),
+                               std::string(activation));
 }
 
 at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
@@ -128,7 +138,7 @@ at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight, co
 
 TORCH_LIBRARY_IMPL(sparsecpu, Autograd, m) {
   m.impl("linear", &linear_autograd);
-  m.impl("conv1x1", &conv1x1_autograd);
+  m.impl("conv2d", &conv2d_autograd);
 }
 
 }  // namespace sparsecpu

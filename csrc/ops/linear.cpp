@@ -14,10 +14,9 @@
 #include <vector>
 
 #include "../kernels/spmm.h"
+#include "sparse_layer.h"
 
 namespace sparsecpu {
-namespace {
-
 using kernels::Activation;
 using kernels::PackedLinearView;
 
@@ -30,6 +29,8 @@ Activation parse_activation(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "sparsecpu::linear: unknown activation '", name,
                     "'; expected one of none, relu, gelu, gelu_tanh, silu");
 }
+
+namespace {
 
 // Packed buffers whose contents were checked in full, keyed by address and
 // identified by size, version counter and a fingerprint of their first and last
@@ -73,6 +74,8 @@ class CheckedBuffers {
   std::unordered_map<const void*, Identity> checked_;
 };
 
+}  // namespace
+
 PackedLinearView checked_view(const at::Tensor& packed) {
   TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.scalar_type() == at::kInt &&
                         packed.dim() == 1 && packed.is_contiguous(),
@@ -89,6 +92,8 @@ PackedLinearView checked_view(const at::Tensor& packed) {
   if (check_contents) checked.insert(packed);
   return view;
 }
+
+namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -191,14 +196,6 @@ void run_row_blocks(const kernels::SpmmKernels& k, const PackedLinearView& w, in
   }
 }
 
-// Where a layer's output goes: y[t * token_stride + o * feature_stride] for token t
-// and output feature o. Linear writes token-major rows (feature_stride 1); a 1 x 1
-// convolution writes NCHW planes, feature-major (token_stride 1).
-struct OutputLayout {
-  int64_t token_stride;
-  int64_t feature_stride;
-};
-
 // Tile [rows][width] (tokens [0, tokens) valid) into y laid out as `out`, y pointing
 // at the tile's first token and row.
 void write_tile(const kernels::SpmmKernels& k, const float* tile, int64_t rows, int64_t width, int64_t tokens,
@@ -207,8 +204,19 @@ void write_tile(const kernels::SpmmKernels& k, const float* tile, int64_t rows, 
   for (int64_t o = 0; o < rows; ++o) std::copy_n(tile + o * width, tokens, y + o * out.feature_stride);
 }
 
-// y[n, o] = act(bias[o] + sum_i W[o, i] x[n, i]) for a 2-D x of any strides, into a
-// y laid out as `out` (token t of x is token t of y).
+}  // namespace
+
+PanelSource strided_source(const float* x, int64_t token_stride, int64_t feature_stride) {
+  const kernels::SpmmKernels& k = kernels::active_kernels();
+  return [&k, x, token_stride, feature_stride](int64_t first_token, int64_t tokens, int64_t first_feature,
+                                               int64_t features, int64_t width, float* rows) {
+    k.pack_panel(x + first_token * token_stride + first_feature * feature_stride, tokens, features, token_stride,
+                 feature_stride, width, rows);
+  };
+}
+
+// y[t, o] = act(bias[o] + sum_i W[o, i] x[t, i]) for the `tokens` tokens that `source`
+// copies into panels, into a y laid out as `out`.
 //
 // The tokens are cut into panels of max_panel_width; every (panel, row block) pair
 // is a work item. Items are split into one contiguous chunk per thread, balanced by
@@ -217,8 +225,7 @@ void write_tile(const kernels::SpmmKernels& k, const float* tile, int64_t rows, 
 // before using them, so a panel is read from L2, never from L3, and no thread waits
 // for another's packing: a panel that fits in L2 whole, when the chunk reaches it; a
 // larger one slice by slice, right before each K-block is swept.
-void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
-                      int64_t token_stride, int64_t feature_stride, const float* bias,
+void sparse_linear_2d(const PackedLinearView& w, const PanelSource& source, int64_t tokens, const float* bias,
                       Activation act, float* y, OutputLayout out) {
   const kernels::SpmmKernels& k = kernels::active_kernels();
   const PanelPlan plan{k, tokens, k.max_panel_width};
@@ -226,8 +233,7 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
   const int64_t panel_floats = w.in_features * plan.max_width;
   const auto pack_features = [&](int64_t p, int64_t first, int64_t count, float* panel) {
     const int64_t width = plan.width_of(p);
-    k.pack_panel(x + p * plan.max_width * token_stride + first * feature_stride, plan.tokens_in(p), count,
-                 token_stride, feature_stride, width, panel + first * width);
+    source(p * plan.max_width, plan.tokens_in(p), first, count, width, panel + first * width);
   };
 
   const int64_t num_items = num_panels * w.num_row_blocks;
@@ -279,6 +285,8 @@ void sparse_linear_2d(const PackedLinearView& w, const float* x, int64_t tokens,
     panel_buffer.release_if_large();
   });
 }
+
+namespace {
 
 // A pair of chained layers whose second layer reads a panel larger than L2 but
 // writes a tile that fits in one tile group runs as a pipeline (run_layer_pair):
@@ -366,6 +374,8 @@ void sparse_linear_chain_2d(const std::vector<PackedLinearView>& layers, const f
   });
 }
 
+}  // namespace
+
 // Checks one layer's weight and bias against its packed buffer; returns the
 // bias as a contiguous tensor (undefined when absent).
 at::Tensor checked_bias(const PackedLinearView& w, const at::Tensor& weight,
@@ -379,6 +389,8 @@ at::Tensor checked_bias(const PackedLinearView& w, const at::Tensor& weight,
                     bias->scalar_type(), " of shape ", bias->sizes());
   return bias->contiguous();
 }
+
+namespace {
 
 void check_input(const at::Tensor& input, int64_t in_features, const char* op) {
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
@@ -394,7 +406,11 @@ at::Tensor empty_output(const at::Tensor& input, int64_t out_features) {
   return at::empty(out_sizes, input.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
+}  // namespace
+
 const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+namespace {
 
 at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
                       const std::optional<at::Tensor>& bias, c10::string_view activation) {
@@ -406,57 +422,8 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const a
   const at::Tensor x2d = input.reshape({-1, w.in_features});
   const int64_t tokens = x2d.size(0);
   if (tokens == 0 || w.out_features == 0) return y;
-  sparse_linear_2d(w, x2d.data_ptr<float>(), tokens, x2d.stride(0), x2d.stride(1), data_or_null(bias_c),
-                   act, y.data_ptr<float>(), OutputLayout{w.out_features, 1});
-  return y;
-}
-
-// Whether conv1x1 reads its input as channels-last pixels (and writes its output so):
-// when the input is laid out channels-last and not also plain NCHW. ops.py's fake
-// kernel applies the same rule.
-bool is_channels_last(const at::Tensor& input) {
-  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
-}
-
-// A 1 x 1 convolution is a linear layer over pixels: the packed weight is that of
-// weight.flatten(1). Channels-last input is token-major [pixels of all images,
-// channels], exactly a linear's input, and so is the channels-last output. NCHW
-// input is feature-major per image (token stride 1): each image's pixels are its own
-// tokens, panels are plain row copies, and the output planes are written straight
-// from the tiles.
-at::Tensor conv1x1_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
-                       const std::optional<at::Tensor>& bias, int64_t stride, c10::string_view activation) {
-  const char* op = "sparsecpu::conv1x1";
-  const PackedLinearView w = checked_view(packed);
-  const Activation act = parse_activation(activation);
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1, op,
-                    ": weight must be [out_channels, in_channels, 1, 1], got shape ", weight.sizes());
-  const at::Tensor bias_c = checked_bias(w, weight.flatten(1), bias, op);
-  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
-                    ": input must be a float32 CPU tensor, got ", input.scalar_type(), " on ", input.device());
-  TORCH_CHECK_VALUE(input.dim() == 4 && input.size(1) == w.in_features, op,
-                    ": input must be [batch, ", w.in_features, ", height, width], got shape ", input.sizes());
-  TORCH_CHECK_VALUE(stride >= 1, op, ": stride must be >= 1, got ", stride);
-  at::Tensor x = stride == 1 ? input : input.slice(2, 0, c10::nullopt, stride).slice(3, 0, c10::nullopt, stride);
-  const int64_t batch = x.size(0), height = x.size(2), width = x.size(3), pixels = height * width;
-  const bool channels_last = is_channels_last(input);
-  at::Tensor y = at::empty({batch, w.out_features, height, width},
-                           input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                       : at::MemoryFormat::Contiguous));
-  if (batch == 0 || pixels == 0 || w.out_features == 0) return y;
-  if (channels_last) {
-    const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, w.in_features});  // a view at stride 1
-    sparse_linear_2d(w, rows.data_ptr<float>(), rows.size(0), rows.stride(0), rows.stride(1), data_or_null(bias_c),
-                     act, y.data_ptr<float>(), OutputLayout{w.out_features, 1});
-    return y;
-  }
-  if (height > 1 && x.stride(2) != width * x.stride(3)) x = x.contiguous();  // pixels need one stride
-  const float* x_data = x.data_ptr<float>();
-  float* y_data = y.data_ptr<float>();
-  for (int64_t n = 0; n < batch; ++n) {
-    sparse_linear_2d(w, x_data + n * x.stride(0), pixels, x.stride(3), x.stride(1), data_or_null(bias_c), act,
-                     y_data + n * w.out_features * pixels, OutputLayout{1, pixels});
-  }
+  sparse_linear_2d(w, strided_source(x2d.data_ptr<float>(), x2d.stride(0), x2d.stride(1)), tokens,
+                   data_or_null(bias_c), act, y.data_ptr<float>(), OutputLayout{w.out_features, 1});
   return y;
 }
 
@@ -522,9 +489,10 @@ TORCH_LIBRARY(sparsecpu, m) {
   m.def("pack_linear(Tensor weight, int k_block=128, int row_block=128, int block_rows=1) -> Tensor");
   m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
   m.def("linear_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, str[] activations) -> Tensor");
-  // flexible_layout: Inductor may hand conv1x1 channels-last input (its layout
+  // flexible_layout: Inductor may hand conv2d channels-last input (its layout
   // optimisation for graphs with convolutions) instead of converting it to NCHW.
-  m.def("conv1x1(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, int stride=1, str activation=\"none\") -> Tensor",
+  m.def("conv2d(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+        "int[2] dilation=1, str activation=\"none\") -> Tensor",
         {at::Tag::flexible_layout});
 }
 
@@ -532,7 +500,6 @@ TORCH_LIBRARY_IMPL(sparsecpu, CPU, m) {
   m.impl("pack_linear", &pack_linear_cpu);
   m.impl("linear", &linear_cpu);
   m.impl("linear_chain", &linear_chain_cpu);
-  m.impl("conv1x1", &conv1x1_cpu);
 }
 
 }  // namespace sparsecpu

@@ -1,11 +1,11 @@
-"""Rewrite ``linear`` and 1 x 1 ``conv2d`` calls (+ the activation that follows) into
-``sparsecpu::linear`` / ``sparsecpu::conv1x1``, and fuse chains of sparse linears.
+"""Rewrite ``linear`` and ``conv2d`` calls (+ the activation that follows) into
+``sparsecpu::linear`` / ``sparsecpu::conv2d``, and fuse chains of sparse linears.
 
 A layer is taken when its weight is a static float32 CPU parameter (a graph input
 that Dynamo marks as a parameter or buffer, or a ``get_attr`` constant) whose
 fraction of exact zeros is at least ``min_sparsity``, and its input is float32.
-Convolutions must also be 1 x 1, ungrouped and unpadded. Everything else is left
-exactly as it was.
+Convolutions must also be ungrouped (zero padding; any kernel, stride and dilation).
+Everything else is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -144,20 +144,27 @@ def _pair(value) -> tuple | None:
     return None
 
 
-def _conv1x1_stride(node: fx.Node, weight_shape: tuple) -> tuple[int | None, str | None]:
-    """The stride of a conv2d call the sparse op can run, or why it cannot."""
-    _, _, _, stride, padding, _, groups = _conv_args(node)
-    if len(weight_shape) != 4 or weight_shape[2:] != (1, 1):
-        kernel = " x ".join(map(str, weight_shape[2:])) or "?"
-        return None, f"{kernel} kernel: only 1 x 1 convolutions take the sparse path"
+def _conv_geometry(node: fx.Node, weight_shape: tuple) -> tuple[tuple | None, str | None]:
+    """(stride, padding, dilation) pairs of a conv2d call the sparse op can run, or
+    why it cannot."""
+    _, _, _, stride, padding, dilation, groups = _conv_args(node)
     if groups != 1:
         return None, f"groups={groups}: only ungrouped convolutions take the sparse path"
-    if padding not in ("valid", "same") and _pair(padding) != (0, 0):
-        return None, f"padding={padding}: only unpadded 1 x 1 convolutions take the sparse path"
-    pair = _pair(stride)
-    if pair is None or pair[0] != pair[1]:
-        return None, f"stride={stride}: only equal strides take the sparse path"
-    return pair[0], None
+    stride, dilation = _pair(stride), _pair(dilation)
+    if stride is None or dilation is None:
+        return None, "stride or dilation not given as ints"
+    kernel = weight_shape[2:]
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":  # stride 1; an even extent pads unevenly, which the op does not do
+        if any(dilation[i] * (kernel[i] - 1) % 2 for i in range(2)):
+            return None, "padding='same' with an even kernel extent pads unevenly"
+        padding = tuple(dilation[i] * (kernel[i] - 1) // 2 for i in range(2))
+    elif _pair(padding) is None:
+        return None, f"padding={padding!r} not given as ints"
+    else:
+        padding = _pair(padding)
+    return (stride, padding, dilation), None
 
 
 def _skip_reason(x, weight_node, bias, static, min_sparsity, autocast,
@@ -190,7 +197,7 @@ def _skip_reason(x, weight_node, bias, static, min_sparsity, autocast,
 
 
 def pack_weight(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear):
-    """The packed buffer of a linear weight, or of a 1 x 1 convolution's (as [out, in])."""
+    """The packed buffer of a linear weight, or of a convolution's as [out, in x kernel]."""
     return pack(weight.detach().flatten(1))
 
 
@@ -219,9 +226,9 @@ def rewrite_sparse_layers(
         w_shape = tuple(w_value.shape) if w_value is not None else ()
         shape = w_shape[:2] if len(w_shape) == (2 if kind == "linear" else 4) else (0, 0)
         reason, sparsity = _skip_reason(x, weight_node, bias, static, min_sparsity, autocast, kind)
-        stride = None
+        geometry = None
         if reason is None and kind == "conv2d":
-            stride, reason = _conv1x1_stride(node, w_shape)
+            geometry, reason = _conv_geometry(node, w_shape)
         if reason is not None:
             decisions.append(LayerDecision(name, *shape, sparsity, False, reason, kind=kind))
             log.debug("%s %s %s: dense (%s)", kind, name, list(shape), reason)
@@ -247,7 +254,7 @@ def rewrite_sparse_layers(
                 )
             else:
                 sparse = graph.call_function(
-                    torch.ops.sparsecpu.conv1x1.default, (x, weight_node, packed_node, bias, stride, activation)
+                    torch.ops.sparsecpu.conv2d.default, (x, weight_node, packed_node, bias, *geometry, activation)
                 )
         sparse.meta = dict(replaced.meta)
         replaced.replace_all_uses_with(sparse)
