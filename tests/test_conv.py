@@ -16,6 +16,9 @@ from torch_sparsecpu import ops
 
 from conftest import assert_close_rel, sparse_weight
 
+# ConvNet's head pads 'same' with an even kernel on purpose (it stays dense).
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
 CONV_CALL = re.compile(r"= torch\.ops\.sparsecpu\.conv2d\.default\(")
 ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
                "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
@@ -255,3 +258,42 @@ def test_hf_resnet_convolutions_run_sparse():
         expected = model(x).last_hidden_state
         actual = torch.compile(model, backend="sparsecpu")(x).last_hidden_state
     assert_close_rel(actual, expected, rel=1e-4)
+
+
+def test_batch_norm_folded_into_the_sparse_convolution_before_it():
+    model = conv_net()
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        folded = {d.name for d in torch_sparsecpu.explain(model, x) if d.batch_norm_folded}
+        assert folded == {"project.weight"}
+        expected = model(x)
+        actual, code = run_and_get_code(torch.compile(model, backend="sparsecpu"), x)
+    assert_close_rel(actual, expected)
+    assert not any("batch_norm" in c for c in code)  # the only batch norm is gone from the graph
+    # Not folded when asked not to, nor when the graph is compiled for gradients.
+    no_fold = torch_sparsecpu.explain(model, x, fold_batch_norm=False)
+    assert not any(d.batch_norm_folded for d in no_fold)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})
+    y = compiled(x.requires_grad_())
+    grad = torch.autograd.grad(y.sum(), model.norm.weight)[0]
+    assert_close_rel(grad, torch.autograd.grad(model(x).sum(), model.norm.weight)[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("edit", ["running_var", "bn_weight", "conv_weight", "load_state_dict"])
+def test_folded_batch_norm_edits_are_honoured(inner, edit):
+    model = conv_net()
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": inner})
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        assert_close_rel(compiled(x), model(x), what="before the edit")
+        if edit == "running_var":
+            model.norm.running_var.mul_(3)
+        elif edit == "bn_weight":
+            model.norm.weight.add_(1)
+        elif edit == "conv_weight":
+            model.project.weight.mul_(2)
+        else:
+            model.load_state_dict(conv_net().state_dict())
+        assert_close_rel(compiled(x), model(x), what=f"after editing {edit}")

@@ -41,6 +41,8 @@ class SparseCPUOptions:
     fuse_layers:       run sparse linears that feed each other as one op, panel of
                        tokens by panel, so intermediates stay in cache (inference
                        only: graphs compiled with grad mode on keep separate layers).
+    fold_batch_norm:   fold an eval-mode batch norm that follows a sparse convolution
+                       into its weight and bias (inference only, like fuse_layers).
     verbose:           log each linear / conv2d taken or skipped at INFO instead of DEBUG.
     """
 
@@ -48,6 +50,7 @@ class SparseCPUOptions:
     inner: str = "inductor"
     fuse_activations: bool = True
     fuse_layers: bool = True
+    fold_batch_norm: bool = True
     verbose: bool = False
 
     def __post_init__(self):
@@ -59,7 +62,7 @@ class SparseCPUOptions:
             raise ValueError(
                 f"option 'inner' must be one of {', '.join(map(repr, INNER_COMPILERS))}, got {self.inner!r}"
             )
-        for flag in ("fuse_activations", "fuse_layers", "verbose"):
+        for flag in ("fuse_activations", "fuse_layers", "fold_batch_norm", "verbose"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
 
@@ -96,7 +99,7 @@ class _Watched:
     weight: torch.Tensor
     version: int
     data_ptr: int
-    packed: torch.Tensor
+    packed: torch.Tensor | None  # None: a change of `weight` needs a rebuild (a folded batch norm's tensors)
     input_index: int | None  # its placeholder, or None for a get_attr constant
 
     def current(self, args: Sequence) -> torch.Tensor:
@@ -172,12 +175,14 @@ class SparseCompiledGraph:
                 new._dynamo_source = old._dynamo_source
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
-        packed, packed_attr_of, decisions = rewrite_sparse_layers(
+        inference = not torch.is_grad_enabled()
+        packed, packed_attr_of, rebuild_if_changed, decisions = rewrite_sparse_layers(
             graph, static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
+            fold_batch_norms=self._options.fold_batch_norm and inference,
         )
-        if self._options.fuse_layers and not torch.is_grad_enabled():
+        if self._options.fuse_layers and inference:
             for length in fuse_sparse_chains(graph):
                 log.debug("sparsecpu: %d consecutive sparse linears fused into one chain", length)
         level = logging.INFO if self._options.verbose else logging.DEBUG
@@ -193,8 +198,8 @@ class SparseCompiledGraph:
         placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
         watched = [
             _Watched(static[node], static[node]._version, static[node].untyped_storage().data_ptr(),
-                     packed[attr], placeholder_index.get(node))
-            for node, attr in packed_attr_of.items()
+                     packed.get(attr), placeholder_index.get(node))
+            for node, attr in [*packed_attr_of.items(), *((node, None) for node in rebuild_if_changed)]
         ]
         compiled = None
         if compile_if_dense or any(d.taken for d in decisions):
@@ -210,10 +215,11 @@ class SparseCompiledGraph:
     def _repacked(self, build: _Build, args: Sequence) -> _Build:
         """The build for the weights as they are now: the packed buffers rewritten in
         place when their sizes still match (no recompile), else a full rebuild."""
-        fresh = [(w, pack_weight(w.current(args))) for w in build.watched]
-        if all(new.shape == w.packed.shape for w, new in fresh):
+        rebuild = any(w.packed is None and w.is_stale(args) for w in build.watched)
+        fresh = [(w, pack_weight(w.current(args))) for w in build.watched if w.packed is not None and not rebuild]
+        if not rebuild and all(new.shape == w.packed.shape for w, new in fresh):
             log.info("sparsecpu: weights changed since they were packed; repacking in place")
-            watched = []
+            watched = [w for w in build.watched if w.packed is None]
             for w, new in fresh:
                 with torch.inference_mode(w.packed.is_inference()), torch.no_grad():
                     w.packed.copy_(new)

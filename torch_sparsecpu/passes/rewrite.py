@@ -41,10 +41,12 @@ class LayerDecision:
     activation: str = "none"
     block_rows: int = 1  # the packed format's nonzero blocks: 1 x 1, or 4 x 1 (ops.default_block_rows)
     kind: str = "linear"  # or "conv2d"
+    batch_norm_folded: bool = False  # the eval-mode batch norm after a convolution, folded into it
 
     def __str__(self) -> str:
         sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
         blocks = f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
+        blocks += "batch norm folded, " if self.batch_norm_folded else ""
         what = f"sparse, {blocks}activation {self.activation}" if self.taken else f"dense: {self.reason}"
         return f"{self.name:<48} {self.kind:<6} [{self.out_features:>5} x {self.in_features:>5}] {sparsity}  {what}"
 
@@ -196,6 +198,50 @@ def _skip_reason(x, weight_node, bias, static, min_sparsity, autocast,
     return None, sparsity
 
 
+@dataclasses.dataclass
+class _BatchNormFold:
+    """An eval-mode batch norm that reads only a convolution's output, and the static
+    tensors it and the convolution's bias come from."""
+
+    node: fx.Node
+    sources: list[fx.Node]  # running mean and var, weight and bias if any, the conv's bias if any
+    mean: torch.Tensor
+    var: torch.Tensor
+    gamma: torch.Tensor | None
+    beta: torch.Tensor | None
+    eps: float
+
+
+def _batch_norm_after(conv: fx.Node, bias, static: dict[fx.Node, torch.Tensor]) -> _BatchNormFold | None:
+    users = list(conv.users)
+    bn = users[0] if len(users) == 1 else None
+    if bn is None or bn.op != "call_function" or bn.target is not F.batch_norm or bn.args[:1] != (conv,):
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = (None, None, None, None, None, False, 0.1, 1e-5)
+    args = list(bn.args) + list(defaults[len(bn.args):])
+    _, mean, var, gamma, beta, training, _, eps = [bn.kwargs.get(n, a) for n, a in zip(names, args)]
+    tensors = [t for t in (mean, var, gamma, beta, bias) if t is not None]
+    if training is not False or mean is None or var is None or not isinstance(eps, float):
+        return None
+    if not all(isinstance(t, fx.Node) and t in static and static[t].dtype == torch.float32 for t in tensors):
+        return None
+    value = {t: static[t] for t in tensors}
+    return _BatchNormFold(bn, tensors, value[mean], value[var], value.get(gamma), value.get(beta), eps)
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, fold: _BatchNormFold):
+    """The weight and bias of conv -> batch norm as one convolution (same zeros)."""
+    with torch.no_grad():
+        scale = torch.rsqrt(fold.var + fold.eps)
+        if fold.gamma is not None:
+            scale = scale * fold.gamma
+        folded_bias = -fold.mean * scale if bias is None else (bias - fold.mean) * scale
+        if fold.beta is not None:
+            folded_bias = folded_bias + fold.beta
+        return weight * scale.view(-1, 1, 1, 1), folded_bias
+
+
 def pack_weight(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear):
     """The packed buffer of a linear weight, or of a convolution's as [out, in x kernel]."""
     return pack(weight.detach().flatten(1))
@@ -207,15 +253,22 @@ def rewrite_sparse_layers(
     *,
     min_sparsity: float,
     fuse_activations: bool,
+    fold_batch_norms: bool = False,
     pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
-) -> tuple[dict[str, torch.Tensor], dict[fx.Node, str], list[LayerDecision]]:
-    """Rewrites ``graph`` in place. Returns the packed tensors by attribute name (the
-    new graph reads them with get_attr), the attribute name of each packed weight node,
-    and one decision per linear or conv2d call."""
+) -> tuple[dict[str, torch.Tensor], dict[fx.Node, str], list[fx.Node], list[LayerDecision]]:
+    """Rewrites ``graph`` in place. Returns the tensors the new graph reads with
+    get_attr by attribute name (packed weights; folded weights and biases), the
+    attribute name of each packed weight node (repacked in place when that weight
+    changes), the static nodes whose change needs a rebuild instead (those of folded
+    batch norms), and one decision per linear or conv2d call.
+
+    ``fold_batch_norms`` (only for graphs that need no gradients) folds an eval-mode
+    batch norm that follows a sparse convolution into its weight and bias."""
     packed_attrs: dict[str, torch.Tensor] = {}
     decisions: list[LayerDecision] = []
     autocast = _under_autocast(graph)
     packed_by_weight: dict[fx.Node, str] = {}
+    rebuild_if_changed: list[fx.Node] = []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in LINEAR_TARGETS + CONV2D_TARGETS:
             continue
@@ -234,20 +287,32 @@ def rewrite_sparse_layers(
             log.debug("%s %s %s: dense (%s)", kind, name, list(shape), reason)
             continue
 
-        users = list(node.users)
+        fold = _batch_norm_after(node, bias, static) if kind == "conv2d" and fold_batch_norms else None
+        output = node if fold is None else fold.node
+        users = list(output.users)
         act_node = None
         activation = "none"
-        if fuse_activations and len(users) == 1 and users[0].args and users[0].args[0] is node:
+        if fuse_activations and len(users) == 1 and users[0].args and users[0].args[0] is output:
             activation = _activation_of(users[0]) or "none"
             act_node = users[0] if activation != "none" else None
 
-        if weight_node not in packed_by_weight:
+        if fold is not None:
+            weight, folded_bias = fold_batch_norm(static[weight_node], static.get(bias), fold)
+            attr = f"_sparsecpu_packed_{len(packed_attrs)}"
+            packed_attrs[attr] = pack_weight(weight, pack)
+            packed_attrs[attr + "_weight"], packed_attrs[attr + "_bias"] = weight, folded_bias
+            rebuild_if_changed += [weight_node, *fold.sources]
+        elif weight_node not in packed_by_weight:
             attr = f"_sparsecpu_packed_{len(packed_attrs)}"
             packed_attrs[attr] = pack_weight(static[weight_node], pack)
             packed_by_weight[weight_node] = attr
-        replaced = act_node or node
+        else:
+            attr = packed_by_weight[weight_node]
+        replaced = act_node or output
         with graph.inserting_before(node):
-            packed_node = graph.get_attr(packed_by_weight[weight_node])
+            packed_node = graph.get_attr(attr)
+            if fold is not None:
+                weight_node, bias = graph.get_attr(attr + "_weight"), graph.get_attr(attr + "_bias")
             if kind == "linear":
                 sparse = graph.call_function(
                     torch.ops.sparsecpu.linear.default, (x, weight_node, packed_node, bias, activation)
@@ -260,13 +325,16 @@ def rewrite_sparse_layers(
         replaced.replace_all_uses_with(sparse)
         if act_node is not None:
             graph.erase_node(act_node)
+        if fold is not None:
+            graph.erase_node(fold.node)
         graph.erase_node(node)
-        block_rows = int(packed_attrs[packed_by_weight[weight_node]][9])  # header: kBlockRows
-        decisions.append(LayerDecision(name, *shape, sparsity, True, "", activation, block_rows, kind))
-        log.debug("%s %s %s: sparse (sparsity %.1f%%, %dx1 blocks, activation %s)", kind, name, list(shape),
-                  100 * sparsity, block_rows, activation)
+        block_rows = int(packed_attrs[attr][9])  # header: kBlockRows
+        decisions.append(LayerDecision(name, *shape, sparsity, True, "", activation, block_rows, kind,
+                                       batch_norm_folded=fold is not None))
+        log.debug("%s %s %s: sparse (sparsity %.1f%%, %dx1 blocks, activation %s%s)", kind, name, list(shape),
+                  100 * sparsity, block_rows, activation, ", batch norm folded" if fold else "")
     graph.lint()
-    return packed_attrs, packed_by_weight, decisions
+    return packed_attrs, packed_by_weight, rebuild_if_changed, decisions
 
 
 
@@ -305,4 +373,6 @@ def fuse_sparse_chains(graph: fx.Graph) -> list[int]:
     return [len(chain) for chain in chains]
 
 
-__all__ = ["LayerDecision", "find_static_tensors", "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers"]
+__all__ = [
+    "LayerDecision", "find_static_tensors", "fold_batch_norm", "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers",
+]
