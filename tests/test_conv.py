@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 
 CONV_CALL = re.compile(r"= torch\.ops\.sparsecpu\.conv2d\.default\(")
 ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
-               "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
+               "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu, "relu6": F.relu6}
 
 
 def conv_weight(out_channels: int, in_channels: int, sparsity: float, kernel=(1, 1)) -> torch.Tensor:

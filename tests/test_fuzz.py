@@ -56,6 +56,8 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         y = F.gelu(y, approximate="tanh")
     elif act == "silu":
         y = F.silu(y)
+    elif act == "relu6":
+        y = F.relu6(y)
     return y.float()
 
 

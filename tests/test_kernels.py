@@ -22,6 +22,7 @@ ACTIVATION_REFERENCE = {
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
+    "relu6": F.relu6,
 }
 FEATURES = (1, 7, 64, 768, 3072)
 TOKENS = (1, 3, 8, 33, 128)

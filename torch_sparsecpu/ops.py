@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the schemas before the fakes below)
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "relu6")
 
 
 TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in spmm.h)

@@ -117,7 +117,7 @@ void fill_tile_with_bias(const PackedLinearView& w, int64_t rb, const float* bia
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------
-enum class Activation : int { kNone = 0, kRelu, kGeluErf, kGeluTanh, kSilu };
+enum class Activation : int { kNone = 0, kRelu, kGeluErf, kGeluTanh, kSilu, kRelu6 };
 
 // Tall blocks run register tiles of kTallBlockRows rows x kTallStripVectors
 // registers of tokens (12 accumulators + 3 activations + 1 broadcast = AVX2's 16

@@ -18,6 +18,8 @@ float activate_scalar(float x, Activation act) {
       return 0.5f * x * std::erfc(-x * 0.70710678118654752f);
     case Activation::kGeluTanh:
       return x / (1.0f + std::exp(-2.0f * 0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case Activation::kRelu6:
+      return x > 0.0f ? (x < 6.0f ? x : 6.0f) : 0.0f;
     case Activation::kSilu:
       return x / (1.0f + std::exp(-x));
   }

@@ -77,6 +77,8 @@ inline Vec::T activate(Vec::T x, Activation act) {
       return gelu_erf(x);
     case Activation::kGeluTanh:
       return gelu_tanh(x);
+    case Activation::kRelu6:  // min(max(x, 0), 6): MobileNet's ReLU6
+      return Vec::min(Vec::max(x, Vec::zero()), Vec::set1(6.0f));
     case Activation::kSilu:  // x / (1 + exp(-x))
       return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(Vec::xor_(x, Vec::set1(-0.0f)))));
   }

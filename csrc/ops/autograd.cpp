@@ -34,6 +34,7 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, co
   if (activation == "gelu") return at::gelu_backward(grad, pre, "none");
   if (activation == "gelu_tanh") return at::gelu_backward(grad, pre, "tanh");
   if (activation == "silu") return at::silu_backward(grad, pre);
+  if (activation == "relu6") return at::hardtanh_backward(grad, pre, 0, 6);
   return grad;  // "none"; the forward has already rejected unknown names
 }
 

@@ -26,8 +26,9 @@ Activation parse_activation(c10::string_view name) {
   if (name == "gelu") return Activation::kGeluErf;
   if (name == "gelu_tanh") return Activation::kGeluTanh;
   if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK_VALUE(false, "sparsecpu::linear: unknown activation '", name,
-                    "'; expected one of none, relu, gelu, gelu_tanh, silu");
+  if (name == "relu6") return Activation::kRelu6;
+  TORCH_CHECK_VALUE(false, "sparsecpu: unknown activation '", name,
+                    "'; expected one of none, relu, gelu, gelu_tanh, silu, relu6");
 }
 
 namespace {

@@ -88,6 +88,12 @@ def _activation_of(node: fx.Node) -> str | None:
         return "relu"
     if target in (F.silu, torch._C._nn.silu):
         return "silu"
+    if target in (F.relu6, torch._C._nn.relu6):
+        return "relu6"
+    if target is F.hardtanh:  # nn.ReLU6 is hardtanh(x, 0, 6)
+        bounds = [node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+                  for i, name, default in ((1, "min_val", -1.0), (2, "max_val", 1.0))]
+        return "relu6" if bounds == [0, 6] else None
     if target in (F.gelu, torch._C._nn.gelu):
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
