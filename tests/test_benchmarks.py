@@ -13,6 +13,7 @@ import torch_sparsecpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_conv  # noqa: E402
 import bench_ffn  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_packing  # noqa: E402
@@ -123,3 +124,14 @@ def test_check_then_time_refuses_a_wrong_candidate(monkeypatch):
     with pytest.raises(SystemExit, match="nan: wrong result"):
         common.check_then_time({"ref": lambda: x, "nan": lambda: x * float("nan")}, "ref", 1, 2, 0.01)
     assert len(timed) == 4  # nothing timed after a wrong result
+
+
+def test_bench_conv_times_each_distinct_convolution(capsys):
+    pytest.importorskip("transformers")
+    assert bench_conv.main(["--model", "mobilenetv2", "--image", "32", "--threads", "1", "--rounds", "1",
+                            "--min-run-time", "0.01"]) == 0
+    out = capsys.readouterr().out
+    # MobileNetV2's 35 ungrouped convolutions (its 17 depthwise ones stay out).
+    assert "all 35 ungrouped convolutions" in out
+    rows = [line for line in out.splitlines() if line.strip().startswith("[1,")]
+    assert rows and all(line.rstrip().split()[-1].replace(".", "").isdigit() for line in rows)
