@@ -297,3 +297,33 @@ def test_folded_batch_norm_edits_are_honoured(inner, edit):
         else:
             model.load_state_dict(conv_net().state_dict())
         assert_close_rel(compiled(x), model(x), what=f"after editing {edit}")
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_batch_norm_recalibrated_after_compiling_is_honoured(inner):
+    """A training-mode forward updates running statistics in place without bumping their
+    version: the backend compares the folded values on every call."""
+    model = conv_net()
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": inner})
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        assert_close_rel(compiled(x), model(x), what="before recalibration")
+        model.train()
+        model(3 * x + 1)  # new running statistics, versions unchanged
+        model.eval()
+        assert_close_rel(compiled(x), model(x), what="after recalibration")
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_rebuild_folds_the_real_batch_norm_statistics(inner):
+    """A rebuild compiles with the model's real buffers: a convolution that was dense at
+    first and sparse after the edit folds the actual running statistics."""
+    model = conv_net()
+    with torch.no_grad():
+        model.project.weight.normal_()  # dense at compile time: its batch norm stays
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": inner})
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        assert_close_rel(compiled(x), model(x), what="before the edit")
+        torch_sparsecpu.magnitude_prune_(model, 0.95, layer_types=(nn.Conv2d,))  # new nonzero counts: rebuild
+        assert_close_rel(compiled(x), model(x), what="first call after the edit")

@@ -37,7 +37,7 @@ class SparseCPUOptions:
                        fraction of its weight is exactly zero (below it dense kernels win on this
                        class of CPU; see docs/benchmarks.md).
     inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
-    fuse_activations:  fuse a ReLU / GELU / SiLU that follows a sparse layer into it.
+    fuse_activations:  fuse a ReLU / GELU / SiLU / ReLU6 that follows a sparse layer into it.
     fuse_layers:       run sparse linears that feed each other as one op, panel of
                        tokens by panel, so intermediates stay in cache (inference
                        only: graphs compiled with grad mode on keep separate layers).
@@ -94,7 +94,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, options: Sparse
 
 @dataclasses.dataclass(frozen=True)
 class _Watched:
-    """A packed weight and what it was packed from."""
+    """A packed weight and what it was packed from; or (packed None) a weight whose
+    change needs a rebuild (a convolution's with a folded batch norm)."""
 
     weight: torch.Tensor
     version: int
@@ -111,6 +112,28 @@ class _Watched:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """The values of small tensors a build baked in (the folded batch norms'), to
+    compare on every call: a training-mode batch norm updates its running statistics
+    in place without bumping their version, so only their values tell."""
+
+    tensors: list[torch.Tensor | None]  # None: read from the call's argument
+    input_indices: list[int | None]
+    values: torch.Tensor  # all of them (1-D, per channel), concatenated
+
+    @staticmethod
+    def concatenated(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(tensors) if tensors else torch.empty(0)
+
+    def is_stale(self, args: Sequence) -> bool:
+        if not self.input_indices:
+            return False
+        current = [t if i is None else args[i] for t, i in zip(self.tensors, self.input_indices)]
+        return not torch.equal(self.concatenated(current), self.values)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Build:
     """One build of the graph, published as a whole so that a concurrent caller sees
     either the old build or the new one, never a mix."""
@@ -118,10 +141,11 @@ class _Build:
     graph_module: fx.GraphModule
     decisions: list[LayerDecision]
     watched: list[_Watched]
+    snapshot: _Snapshot
     compiled: Callable | None
 
     def is_stale(self, args: Sequence) -> bool:
-        return any(w.is_stale(args) for w in self.watched)
+        return any(w.is_stale(args) for w in self.watched) or self.snapshot.is_stale(args)
 
 
 def _input_spec(value):
@@ -153,6 +177,9 @@ class SparseCompiledGraph:
         # sees the same (possibly symbolic) shapes as the first time.
         self._tracing_context = torch._guards.TracingContext.try_get()
         self._input_specs = [_input_spec(value) for value in example_inputs]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        static_nodes = find_static_tensors(gm, example_inputs)
+        self._static_input_indices = [i for i, node in enumerate(placeholders) if node in static_nodes]
         self._build = self._make_build(example_inputs, compile_if_dense=False)
         if decisions is not None:
             decisions.extend(self._build.decisions)
@@ -176,7 +203,7 @@ class SparseCompiledGraph:
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
         inference = not torch.is_grad_enabled()
-        packed, packed_attr_of, rebuild_if_changed, decisions = rewrite_sparse_layers(
+        packed, packed_attr_of, rebuild_if_changed, compared_by_value, decisions = rewrite_sparse_layers(
             graph, static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
@@ -201,10 +228,13 @@ class SparseCompiledGraph:
                      packed.get(attr), placeholder_index.get(node))
             for node, attr in [*packed_attr_of.items(), *((node, None) for node in rebuild_if_changed)]
         ]
+        indices = [placeholder_index.get(node) for node in compared_by_value]
+        snapshot = _Snapshot([static[n] if i is None else None for n, i in zip(compared_by_value, indices)], indices,
+                             _Snapshot.concatenated([static[n] for n in compared_by_value]).clone())
         compiled = None
         if compile_if_dense or any(d.taken for d in decisions):
             compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
-        return _Build(new_gm, decisions, watched, compiled)
+        return _Build(new_gm, decisions, watched, snapshot, compiled)
 
     def _fetch(self, target: str):
         value = self._source_gm
@@ -215,7 +245,7 @@ class SparseCompiledGraph:
     def _repacked(self, build: _Build, args: Sequence) -> _Build:
         """The build for the weights as they are now: the packed buffers rewritten in
         place when their sizes still match (no recompile), else a full rebuild."""
-        rebuild = any(w.packed is None and w.is_stale(args) for w in build.watched)
+        rebuild = build.snapshot.is_stale(args) or any(w.packed is None and w.is_stale(args) for w in build.watched)
         fresh = [(w, pack_weight(w.current(args))) for w in build.watched if w.packed is not None and not rebuild]
         if not rebuild and all(new.shape == w.packed.shape for w, new in fresh):
             log.info("sparsecpu: weights changed since they were packed; repacking in place")
@@ -229,9 +259,8 @@ class SparseCompiledGraph:
             return dataclasses.replace(build, watched=watched)
         log.info("sparsecpu: weights changed since they were packed; rebuilding the graph")
         inputs = [_from_spec(spec) for spec in self._input_specs]
-        for w in build.watched:
-            if w.input_index is not None:
-                inputs[w.input_index] = args[w.input_index]
+        for index in self._static_input_indices:  # the real parameters and buffers, never zeros
+            inputs[index] = args[index]
         context = self._tracing_context
         with torch._guards.tracing(context) if context is not None else contextlib.nullcontext():
             return self._make_build(inputs)

@@ -115,8 +115,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
     return y;
   }
 
-  const at::Tensor padded =
-      at::constant_pad_nd(input, {g.pad_w, g.pad_w, g.pad_h, g.pad_h}, 0.0).contiguous();  // NCHW
+  const at::Tensor padded = (g.pad_h || g.pad_w)
+                                ? at::constant_pad_nd(input, {g.pad_w, g.pad_w, g.pad_h, g.pad_h}, 0.0).contiguous()
+                                : input.contiguous();  // NCHW
   const int64_t padded_h = padded.size(2), padded_w = padded.size(3);
   std::vector<int64_t> feature_offsets;  // of (c, i, j), in weight.flatten(1)'s order
   feature_offsets.reserve(channels * g.kernel_h * g.kernel_w);

@@ -210,7 +210,8 @@ class _BatchNormFold:
     tensors it and the convolution's bias come from."""
 
     node: fx.Node
-    sources: list[fx.Node]  # running mean and var, weight and bias if any, the conv's bias if any
+    running_stats: list[fx.Node]  # running mean and var
+    parameters: list[fx.Node]  # the batch norm's weight and bias and the conv's bias, those given
     mean: torch.Tensor
     var: torch.Tensor
     gamma: torch.Tensor | None
@@ -233,7 +234,8 @@ def _batch_norm_after(conv: fx.Node, bias, static: dict[fx.Node, torch.Tensor]) 
     if not all(isinstance(t, fx.Node) and t in static and static[t].dtype == torch.float32 for t in tensors):
         return None
     value = {t: static[t] for t in tensors}
-    return _BatchNormFold(bn, tensors, value[mean], value[var], value.get(gamma), value.get(beta), eps)
+    parameters = [t for t in (gamma, beta, bias) if t is not None]
+    return _BatchNormFold(bn, [mean, var], parameters, value[mean], value[var], value.get(gamma), value.get(beta), eps)
 
 
 def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, fold: _BatchNormFold):
@@ -261,12 +263,15 @@ def rewrite_sparse_layers(
     fuse_activations: bool,
     fold_batch_norms: bool = False,
     pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
-) -> tuple[dict[str, torch.Tensor], dict[fx.Node, str], list[fx.Node], list[LayerDecision]]:
+) -> tuple[dict[str, torch.Tensor], dict[fx.Node, str], list[fx.Node], list[fx.Node], list[LayerDecision]]:
     """Rewrites ``graph`` in place. Returns the tensors the new graph reads with
     get_attr by attribute name (packed weights; folded weights and biases), the
     attribute name of each packed weight node (repacked in place when that weight
-    changes), the static nodes whose change needs a rebuild instead (those of folded
-    batch norms), and one decision per linear or conv2d call.
+    changes), the nodes whose change needs a rebuild instead (a convolution's weight
+    and bias and its folded batch norm's weight and bias), the running statistics of
+    folded batch norms (whose values must be compared: a training-mode batch norm
+    updates them in place without bumping their version), and one decision per linear
+    or conv2d call.
 
     ``fold_batch_norms`` (only for graphs that need no gradients) folds an eval-mode
     batch norm that follows a sparse convolution into its weight and bias."""
@@ -275,6 +280,7 @@ def rewrite_sparse_layers(
     autocast = _under_autocast(graph)
     packed_by_weight: dict[fx.Node, str] = {}
     rebuild_if_changed: list[fx.Node] = []
+    compared_by_value: list[fx.Node] = []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in LINEAR_TARGETS + CONV2D_TARGETS:
             continue
@@ -307,7 +313,8 @@ def rewrite_sparse_layers(
             attr = f"_sparsecpu_packed_{len(packed_attrs)}"
             packed_attrs[attr] = pack_weight(weight, pack)
             packed_attrs[attr + "_weight"], packed_attrs[attr + "_bias"] = weight, folded_bias
-            rebuild_if_changed += [weight_node, *fold.sources]
+            rebuild_if_changed += [weight_node, *fold.parameters]
+            compared_by_value += fold.running_stats
         elif weight_node not in packed_by_weight:
             attr = f"_sparsecpu_packed_{len(packed_attrs)}"
             packed_attrs[attr] = pack_weight(static[weight_node], pack)
@@ -340,9 +347,7 @@ def rewrite_sparse_layers(
         log.debug("%s %s %s: sparse (sparsity %.1f%%, %dx1 blocks, activation %s%s)", kind, name, list(shape),
                   100 * sparsity, block_rows, activation, ", batch norm folded" if fold else "")
     graph.lint()
-    return packed_attrs, packed_by_weight, rebuild_if_changed, decisions
-
-
+    return packed_attrs, packed_by_weight, rebuild_if_changed, compared_by_value, decisions
 
 
 def fuse_sparse_chains(graph: fx.Graph) -> list[int]:
