@@ -30,10 +30,13 @@ def conv_weight(out_channels: int, in_channels: int, sparsity: float, kernel=(1,
 
 
 def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The same values as NCHW, channels-last and an arbitrary strided view."""
+    """The same values as NCHW, channels-last, every other image of a channels-last
+    batch (strides channels-last-like but not dense) and an arbitrary strided view."""
+    doubled = torch.cat([x, torch.randn_like(x)], dim=1).reshape(2 * x.size(0), *x.shape[1:])
     return {
         "nchw": x,
         "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "channels_last_every_other": doubled.contiguous(memory_format=torch.channels_last)[::2],
         "strided": x.transpose(2, 3).contiguous().transpose(2, 3),
     }
 
@@ -327,3 +330,28 @@ def test_rebuild_folds_the_real_batch_norm_statistics(inner):
         assert_close_rel(compiled(x), model(x), what="before the edit")
         torch_sparsecpu.magnitude_prune_(model, 0.95, layer_types=(nn.Conv2d,))  # new nonzero counts: rebuild
         assert_close_rel(compiled(x), model(x), what="first call after the edit")
+
+
+class GradInside(nn.Module):
+    """A forward that switches grad mode on itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = conv_net()
+
+    def forward(self, x):
+        with torch.enable_grad():
+            return self.net(x)
+
+
+def test_grad_enabled_inside_the_forward_keeps_batch_norms_and_gradients():
+    model = GradInside().eval()
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        assert not any(d.batch_norm_folded for d in torch_sparsecpu.explain(model, x))
+        compiled = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})
+        expected, actual = model(x), compiled(x)
+    assert actual.requires_grad and expected.requires_grad
+    assert_close_rel(actual, expected)
+    grads = [torch.autograd.grad(y.sum(), model.net.norm.weight)[0] for y in (actual, expected)]
+    assert_close_rel(*grads, rel=1e-4)

@@ -40,7 +40,8 @@ class SparseCPUOptions:
     fuse_activations:  fuse a ReLU / GELU / SiLU / ReLU6 that follows a sparse layer into it.
     fuse_layers:       run sparse linears that feed each other as one op, panel of
                        tokens by panel, so intermediates stay in cache (inference
-                       only: graphs compiled with grad mode on keep separate layers).
+                       only: graphs compiled with grad mode on, or that turn it on
+                       inside, keep separate layers).
     fold_batch_norm:   fold an eval-mode batch norm that follows a sparse convolution
                        into its weight and bias (inference only, like fuse_layers).
     verbose:           log each linear / conv2d taken or skipped at INFO instead of DEBUG.
@@ -202,7 +203,10 @@ class SparseCompiledGraph:
                 new._dynamo_source = old._dynamo_source
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
-        inference = not torch.is_grad_enabled()
+        # Inference-only rewrites (chains, folded batch norms) need grad mode off for the
+        # whole graph: off when compiling, and not switched on inside (torch.enable_grad()).
+        inference = not torch.is_grad_enabled() and not any(
+            n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes)
         packed, packed_attr_of, rebuild_if_changed, compared_by_value, decisions = rewrite_sparse_layers(
             graph, static,
             min_sparsity=self._options.min_sparsity,

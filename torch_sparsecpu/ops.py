@@ -179,8 +179,8 @@ def conv2d(
     """``activation(F.conv2d(input, weight, bias, stride, padding, dilation))`` (zero
     padding, no groups) computed from ``packed``, made by :func:`pack_linear` from
     ``weight.flatten(1)``. ``input`` is ``[batch, in_channels, height, width]`` with any
-    strides; the output is channels-last when ``input`` is (and not also contiguous),
-    else contiguous NCHW."""
+    strides; the output is channels-last when ``input``'s strides are channels-last-like
+    (as ``F.conv2d`` decides), else contiguous NCHW."""
     for name, value in (("input", input), ("weight", weight), ("packed", packed)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -232,7 +232,7 @@ def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0)
         for i, d in enumerate((2, 3))
     )
     # Channels-last in, channels-last out (the rule of conv.cpp's is_channels_last).
-    channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
     return torch.empty((input.size(0), weight.size(0), height, width), dtype=input.dtype, device=input.device,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

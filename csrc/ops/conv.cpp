@@ -17,10 +17,11 @@ using kernels::Activation;
 using kernels::PackedLinearView;
 
 // Whether conv2d reads its input as channels-last pixels (and writes its output so):
-// when the input is laid out channels-last and not also plain NCHW. ops.py's fake
-// kernel applies the same rule.
+// when the input's strides are channels-last-like, the rule of F.conv2d's output
+// format too. ops.py's fake kernel applies the same rule (torch._prims_common's
+// suggest_memory_format).
 bool is_channels_last(const at::Tensor& input) {
-  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
 struct ConvGeometry {
