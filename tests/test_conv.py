@@ -71,6 +71,16 @@ def test_1x1_conv_matches_conv2d(isa, shape, stride):
 
 
 @pytest.mark.parametrize("isa", torch_sparsecpu.available_isas())
+@pytest.mark.parametrize("shape,stride", [
+    # One output column (or row): the strided view's size-1 dimension keeps the stride
+    # of the step, even where PyTorch calls the view contiguous (found by test_fuzz).
+    ((2, 3, 4, 5, 1), (1, 2)), ((1, 4, 6, 3, 1), (2, 2)), ((2, 3, 4, 1, 5), (2, 1)),
+])
+def test_1x1_conv_with_one_output_column_or_row(isa, shape, stride):
+    check_against_conv2d(isa, shape, (1, 1), stride)
+
+
+@pytest.mark.parametrize("isa", torch_sparsecpu.available_isas())
 @pytest.mark.parametrize("shape", SHAPES[1:])
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [
     ((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 0, 1), ((1, 3), 1, (0, 1), 1),

@@ -1,4 +1,4 @@
-"""Property test of the sparse linear op against dense PyTorch.
+"""Property tests of the sparse linear and conv2d ops against dense PyTorch.
 
 ``ops.linear(x, w, ops.pack_linear(w, k_block=..., row_block=..., block_rows=...), b, act)`` must equal
 ``act(F.linear(x, w, b))`` to 1e-5 relative (of the largest output) for every shape
@@ -228,3 +228,46 @@ def test_sparse_linear_chain_matches_dense(case):
     # Each layer's rounding is carried into the next: allow it once per layer.
     assert_close_scaled(y, expected, scale, rel=1e-5 * (len(widths) - 1),
                         what=str({k: v for k, v in case.items() if k != "seed"}))
+
+
+@st.composite
+def conv_cases(draw):
+    """A convolution's geometry, packing, layout, activation and ISA, with an image at
+    least as large as the dilated kernel."""
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    size = [draw(st.integers(max(1, dilation[i] * (kernel[i] - 1) + 1 - 2 * padding[i]), 12)) for i in range(2)]
+    return dict(
+        batch=draw(st.integers(0, 3)), in_c=draw(st.integers(1, 20)), out_c=draw(st.integers(1, 40)),
+        size=size, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+        sparsity=draw(st.sampled_from((0.0, 0.5, 0.9, 1.0))), k_block=draw(st.sampled_from(K_BLOCKS)),
+        row_block=draw(st.sampled_from(ROW_BLOCKS)), channels_last=draw(st.booleans()),
+        bias=draw(st.booleans()), act=draw(st.sampled_from(ops.ACTIVATIONS)), isa=draw(st.sampled_from(ISAS)),
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases())
+def test_sparse_conv2d_matches_dense(case):
+    gen = torch.Generator().manual_seed(0)
+    shape = (case["out_c"], case["in_c"], *case["kernel"])
+    weight = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) >= case["sparsity"])
+    bias = torch.randn(case["out_c"], generator=gen) if case["bias"] else None
+    x = torch.randn(case["batch"], case["in_c"], *case["size"], generator=gen)
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    geometry = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
+    packed = ops.pack_linear(weight.flatten(1), k_block=case["k_block"], row_block=case["row_block"])
+    with torch_sparsecpu.force_isa(case["isa"]):
+        actual = ops.conv2d(x, weight, packed, bias, **geometry, activation=case["act"])
+    pre = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), **geometry)
+    activation = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "relu6": F.relu6,
+                  "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[case["act"]]
+    expected = activation(pre).float()
+    assert actual.shape == expected.shape
+    # The scale float32 rounding works at: the largest output or sum of |terms| (module docstring).
+    terms = F.conv2d(x.abs().double(), weight.abs().double(), None, **geometry)
+    scale = max(float(expected.abs().max()), float(terms.max())) if expected.numel() else 0.0
+    assert_close_rel(actual, expected, scale=scale, what=str(case))

@@ -107,10 +107,13 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
                        data_or_null(bias_c), act, y_data, layout);
       return y;
     }
-    if (out_h > 1 && x.stride(2) != out_w * x.stride(3)) x = x.contiguous();  // pixels need one stride
+    // The pixels need one stride. A dimension of size 1 may carry any stride (even in a
+    // tensor that is_contiguous()), so the stride is that of a dimension longer than 1.
+    if (out_h > 1 && out_w > 1 && x.stride(2) != out_w * x.stride(3)) x = x.contiguous();
+    const int64_t pixel_stride = out_w > 1 ? x.stride(3) : x.stride(2);
     for (int64_t n = 0; n < batch; ++n) {
       const float* image = x.data_ptr<float>() + n * x.stride(0);
-      sparse_linear_2d(w, strided_source(image, x.stride(3), x.stride(1)), pixels, data_or_null(bias_c), act,
+      sparse_linear_2d(w, strided_source(image, pixel_stride, x.stride(1)), pixels, data_or_null(bias_c), act,
                        output_of(n), layout);
     }
     return y;
