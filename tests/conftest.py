@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torch_sparsecpu  # noqa: F401  (loads the ops)
 
@@ -13,6 +14,18 @@ def _seed_and_reset():
     torch.manual_seed(0)
     torch._dynamo.reset()
     yield
+
+
+# What each fused activation name of ops.ACTIVATIONS computes, in plain PyTorch: the
+# reference every kernel, op and property test compares against.
+ACTIVATION_REFERENCE = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+    "relu6": F.relu6,
+}
 
 
 def sparse_weight(out_features: int, in_features: int, sparsity: float, *, generator=None) -> torch.Tensor:

@@ -14,14 +14,12 @@ from torch._inductor.utils import run_and_get_code
 import torch_sparsecpu
 from torch_sparsecpu import ops
 
-from conftest import assert_close_rel, sparse_weight
+from conftest import ACTIVATION_REFERENCE as ACTIVATIONS, assert_close_rel, sparse_weight
 
 # ConvNet's head pads 'same' with an even kernel on purpose (it stays dense).
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 CONV_CALL = re.compile(r"= torch\.ops\.sparsecpu\.conv2d\.default\(")
-ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
-               "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu, "relu6": F.relu6}
 
 
 def conv_weight(out_channels: int, in_channels: int, sparsity: float, kernel=(1, 1)) -> torch.Tensor:

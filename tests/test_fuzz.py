@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import torch_sparsecpu
 from torch_sparsecpu import ops
 
-from conftest import assert_close_rel
+from conftest import ACTIVATION_REFERENCE, assert_close_rel
 
 ISAS = torch_sparsecpu.available_isas()
 K_BLOCKS = (0, 1, 7, 64, 128)
@@ -48,17 +48,7 @@ LAYOUTS = ("contiguous", "transposed", "feature_stride", "token_slice", "offset_
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     """Dense PyTorch, in float64 so that only the op's own rounding is measured."""
     y = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
-    if act == "relu":
-        y = F.relu(y)
-    elif act == "gelu":
-        y = F.gelu(y)
-    elif act == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    elif act == "silu":
-        y = F.silu(y)
-    elif act == "relu6":
-        y = F.relu6(y)
-    return y.float()
+    return ACTIVATION_REFERENCE[act](y).float()
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, term_scale: torch.Tensor,
@@ -263,9 +253,7 @@ def test_sparse_conv2d_matches_dense(case):
     with torch_sparsecpu.force_isa(case["isa"]):
         actual = ops.conv2d(x, weight, packed, bias, **geometry, activation=case["act"])
     pre = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), **geometry)
-    activation = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "relu6": F.relu6,
-                  "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[case["act"]]
-    expected = activation(pre).float()
+    expected = ACTIVATION_REFERENCE[case["act"]](pre).float()
     assert actual.shape == expected.shape
     # The scale float32 rounding works at: the largest output or sum of |terms| (module docstring).
     terms = F.conv2d(x.abs().double(), weight.abs().double(), None, **geometry)

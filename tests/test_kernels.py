@@ -13,17 +13,9 @@ import torch_sparsecpu
 from torch_sparsecpu import kernels, ops
 from torch_sparsecpu.kernels import torch_threads
 
-from conftest import assert_close_rel, sparse_weight, tall_weight
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, sparse_weight, tall_weight
 
 ISAS = kernels.available_isas()
-ACTIVATION_REFERENCE = {
-    "none": lambda z: z,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "silu": F.silu,
-    "relu6": F.relu6,
-}
 FEATURES = (1, 7, 64, 768, 3072)
 TOKENS = (1, 3, 8, 33, 128)
 SPARSITIES = (0.0, 0.5, 0.9, 0.99, 1.0)

@@ -10,7 +10,7 @@ from torch import nn
 import torch_sparsecpu
 from torch_sparsecpu import ops
 
-from conftest import assert_close_rel, sparse_weight
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, sparse_weight
 
 
 def linear_samples():
@@ -82,10 +82,9 @@ def test_profiler_names_the_op():
     assert "sparsecpu::linear" in names and "sparsecpu::pack_linear" in names, names
 
 
-@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", list(ACTIVATION_REFERENCE))
 def test_gradients_match_dense(activation):
-    reference = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-                 "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}[activation]
+    reference = ACTIVATION_REFERENCE[activation]
     weight = sparse_weight(32, 20, 0.7)
     bias = torch.randn(32)
     x = torch.randn(3, 5, 20)
