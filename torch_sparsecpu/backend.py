@@ -305,6 +305,34 @@ def explain(model: Callable, *args, **options) -> list[LayerDecision]:
     def backend(gm, example_inputs):
         return compile_sparse(gm, example_inputs, parsed, None, decisions)
 
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=False)(*args)
+    # Isolated: explain's compiled entries count against a recompile limit of their own,
+    # never against the one the user's own torch.compile(model) calls share; released
+    # after the run so they keep no packed weights alive.
+    compiled = torch.compile(model, backend=backend, dynamic=False, isolate_recompiles=True)
+    try:
+        with torch.no_grad():
+            compiled(*args)
+    finally:
+        _release_compiled_entries(compiled)
     return decisions
+
+
+def _release_compiled_entries(compiled: Callable) -> None:
+    """Invalidates the cache entries of one ``isolate_recompiles`` torch.compile call
+    (Dynamo's own mechanism for entries whose guarded objects died). Best effort: on a
+    torch whose internals differ, the entries stay, confined to their own region."""
+    context = getattr(compiled, "dynamo_ctx", compiled)
+    region = getattr(context, "_isolate_recompiles_id", -1)
+    if region < 0:
+        return
+    try:
+        from torch._C._dynamo.eval_frame import _get_cache_entries_for_region
+        from torch._dynamo.convert_frame import input_codes
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+        for code_ref in list(input_codes.seen):
+            code = code_ref()
+            for entry in _get_cache_entries_for_region(code, region) if code is not None else ():
+                entry.guard_manager.extra_state.invalidate(entry, DeletedGuardManagerWrapper("explain() is done"))
+    except (ImportError, AttributeError, TypeError) as error:
+        log.debug("sparsecpu: explain could not release its compiled entries (%s)", error)
