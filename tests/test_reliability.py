@@ -424,15 +424,16 @@ def test_concurrent_calls_one_compiled_model():
     assert not errors, errors[:5]
 
 
-def test_concurrent_call_during_repack(monkeypatch):
+def test_concurrent_call_during_rebuild(monkeypatch):
     import torch_sparsecpu.backend as backend
 
-    model = make_model()
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    torch_sparsecpu.magnitude_prune_(model, SPARSITY, layer_types=(nn.Conv2d,))
     fast = compile_sparse(model, options=EAGER)
-    x = torch.randn(5, 64)
+    x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         fast(x)
-        _edit(model, "zero_more")  # changes the nonzero count: a rebuild, not an in-place repack
+        model[1].weight.mul_(2)  # folded into the convolution: a rebuild
         expected = model(x)
 
     in_compile, proceed = threading.Event(), threading.Event()
@@ -450,19 +451,19 @@ def test_concurrent_call_during_repack(monkeypatch):
         with torch.no_grad():
             results[name] = fast(x)
 
-    repacker = threading.Thread(target=call, args=("repacker",))
-    repacker.start()
+    rebuilder = threading.Thread(target=call, args=("rebuilder",))
+    rebuilder.start()
     try:
-        assert in_compile.wait(timeout=30), "the edit did not trigger a repack"
+        assert in_compile.wait(timeout=30), "the edit did not trigger a rebuild"
         other = threading.Thread(target=call, args=("other",))
         other.start()
         other.join(timeout=1.0)  # returns early only if it did not wait for the repack
     finally:
         proceed.set()
-        repacker.join(timeout=30)
+        rebuilder.join(timeout=30)
     other.join(timeout=30)
-    assert_close_rel(results["repacker"], expected, what="thread that repacked")
-    assert_close_rel(results["other"], expected, what="thread that called during the repack")
+    assert_close_rel(results["rebuilder"], expected, what="thread that rebuilt")
+    assert_close_rel(results["other"], expected, what="thread that called during the rebuild")
 
 
 def test_compiled_graph_does_not_keep_first_input_alive():

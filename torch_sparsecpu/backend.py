@@ -6,8 +6,11 @@ Dynamo hands us an FX graph whose parameters are placeholders and whose example
 inputs are the model's real parameters. We pack the sparse float32 weights of
 linears and convolutions once, rewrite their calls into ``sparsecpu::linear`` /
 ``sparsecpu::conv2d`` and hand the graph on to
-Inductor (or run it eagerly). Before every call the wrapper checks that the packed
-weights are current (``_version`` and storage); if not, it rebuilds.
+Inductor (or run it eagerly). Packed weights belong to the weight they were packed
+from: the ops run a weight edited since packing, or another instance's weight when
+Dynamo shares the graph between the instances of a class, with a buffer packed from
+it (csrc/ops/packed_weights.h). What a build folds into the graph (batch norms) is
+checked before every call, and a change rebuilds.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .passes import LayerDecision, find_static_tensors, fuse_sparse_chains, pack_weight, rewrite_sparse_layers
+from .passes import LayerDecision, find_static_tensors, fuse_sparse_chains, rewrite_sparse_layers
 
 log = logging.getLogger("torch_sparsecpu")
 
@@ -93,23 +96,25 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, options: Sparse
     return compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What a tensor reads and its version: an in-place edit bumps the version, and
+    ``weight.data = other`` (even another view of the same storage) changes the rest."""
+    return tensor._version, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
+
+
 @dataclasses.dataclass(frozen=True)
 class _Watched:
-    """A packed weight and what it was packed from; or (packed None) a weight whose
-    change needs a rebuild (a convolution's with a folded batch norm)."""
+    """A tensor a build baked into the graph (a convolution's weight or bias, or a
+    parameter of the batch norm folded into it): any change of it needs a rebuild.
+    Packed weights are not watched here: the ops check them on every call
+    (csrc/ops/packed_weights.h) and run a buffer packed from the weight as it is."""
 
-    weight: torch.Tensor
-    version: int
-    data_ptr: int
-    packed: torch.Tensor | None  # None: a change of `weight` needs a rebuild (a folded batch norm's tensors)
+    tensor: torch.Tensor
+    identity: tuple
     input_index: int | None  # its placeholder, or None for a get_attr constant
 
-    def current(self, args: Sequence) -> torch.Tensor:
-        return self.weight if self.input_index is None else args[self.input_index]
-
     def is_stale(self, args: Sequence) -> bool:
-        weight = self.current(args)
-        return weight._version != self.version or weight.untyped_storage().data_ptr() != self.data_ptr
+        return _identity(self.tensor if self.input_index is None else args[self.input_index]) != self.identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +171,7 @@ def _from_spec(spec):
 
 class SparseCompiledGraph:
     """The callable Dynamo runs: the rewritten graph, compiled, plus the check that
-    every packed weight still matches its parameter (``_version`` and storage)."""
+    what the build folded into the graph still matches its sources."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
                  mode: str | None, decisions: list[LayerDecision] | None = None):
@@ -207,7 +212,7 @@ class SparseCompiledGraph:
         # whole graph: off when compiling, and not switched on inside (torch.enable_grad()).
         inference = not torch.is_grad_enabled() and not any(
             n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes)
-        packed, packed_attr_of, rebuild_if_changed, compared_by_value, decisions = rewrite_sparse_layers(
+        packed, _, rebuild_if_changed, compared_by_value, decisions = rewrite_sparse_layers(
             graph, static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
@@ -227,11 +232,8 @@ class SparseCompiledGraph:
         new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
         new_gm.meta.update(self._source_gm.meta)
         placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
-        watched = [
-            _Watched(static[node], static[node]._version, static[node].untyped_storage().data_ptr(),
-                     packed.get(attr), placeholder_index.get(node))
-            for node, attr in [*packed_attr_of.items(), *((node, None) for node in rebuild_if_changed)]
-        ]
+        watched = [_Watched(static[node], _identity(static[node]), placeholder_index.get(node))
+                   for node in rebuild_if_changed]
         indices = [placeholder_index.get(node) for node in compared_by_value]
         snapshot = _Snapshot([static[n] if i is None else None for n, i in zip(compared_by_value, indices)], indices,
                              _Snapshot.concatenated([static[n] for n in compared_by_value]).clone())
@@ -246,22 +248,9 @@ class SparseCompiledGraph:
             value = getattr(value, atom)
         return value
 
-    def _repacked(self, build: _Build, args: Sequence) -> _Build:
-        """The build for the weights as they are now: the packed buffers rewritten in
-        place when their sizes still match (no recompile), else a full rebuild."""
-        rebuild = build.snapshot.is_stale(args) or any(w.packed is None and w.is_stale(args) for w in build.watched)
-        fresh = [(w, pack_weight(w.current(args))) for w in build.watched if w.packed is not None and not rebuild]
-        if not rebuild and all(new.shape == w.packed.shape for w, new in fresh):
-            log.info("sparsecpu: weights changed since they were packed; repacking in place")
-            watched = [w for w in build.watched if w.packed is None]
-            for w, new in fresh:
-                with torch.inference_mode(w.packed.is_inference()), torch.no_grad():
-                    w.packed.copy_(new)
-                weight = w.current(args)
-                watched.append(dataclasses.replace(
-                    w, weight=weight, version=weight._version, data_ptr=weight.untyped_storage().data_ptr()))
-            return dataclasses.replace(build, watched=watched)
-        log.info("sparsecpu: weights changed since they were packed; rebuilding the graph")
+    def _rebuilt(self, args: Sequence) -> _Build:
+        """The build for the tensors baked into the graph as they are now."""
+        log.info("sparsecpu: tensors folded into the graph changed since it was built; rebuilding it")
         inputs = [_from_spec(spec) for spec in self._input_specs]
         for index in self._static_input_indices:  # the real parameters and buffers, never zeros
             inputs[index] = args[index]
@@ -275,7 +264,7 @@ class SparseCompiledGraph:
             with self._lock:
                 build = self._build
                 if build.is_stale(args):
-                    build = self._build = self._repacked(build, args)
+                    build = self._build = self._rebuilt(args)
         return build.compiled(*args)
 
 

@@ -37,11 +37,21 @@ def magnitude_prune_(
         raise TypeError(f"block_rows must be an int, got {type(block_rows).__name__}")
     if block_rows not in (1, TALL_BLOCK_ROWS):
         raise ValueError(f"block_rows must be 1 or {TALL_BLOCK_ROWS}, got {block_rows}")
+    if isinstance(layer_types, type):
+        layer_types = (layer_types,)
+    if not isinstance(layer_types, tuple) or not all(
+            isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
+        raise TypeError(f"layer_types must be a tuple of nn.Module classes, got {layer_types!r}")
     with torch.no_grad():
         for name, layer in module.named_modules():
             if not isinstance(layer, layer_types) or (name_filter and not name_filter(name)):
                 continue
-            weight = layer.weight
+            weight = getattr(layer, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                raise ValueError(f"layer_types includes {type(layer).__name__}, whose layer {name or 'module'!r} "
+                                 "has no weight tensor to prune")
+            if weight.numel() == 0:
+                continue
             rows = block_rows if weight.size(0) % block_rows == 0 else 1
             # [groups of `rows` output rows, rows, everything else]: one block per (group, column).
             blocks = weight.reshape(weight.size(0) // rows, rows, -1)

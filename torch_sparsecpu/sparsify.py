@@ -32,10 +32,13 @@ class SparseLinear(nn.Module):
         self.register_buffer("packed", ops.pack_linear(self.weight.detach()), persistent=False)
         self._packed_from = self._weight_identity()
 
-    def _weight_identity(self) -> tuple[int, int]:
-        return self.weight._version, self.weight.untyped_storage().data_ptr()
+    def _weight_identity(self) -> tuple:
+        weight = self.weight
+        return weight._version, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile the op itself runs an edited weight with a buffer packed
+        # from it (csrc/ops/packed_weights.h); eagerly the module repacks its own copy.
         if not torch.compiler.is_compiling() and self._weight_identity() != self._packed_from:
             self.packed = ops.pack_linear(self.weight.detach())
             self._packed_from = self._weight_identity()

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "packed_weights.h"
 #include "sparse_layer.h"
 
 namespace sparsecpu {
@@ -64,7 +65,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, c10::string_view activation) {
   const char* op = "sparsecpu::conv2d";
-  const PackedLinearView w = checked_view(packed);
+  const at::Tensor packed_now = packed_for(weight, packed);
+  const PackedLinearView w = checked_view(packed_now);
   const Activation act = parse_activation(activation);
   TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be [out_channels, in_channels, kernel_h, kernel_w], got shape ",
                     weight.sizes());

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../kernels/spmm.h"
+#include "packed_weights.h"
 #include "sparse_layer.h"
 
 namespace sparsecpu {
@@ -424,7 +425,8 @@ namespace {
 
 at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
                       const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  const PackedLinearView w = checked_view(packed);
+  const at::Tensor packed_now = packed_for(weight, packed);
+  const PackedLinearView w = checked_view(packed_now);
   const Activation act = parse_activation(activation);
   check_input(input, w.in_features, "sparsecpu::linear");
   const at::Tensor bias_c = checked_bias(w, weight, bias, "sparsecpu::linear");
@@ -446,11 +448,12 @@ at::Tensor linear_chain_cpu(const at::Tensor& input, at::TensorList weights, at:
                     ": weights, packed, biases and activations must have the same length >= 1, got ",
                     weights.size(), ", ", packed.size(), ", ", biases.size(), ", ", activations.size());
   std::vector<PackedLinearView> layers;
-  std::vector<at::Tensor> bias_tensors;
+  std::vector<at::Tensor> packed_now, bias_tensors;
   std::vector<const float*> bias_ptrs;
   std::vector<Activation> acts;
   for (size_t l = 0; l < n; ++l) {
-    layers.push_back(checked_view(packed[l]));
+    packed_now.push_back(packed_for(weights[l], packed[l]));
+    layers.push_back(checked_view(packed_now.back()));
     TORCH_CHECK_VALUE(l == 0 || layers[l].in_features == layers[l - 1].out_features, op, ": layer ", l,
                       " takes ", layers[l].in_features, " features but layer ", l - 1, " gives ",
                       layers[l - 1].out_features);

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "../kernels/spmm.h"
+#include "packed_weights.h"
 
 namespace {
 
@@ -28,5 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return sparsecpu::kernels::spmm_kernel_names(kernels_named(isa));
       }, "Names of the register tiles the ISA's kernel table instantiates.");
   m.def("max_panel_width", [](const std::string& isa) { return kernels_named(isa).max_panel_width; });
+  m.def("repacked_weights", &sparsecpu::repacked_weights,
+        "Buffers the ops have packed for weights edited or swapped since their packing (see packed_weights.h).");
   m.attr("TALL_BLOCK_ROWS") = sparsecpu::kernels::kTallBlockRows;  // block_rows of 4 x 1 blocks
 }

@@ -1,0 +1,167 @@
+// Which packed buffer an op runs a weight with (packed_weights.h).
+#include "packed_weights.h"
+
+#include <algorithm>
+#include <array>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "../kernels/spmm.h"
+
+namespace sparsecpu {
+namespace {
+
+// What a weight tensor reads: its storage, the address of its first element (the
+// storage offset included), sizes and strides, and its version counter. The
+// storage is held by a weak reference, so its StorageImpl cannot be reused by
+// another tensor while the identity is remembered (the address alone could be).
+struct TensorIdentity {
+  const c10::StorageImpl* storage = nullptr;
+  const void* data = nullptr;
+  int64_t dim = 0;
+  std::array<int64_t, 4> sizes{};
+  std::array<int64_t, 4> strides{};
+
+  bool operator==(const TensorIdentity& other) const {
+    return storage == other.storage && data == other.data && dim == other.dim && sizes == other.sizes &&
+           strides == other.strides;
+  }
+};
+
+struct TensorIdentityHash {
+  size_t operator()(const TensorIdentity& id) const {
+    size_t hash = std::hash<const void*>()(id.storage) * 31 + std::hash<const void*>()(id.data);
+    for (int64_t d = 0; d < id.dim; ++d) hash = (hash * 31 + static_cast<size_t>(id.sizes[d])) * 31 + static_cast<size_t>(id.strides[d]);
+    return hash;
+  }
+};
+
+// Inference tensors carry no version counter (and cannot be edited outside inference mode).
+uint32_t version_of(const at::Tensor& t) { return t.is_inference() ? 0 : static_cast<uint32_t>(t._version()); }
+
+bool identify(const at::Tensor& t, TensorIdentity* id) {
+  if (!t.has_storage() || t.dim() > 4) return false;
+  id->storage = t.storage().unsafeGetStorageImpl();
+  id->data = t.data_ptr();
+  id->dim = t.dim();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    id->sizes[d] = t.size(d);
+    id->strides[d] = t.stride(d);
+  }
+  return true;
+}
+
+// Two tables, guarded by one mutex:
+// - the weight each packed buffer was first used with (keyed by the buffer's storage),
+//   as it was then: a call with another weight, or with that weight since edited,
+//   does not run the buffer;
+// - buffers packed here for such weights (keyed by what the weight reads), valid
+//   while the weight's version is the one they were packed at.
+// Entries whose weight (or buffer) storage has died are swept as the tables grow.
+class PackedWeights {
+ public:
+  at::Tensor packed_for(const at::Tensor& weight, const at::Tensor& packed) {
+    TensorIdentity weight_id, packed_id;
+    if (!identify(weight, &weight_id) || !identify(packed, &packed_id)) return packed;
+    const uint32_t weight_version = version_of(weight), packed_version = version_of(packed);
+    std::lock_guard<std::mutex> guard(mutex_);
+    auto first_use = first_weight_.find(packed_id.storage);
+    if (first_use == first_weight_.end() || first_use->second.packed_storage.expired() ||
+        first_use->second.packed_version != packed_version) {
+      // A buffer not seen before (or edited since): it is trusted for the weight of this
+      // call, as the ops have always trusted their caller on the first call.
+      sweep_if_grown();
+      first_weight_.insert_or_assign(packed_id.storage,
+                                     FirstUse{packed.storage().getWeakStorageImpl(), packed_version, weight_id,
+                                              weight.storage().getWeakStorageImpl(), weight_version});
+      return packed;
+    }
+    const FirstUse& use = first_use->second;
+    if (use.weight == weight_id && use.weight_version == weight_version && !use.weight_storage.expired()) {
+      return packed;
+    }
+    auto cached = repacked_.find(weight_id);
+    if (cached != repacked_.end() && cached->second.version == weight_version && !cached->second.weight_storage.expired()) {
+      return cached->second.packed;
+    }
+    sweep_if_grown();
+    at::Tensor fresh = repack_like(weight, packed);
+    if (!fresh.defined()) return packed;  // not a weight this buffer could hold: the op's checks report it
+    repacked_.insert_or_assign(weight_id, Repacked{weight.storage().getWeakStorageImpl(), weight_version, fresh});
+    ++repacked_count_;
+    return fresh;
+  }
+
+  int64_t repacked_count() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    return repacked_count_;
+  }
+
+ private:
+  struct FirstUse {
+    c10::weak_intrusive_ptr<c10::StorageImpl> packed_storage;
+    uint32_t packed_version;
+    TensorIdentity weight;
+    c10::weak_intrusive_ptr<c10::StorageImpl> weight_storage;
+    uint32_t weight_version;
+  };
+  struct Repacked {
+    c10::weak_intrusive_ptr<c10::StorageImpl> weight_storage;
+    uint32_t version;
+    at::Tensor packed;
+  };
+
+  // `weight` (2-D, or a convolution's 4-D weight as [out, in x kernel]) packed with
+  // the block sizes of `packed`; undefined when the shapes or dtype do not fit.
+  static at::Tensor repack_like(const at::Tensor& weight, const at::Tensor& packed) {
+    if (packed.scalar_type() != at::kInt || packed.dim() != 1 || !packed.is_contiguous()) return {};
+    kernels::PackedLinearView view;
+    std::string error;
+    if (!kernels::view_packed_linear(packed.data_ptr<int32_t>(), packed.numel(), /*check_contents=*/false, &view,
+                                     &error)) {
+      return {};
+    }
+    if (weight.scalar_type() != at::kFloat || !weight.device().is_cpu() || (weight.dim() != 2 && weight.dim() != 4)) {
+      return {};
+    }
+    const at::Tensor matrix = weight.detach().flatten(1).contiguous();
+    if (matrix.size(0) != view.out_features || matrix.size(1) != view.in_features) return {};
+    std::vector<int32_t> words = kernels::pack_linear_f32(matrix.data_ptr<float>(), matrix.size(0), matrix.size(1),
+                                                          matrix.size(1), view.k_block, view.row_block, view.block_rows);
+    at::Tensor fresh = at::empty({static_cast<int64_t>(words.size())}, packed.options());
+    std::copy(words.begin(), words.end(), fresh.data_ptr<int32_t>());
+    return fresh;
+  }
+
+  void sweep_if_grown() {
+    if (first_weight_.size() + repacked_.size() < sweep_at_) return;
+    for (auto it = first_weight_.begin(); it != first_weight_.end();) {
+      const bool dead = it->second.packed_storage.expired() || it->second.weight_storage.expired();
+      it = dead ? first_weight_.erase(it) : std::next(it);
+    }
+    for (auto it = repacked_.begin(); it != repacked_.end();) {
+      it = it->second.weight_storage.expired() ? repacked_.erase(it) : std::next(it);
+    }
+    sweep_at_ = std::max<size_t>(64, 2 * (first_weight_.size() + repacked_.size()));
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<const c10::StorageImpl*, FirstUse> first_weight_;
+  std::unordered_map<TensorIdentity, Repacked, TensorIdentityHash> repacked_;
+  size_t sweep_at_ = 64;
+  int64_t repacked_count_ = 0;
+};
+
+PackedWeights& tables() {
+  static PackedWeights* tables = new PackedWeights();  // never destroyed: ops may run at exit
+  return *tables;
+}
+
+}  // namespace
+
+at::Tensor packed_for(const at::Tensor& weight, const at::Tensor& packed) { return tables().packed_for(weight, packed); }
+
+int64_t repacked_weights() { return tables().repacked_count(); }
+
+}  // namespace sparsecpu
