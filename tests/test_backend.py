@@ -198,3 +198,15 @@ def test_backend_found_without_importing_the_package():
                             cwd="/", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok True"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_each_layer_logged_once(caplog, verbose):
+    model = ffn()
+    level = logging.INFO if verbose else logging.DEBUG
+    with caplog.at_level(logging.DEBUG, logger="torch_sparsecpu"):
+        torch_sparsecpu.explain(model, torch.randn(3, 64), verbose=verbose)
+    for name in ("0.weight", "2.weight"):
+        lines = [r for r in caplog.records if name in r.getMessage()]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert lines[0].levelno == level and lines[0].name == "torch_sparsecpu"

@@ -25,9 +25,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .passes import LayerDecision, find_static_tensors, fuse_sparse_chains, rewrite_sparse_layers
+from .passes import LayerDecision, fetch_attr, find_static_tensors, fuse_sparse_chains, rewrite_sparse_layers
 
-log = logging.getLogger("torch_sparsecpu")
+log = logging.getLogger(__name__)
+# The per-layer report (one line per LayerDecision) goes to the package's own logger, the
+# one the README documents and tests/test_reliability.py filters on by name.
+decision_log = logging.getLogger(__package__)
 
 INNER_COMPILERS = ("inductor", "eager")
 
@@ -37,8 +40,9 @@ class SparseCPUOptions:
     """Knobs of the backend, given as ``torch.compile(..., options={...})``.
 
     min_sparsity:      a linear or conv2d takes the sparse path when at least this
-                       fraction of its weight is exactly zero (below it dense kernels win on this
-                       class of CPU; see docs/benchmarks.md).
+                       fraction of its weight is exactly zero (below it dense kernels
+                       win on this class of CPU; see
+                       docs/benchmarks.md#linear-layers-at-bert-base-shapes-make-bench).
     inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
     fuse_activations:  fuse a ReLU / GELU / SiLU / ReLU6 that follows a sparse layer into it.
     fuse_layers:       run sparse linears that feed each other as one op, panel of
@@ -212,28 +216,30 @@ class SparseCompiledGraph:
         # whole graph: off when compiling, and not switched on inside (torch.enable_grad()).
         inference = not torch.is_grad_enabled() and not any(
             n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes)
-        packed, _, rebuild_if_changed, compared_by_value, decisions = rewrite_sparse_layers(
+        rewritten = rewrite_sparse_layers(
             graph, static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
             fold_batch_norms=self._options.fold_batch_norm and inference,
         )
         if self._options.fuse_layers and inference:
-            for length in fuse_sparse_chains(graph):
-                log.debug("sparsecpu: %d consecutive sparse linears fused into one chain", length)
+            fuse_sparse_chains(graph)
+        decisions = rewritten.decisions
         level = logging.INFO if self._options.verbose else logging.DEBUG
-        if log.isEnabledFor(level):
+        if decision_log.isEnabledFor(level):
             for decision in decisions:
-                log.log(level, "%s", decision)
+                decision_log.log(level, "%s", decision)
         # Fresh GraphModule: its root is a dict of every attribute the graph reads.
-        root = {n.target: self._fetch(n.target) for n in graph.nodes
+        packed = rewritten.attributes
+        root = {n.target: fetch_attr(self._source_gm, n.target) for n in graph.nodes
                 if n.op in ("get_attr", "call_module") and n.target not in packed}
         root.update(packed)
         new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
         new_gm.meta.update(self._source_gm.meta)
         placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
         watched = [_Watched(static[node], _identity(static[node]), placeholder_index.get(node))
-                   for node in rebuild_if_changed]
+                   for node in rewritten.rebuild_if_changed]
+        compared_by_value = rewritten.compared_by_value
         indices = [placeholder_index.get(node) for node in compared_by_value]
         snapshot = _Snapshot([static[n] if i is None else None for n, i in zip(compared_by_value, indices)], indices,
                              _Snapshot.concatenated([static[n] for n in compared_by_value]).clone())
@@ -241,12 +247,6 @@ class SparseCompiledGraph:
         if compile_if_dense or any(d.taken for d in decisions):
             compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
         return _Build(new_gm, decisions, watched, snapshot, compiled)
-
-    def _fetch(self, target: str):
-        value = self._source_gm
-        for atom in target.split("."):
-            value = getattr(value, atom)
-        return value
 
     def _rebuilt(self, args: Sequence) -> _Build:
         """The build for the tensors baked into the graph as they are now."""

@@ -1,5 +1,19 @@
-"""Graph passes of the sparsecpu backend: each a small function over a torch.fx graph."""
+"""Graph passes of the sparsecpu backend: each a small function over a torch.fx graph.
 
-from .rewrite import LayerDecision, find_static_tensors, fuse_sparse_chains, pack_weight, rewrite_sparse_layers
+static.py      which nodes are parameters, buffers or constants; layer names
+match.py       which linear / conv2d calls qualify, why others stay dense, activations
+batch_norm.py  eval-mode batch norms after a convolution, and folding them
+rewrite.py     the rewrite into sparsecpu::linear / conv2d (RewriteResult, pack_weight)
+chains.py      runs of sparse linears fused into sparsecpu::linear_chain
+"""
 
-__all__ = ["LayerDecision", "find_static_tensors", "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers"]
+from .batch_norm import fold_batch_norm
+from .chains import fuse_sparse_chains
+from .match import LayerDecision
+from .rewrite import RewriteResult, pack_weight, rewrite_sparse_layers
+from .static import fetch_attr, find_static_tensors
+
+__all__ = [
+    "LayerDecision", "RewriteResult", "fetch_attr", "find_static_tensors", "fold_batch_norm",
+    "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers",
+]
