@@ -1,9 +1,11 @@
-"""Every kernel of every ISA this CPU has, against the dense reference."""
+"""Every kernel of every ISA this CPU has, against the dense reference; the packed
+header; chains of layers, long ones included."""
 
 from __future__ import annotations
 
 import itertools
 import re
+import textwrap
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch_sparsecpu
 from torch_sparsecpu import kernels, ops
 from torch_sparsecpu.kernels import torch_threads
 
-from conftest import ACTIVATION_REFERENCE, assert_close_rel, sparse_weight, tall_weight
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, run_child, sparse_weight, tall_weight
 
 ISAS = kernels.available_isas()
 FEATURES = (1, 7, 64, 768, 3072)
@@ -270,3 +272,57 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
                     actual = ops.linear_chain(x, weights, packed, biases, acts)
                 assert_close_rel(actual, expected.float(), rel=1e-5, what=f"chain {features} tokens={tokens}",
                                  scale=max(expected.abs().max().item(), 1.0))
+
+
+# Long chains (6 to 8 layers through the op, 8 through torch.compile) run in a child
+# process: the op once read a long chain's activation names through dangling string
+# views, and such a regression would be a crash.
+_LONG_CHAIN_CHILD = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from torch import nn
+    import torch_sparsecpu
+    from torch_sparsecpu import ops
+    torch.manual_seed(0)
+    ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "none": lambda t: t,
+           "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+    problems = []
+    for layers in (6, 7, 8):  # the op directly
+        ws = [torch.randn(64, 64) * (torch.rand(64, 64) > 0.9) for _ in range(layers)]
+        ps = [ops.pack_linear(w) for w in ws]
+        bs = [torch.randn(64) for _ in range(layers)]
+        acts = [["relu", "gelu", "silu", "gelu_tanh"][i % 4] for i in range(layers - 1)] + ["none"]
+        for it in range(30):
+            x = torch.randn(it % 9 + 1, 64)
+            ref = x
+            for w, b, a in zip(ws, bs, acts):
+                ref = ACT[a](F.linear(ref, w, b))
+            try:
+                y = ops.linear_chain(x, ws, ps, bs, acts)
+                err = (y - ref).abs().max().item() / ref.abs().max().item()
+                if err > 1e-4:
+                    problems.append(f"op, {layers} layers: relative error {err:.3g}")
+            except Exception as exc:
+                problems.append(f"op, {layers} layers: {type(exc).__name__}: {str(exc)[:80]}")
+    mods = []  # and through torch.compile: 8 consecutive sparse linears
+    for i in range(8):
+        mods += [nn.Linear(64, 64), nn.ReLU()]
+    model = torch_sparsecpu.magnitude_prune_(nn.Sequential(*mods[:-1]).eval(), 0.9)
+    fast = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})
+    with torch.no_grad():
+        for it in range(10):
+            x = torch.randn(4, 64)
+            try:
+                y, ref = fast(x), model(x)
+                err = (y - ref).abs().max().item() / ref.abs().max().item()
+                if err > 1e-4:
+                    problems.append(f"compiled: relative error {err:.3g}")
+            except Exception as exc:
+                problems.append(f"compiled: {type(exc).__name__}: {str(exc)[:80]}")
+    print(f"PROBLEMS {len(problems)}")
+    for p in problems[:5]:
+        print(p)
+""")
+
+
+def test_long_sparse_chains():
+    assert "PROBLEMS 0" in run_child(_LONG_CHAIN_CHILD)
