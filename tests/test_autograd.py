@@ -43,7 +43,7 @@ def _check_autograd(act_name: str, inner: str, grads: str = "all"):
     if grads != "params":
         assert_close_rel(x.grad, x_dense.grad, rel=1e-4, what="input.grad")
     if grads != "input":
-        for (name, p), p_dense in zip(model.named_parameters(), dense.parameters()):
+        for (name, p), p_dense in zip(model.named_parameters(), dense.parameters(), strict=True):
             assert p.grad is not None, f"{name}.grad missing"
             assert_close_rel(p.grad, p_dense.grad, rel=1e-4, what=f"{name}.grad")
 
@@ -79,7 +79,7 @@ def test_autograd_after_inference_compile():
     y.sum().backward()
     y_dense.sum().backward()
     assert_close_rel(x.grad, x_dense.grad, rel=1e-4, what="input.grad")
-    for (name, p), p_dense in zip(model.named_parameters(), dense.parameters()):
+    for (name, p), p_dense in zip(model.named_parameters(), dense.parameters(), strict=True):
         assert_close_rel(p.grad, p_dense.grad, rel=1e-4, what=f"{name}.grad")
     with torch.no_grad():  # and back to inference
         assert_close_rel(fast(x), dense(x), what="inference call after the grad call")

@@ -24,7 +24,7 @@ def test_magnitude_prune_exact_sparsity_and_smallest_blocks(block_rows):
     model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 6))
     before = [layer.weight.detach().clone() for layer in model]
     torch_sparsecpu.magnitude_prune_(model, 0.75, block_rows=block_rows)
-    for layer, original in zip(model, before):
+    for layer, original in zip(model, before, strict=True):
         rows = block_rows if original.size(0) % block_rows == 0 else 1
         norms = original.reshape(-1, rows, original.size(1)).norm(dim=1)
         zero = layer.weight.detach().reshape(-1, rows, original.size(1)).eq(0).all(dim=1)

@@ -41,7 +41,8 @@ def check_linear(x, weight, bias, activation, *, isa, what, **pack_args):
     with torch_sparsecpu.force_isa(isa):
         actual = ops.linear(x, weight, packed, bias, activation)
     assert_close_rel(actual, expected, what=f"{what} isa={isa} act={activation}",
-                     scale=max(pre_activation_scale(x, weight, bias), expected.abs().max().item() if expected.numel() else 0))
+                     scale=max(pre_activation_scale(x, weight, bias),
+                               expected.abs().max().item() if expected.numel() else 0))
 
 
 def test_isas_listed():
@@ -233,7 +234,7 @@ def test_linear_chain_pipelined_pair(isa, second_k_block):
     start as soon as the first layer's finished rows cover them, whether or not K-block
     edges line up with the first layer's row groups. A third layer follows the pair."""
     features = (48, 1100, 40, 24)
-    weights = [sparse_weight(o, i, 0.8) for i, o in zip(features, features[1:])]
+    weights = [sparse_weight(o, i, 0.8) for i, o in zip(features, features[1:], strict=False)]
     biases = [torch.randn(w.shape[0]) for w in weights]
     acts = ["gelu", "relu", "none"]
     packed = [ops.pack_linear(weights[0], k_block=32, row_block=16),
@@ -242,7 +243,7 @@ def test_linear_chain_pipelined_pair(isa, second_k_block):
     for tokens in (5, 64, 130):  # a GEMV panel (not pipelined), one panel, panels on both threads
         x = torch.randn(tokens, features[0])
         expected = x.double()
-        for w, b, a in zip(weights, biases, acts):
+        for w, b, a in zip(weights, biases, acts, strict=True):
             expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), b.double()))
         with torch_sparsecpu.force_isa(isa):
             actual = ops.linear_chain(x, weights, packed, biases, acts)
@@ -259,15 +260,17 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
     activations = ["gelu", "relu", "silu", "gelu_tanh", "none"]
     with torch_threads(threads):
         for features in shapes:
-            weights = [sparse_weight(o, i, s) for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99))]
+            weights = [sparse_weight(o, i, s)
+                       for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99), strict=False)]
             biases = [torch.randn(w.shape[0]) if n % 2 == 0 else None for n, w in enumerate(weights)]
             acts = activations[: len(weights)]
             packed = [ops.pack_linear(w, k_block=32, row_block=16) for w in weights]
             for tokens in (1, 3, 7, 8, 9, 33, 64, 65, 130):
                 x = torch.randn(tokens, features[0])
                 expected = x.double()
-                for w, b, a in zip(weights, biases, acts):
-                    expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), None if b is None else b.double()))
+                for w, b, a in zip(weights, biases, acts, strict=True):
+                    expected = ACTIVATION_REFERENCE[a](
+                        F.linear(expected, w.double(), None if b is None else b.double()))
                 with torch_sparsecpu.force_isa(isa):
                     actual = ops.linear_chain(x, weights, packed, biases, acts)
                 assert_close_rel(actual, expected.float(), rel=1e-5, what=f"chain {features} tokens={tokens}",

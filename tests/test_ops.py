@@ -93,7 +93,7 @@ def test_gradients_match_dense(activation):
     grad = torch.randn(3, 5, 32)
     ops.linear(leaves[0], leaves[1], packed, leaves[2], activation).backward(grad)
     reference(F.linear(*dense_leaves)).backward(grad)
-    for name, leaf, dense_leaf in zip(("input", "weight", "bias"), leaves, dense_leaves):
+    for name, leaf, dense_leaf in zip(("input", "weight", "bias"), leaves, dense_leaves, strict=True):
         assert_close_rel(leaf.grad, dense_leaf.grad, rel=1e-4, what=f"grad of {name}")
 
 
