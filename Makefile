@@ -8,7 +8,7 @@ TORCH_STAMP := $(VENV)/.torch-2.13.0
 BUILD_STAMP := $(VENV)/.sparsecpu-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
 
-.PHONY: demo test bench probe sanitize clean
+.PHONY: demo test lint bench probe sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,23 @@ $(TORCH_STAMP): | $(PY)
 	touch $@
 
 $(BUILD_STAMP): $(TORCH_STAMP) $(SOURCES)
-	$(PIP) install --quiet --no-build-isolation -e ".[test,bench]"
+	$(PIP) install --quiet --no-build-isolation -e ".[test,bench,lint]"
 	touch $@
 
 demo: $(BUILD_STAMP)
 	$(PY) benchmarks/demo.py
 
+# Tests marked `slow` (BERT-base end to end, about 40 s) are skipped unless
+# SLOW=1 (`SLOW=1 make test`, as .ci/run does); tests/conftest.py reads it.
 test: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
+
+# Ruff's rules and settings are in pyproject.toml; lint-cpp compiles the C++ with
+# -Wall -Wextra -Werror.
+lint: $(BUILD_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(MAKE) lint-cpp
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_linear.py
@@ -51,7 +60,8 @@ probe: $(PROBE)
 # TORCH_CHECK). Python itself leaks, so leak detection is off. --capture=sys: a sanitizer
 # report goes to fd 2 and the process then exits, so pytest's fd capture would swallow it.
 SAN_LIB := build/sanitize
-SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py tests/test_conv.py)
+SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py tests/test_conv.py \
+                                           tests/test_argument_errors.py tests/test_packed_validation.py)
 sanitize: $(BUILD_STAMP)
 	TORCH_SPARSECPU_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(SAN_LIB) --build-temp build/sanitize-tmp
 	mkdir -p $(SAN_LIB)/torch_sparsecpu/passes

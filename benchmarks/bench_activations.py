@@ -15,6 +15,7 @@ are quoted in docs/kernels.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import torch_sparsecpu
-from common import median_ms, random_input, random_sparse_weight
 from torch_sparsecpu.kernels import torch_threads
+
+from common import median_ms, random_input, random_sparse_weight
 
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
@@ -83,7 +85,7 @@ def cost_rows(threads: int, min_run_time: float, rounds: int) -> list[str]:
         for _ in range(rounds):
             for activation in activations:
                 times[activation].append(median_ms(
-                    lambda: torch_sparsecpu.ops.linear(x, weight, packed, bias, activation),
+                    functools.partial(torch_sparsecpu.ops.linear, x, weight, packed, bias, activation),
                     threads, min_run_time))
     baseline = statistics.median(times["none"])
     return [f"{activation:>10}  {statistics.median(ms):8.3f}  {statistics.median(ms) - baseline:+8.3f}"

@@ -16,6 +16,7 @@ dense GFLOP/s over all weights; the last line sums over the model's layers.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from collections.abc import Sequence
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_sparsecpu
-from common import check_then_time
 from torch_sparsecpu import ops
+
+from common import check_then_time
 
 MODELS = {
     "resnet50": ("ResNetModel", "ResNetConfig"),
@@ -86,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             packed = ops.pack_linear(weight.flatten(1))
             geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
             times = check_then_time({
-                "dense": lambda: F.conv2d(x, weight, None, **geometry),
-                "sparse": lambda: ops.conv2d(x, weight, packed, None, **geometry),
+                "dense": functools.partial(F.conv2d, x, weight, None, **geometry),
+                "sparse": functools.partial(ops.conv2d, x, weight, packed, None, **geometry),
             }, "dense", args.threads, args.rounds, args.min_run_time)
             dense_ms, sparse_ms = (statistics.median(times[name]) for name in ("dense", "sparse"))
             pixels = F.conv2d(x, weight, None, **geometry)[0, 0].numel()  # per image (batch 1)

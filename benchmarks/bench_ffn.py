@@ -22,8 +22,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from common import add_single_case_arguments, check_then_time, random_input, random_sparse_weight
 from torch_sparsecpu import ops
+
+from common import add_single_case_arguments, check_then_time, random_input, random_sparse_weight
 
 HIDDEN, INTERMEDIATE = 768, 3072
 
@@ -66,12 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dense = statistics.median(times["eager dense"])
     zeros = "at random positions" if args.block_rows == 1 else f"in {args.block_rows}x1 blocks"
-    print(f"FFN {HIDDEN}->{INTERMEDIATE} GELU ->{HIDDEN}, {args.sparsity}% sparse (zeros {zeros}), {args.tokens} tokens, "
-          f"{args.threads} threads, medians over {args.rounds} interleaved rounds")
+    print(f"FFN {HIDDEN}->{INTERMEDIATE} GELU ->{HIDDEN}, {args.sparsity}% sparse (zeros {zeros}), "
+          f"{args.tokens} tokens, {args.threads} threads, medians over {args.rounds} interleaved rounds")
     for name, ms in times.items():
         print(f"  {name:>15}  {statistics.median(ms):8.3f} ms  {dense / statistics.median(ms):6.2f}x")
     for numerator, denominator in (("linear_chain", "two linear ops"), ("compiled", "linear_chain")):
-        ratios = [a / b for a, b in zip(times[numerator], times[denominator])]
+        ratios = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
         print(f"  {numerator} / {denominator}, per round: " + " ".join(f"{r:.2f}" for r in ratios))
     return 0
 

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 import torch_sparsecpu
+
 from common import (
     COLUMNS,
     ResultMismatch,

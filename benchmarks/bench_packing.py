@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 
 import torch_sparsecpu
+
 from common import (
     add_single_case_arguments,
     check_then_time,
@@ -48,7 +49,7 @@ def parse_packing(text: str) -> tuple[int | None, int, int | None]:
         return ((None if k_block == "auto" else int(k_block)), int(row_block),
                 int(block_rows[0]) if block_rows else None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K/R or K/R/B such as auto/128 or 256/32/4, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected K/R or K/R/B such as auto/128 or 256/32/4, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

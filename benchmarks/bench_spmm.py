@@ -24,7 +24,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
+
 import torch_sparsecpu
+
 from common import (
     COLUMNS,
     Case,
@@ -45,8 +48,6 @@ from common import (
     split_by_size,
     validate_sweep_arguments,
 )
-
-import matplotlib
 
 matplotlib.use("Agg")  # write image files, never open a window
 import matplotlib.pyplot as plt  # noqa: E402

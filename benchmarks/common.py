@@ -488,7 +488,7 @@ def format_text_table(results: Sequence[CaseResult], columns: Sequence[Column]) 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
             cell.rjust(width) if column.numeric else cell.ljust(width)
-            for cell, width, column in zip(cells, widths, columns)
+            for cell, width, column in zip(cells, widths, columns, strict=True)
         ).rstrip()
 
     header = line([column.header for column in columns])
@@ -510,7 +510,7 @@ def parse_int_list(text: str) -> list[int]:
     try:
         values = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values

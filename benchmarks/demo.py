@@ -20,7 +20,6 @@ from torch.utils import benchmark
 
 import torch_sparsecpu
 
-
 ROUNDS = 3
 
 

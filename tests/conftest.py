@@ -1,12 +1,30 @@
-"""Shared test helpers: fixed seeds, random sparse weights, the closeness rule."""
+"""Shared test helpers: fixed seeds, random sparse weights, the closeness rule, a small
+pruned model to compile, child processes."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-import torch_sparsecpu  # noqa: F401  (loads the ops)
+import torch_sparsecpu  # (loads the ops)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (tens of seconds each) run only with SLOW=1, as CI runs them
+    (``SLOW=1 make test``); elsewhere they are reported as skipped."""
+    if os.environ.get("SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +78,88 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
         scale = expected.abs().max().item() if expected.numel() else 0.0
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert error <= rel * scale + 1e-30, f"{what}: max error {error:.3g} > {rel:g} x max |expected| {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# A small pruned model, compiled with the backend, and how many layers ran sparse
+# ---------------------------------------------------------------------------
+# Most compiled-model tests use the eager inner compiler to stay fast; one case per
+# subject goes through Inductor.
+EAGER = {"inner": "eager"}
+SPARSITY = 0.9
+
+
+def make_model(act: nn.Module | None = None, *, seed: int = 0, sparsity: float = SPARSITY,
+               dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """64 -> 128 -> act (default ReLU) -> 32, magnitude-pruned to ``sparsity``."""
+    gen = torch.Generator().manual_seed(seed)
+    first, second = nn.Linear(64, 128), nn.Linear(128, 32)
+    with torch.no_grad():
+        for layer in (first, second):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.2)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
+    model = nn.Sequential(first, nn.ReLU() if act is None else act, second)
+    torch_sparsecpu.magnitude_prune_(model, sparsity)
+    return model.to(dtype).eval()
+
+
+def compile_sparse(model, **kwargs):
+    return torch.compile(model, backend="sparsecpu", **kwargs)
+
+
+def sparse_op_calls(fn, *args) -> tuple[object, int]:
+    """Runs ``fn(*args)`` under the profiler; returns its result and (a lower bound of) the
+    number of linear layers that ran on the sparse ops: one per ``sparsecpu::linear`` call,
+    two per ``sparsecpu::linear_chain`` call (a chain fuses two or more layers)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn(*args)
+    per_call = {"sparsecpu::linear": 1, "sparsecpu::linear_chain": 2}
+    layers = sum(e.count * per_call[e.key] for e in prof.key_averages() if e.key in per_call)
+    return result, layers
+
+
+def edit_weights(model: nn.Sequential, kind: str) -> None:
+    """Edits a :func:`make_model` model's parameters in one of the ways a user may, after
+    it was compiled: in place, by ``load_state_dict``, by ``.data`` or a new Parameter."""
+    with torch.no_grad():
+        if kind == "mul_":
+            model[0].weight.mul_(2)
+        elif kind == "zero_more":
+            model[0].weight[:, :40] = 0
+            model[2].weight[::2] = 0
+        elif kind == "second_layer_setitem":
+            model[2].weight[3, 7] = 5.0
+        elif kind == "bias_add_":
+            model[0].bias.add_(1)
+            model[2].bias.add_(-1)
+        elif kind == "load_state_dict":
+            model.load_state_dict(make_model(seed=1).state_dict())
+        elif kind == "load_state_dict_assign":
+            model.load_state_dict(make_model(seed=2).state_dict(), assign=True)
+        elif kind == "load_dense_state_dict":
+            model.load_state_dict(make_model(seed=3, sparsity=0.0).state_dict())
+        elif kind == "data_assign":
+            model[0].weight.data = model[0].weight.data * 3
+        elif kind == "new_parameter":
+            model[2].weight = nn.Parameter(make_model(seed=4)[2].weight.detach().clone())
+        elif kind == "data_mul_":
+            model[0].weight.data.mul_(2)
+        else:
+            raise AssertionError(kind)
+
+
+# ---------------------------------------------------------------------------
+# Child processes, for checks whose regression would be a crash
+# ---------------------------------------------------------------------------
+# The child runs from the folder the package under test was imported from, so it
+# imports that same package (the checkout's, or `make sanitize`'s instrumented copy).
+_PACKAGE_ROOT = str(Path(torch_sparsecpu.__file__).resolve().parent.parent)
+
+
+def run_child(code: str, *argv: str) -> str:
+    """Runs ``python -c code argv...``; returns its stdout, failing if it did not exit 0."""
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=_PACKAGE_ROOT)
+    assert proc.returncode == 0, (
+        f"child died with return code {proc.returncode} after:\n{proc.stdout}\n{proc.stderr[-500:]}")
+    return proc.stdout

@@ -1,13 +1,16 @@
-"""The sparsecpu torch.compile backend: what it rewrites, what it leaves, its options."""
+"""The sparsecpu torch.compile backend: what it rewrites, what it leaves, its options
+(their errors are in test_argument_errors.py), what a compiled graph holds on to."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -16,9 +19,8 @@ from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 import torch_sparsecpu
-from torch_sparsecpu.backend import SparseCPUOptions
 
-from conftest import assert_close_rel
+from conftest import EAGER, assert_close_rel, compile_sparse, make_model
 
 SPARSE_CALL = re.compile(r"= torch\.ops\.sparsecpu\.linear\.default\(")
 CHAIN_CALL = re.compile(r"= torch\.ops\.sparsecpu\.linear_chain\.default\(\w+, \[([^\]]*)\]")
@@ -162,19 +164,16 @@ def test_graph_without_sparse_layers_is_plain_inductor():
         assert_close_rel(actual, model(x))
 
 
-@pytest.mark.parametrize("options,error,match", [
-    ({"min_sparsity": 1.5}, ValueError, "'min_sparsity' must be in"),
-    ({"min_sparsity": "high"}, TypeError, "'min_sparsity'"),
-    ({"inner": "aot"}, ValueError, "'inner' must be one of 'inductor', 'eager'"),
-    ({"fuse_activations": 1}, TypeError, "'fuse_activations'"),
-    ({"min_sparstiy": 0.5}, ValueError, "unknown option 'min_sparstiy'.*valid options: min_sparsity"),
-])
-def test_options_validated(options, error, match):
-    with pytest.raises(error, match=match):
-        SparseCPUOptions.from_mapping(options)
-    compiled = torch.compile(ffn(), backend="sparsecpu", options=options)
-    with pytest.raises(Exception, match=match):
-        compiled(torch.randn(2, 64))
+def test_compiled_graph_does_not_keep_first_input_alive():
+    model = make_model()
+    fast = compile_sparse(model, options=EAGER)
+    x = torch.randn(512, 64)
+    ref = weakref.ref(x)
+    with torch.no_grad():
+        fast(x)
+    del x
+    gc.collect()
+    assert ref() is None, "the first call's input is still alive after the call"
 
 
 def test_backend_found_without_importing_the_package():

@@ -17,6 +17,7 @@ import bench_conv  # noqa: E402
 import bench_ffn  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_packing  # noqa: E402
+
 import common  # noqa: E402
 
 

@@ -7,8 +7,8 @@ import torch
 
 import torch_sparsecpu
 
-from test_backend import sparse_calls_in_inductor_code
 from conftest import assert_close_rel
+from test_backend import sparse_calls_in_inductor_code
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,6 +20,7 @@ def pruned_bert():
     return model
 
 
+@pytest.mark.slow
 def test_bert_base_all_encoder_linears_sparse():
     model = pruned_bert()
     input_ids = torch.randint(0, model.config.vocab_size, (2, 16))

@@ -5,7 +5,6 @@ packed weights instead of repacking on every call."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -94,31 +93,3 @@ def test_regional_compilation_keeps_each_instances_packed_weights(monkeypatch):
                 torch.testing.assert_close(block(x), block.forward(x), rtol=1e-5, atol=1e-5)
     assert not builds and not packs, f"{len(builds)} rebuilds and {len(packs)} repacks in 6 alternating calls"
     assert torch_sparsecpu._C.repacked_weights() == repacked, "the ops repacked a weight that had not changed"
-
-
-@pytest.mark.parametrize("backend", ["eager", "inductor", "sparsecpu"])
-def test_sparsified_model_under_compile_sees_weight_edits(backend):
-    """SparseLinear skips its own repack check while compiling; the op must not then
-    run the packed copy of the weight as it was."""
-    model = torch_sparsecpu.sparsify(nn.Sequential(torch_sparsecpu.magnitude_prune_(nn.Linear(32, 16).eval(), 0.9)))
-    compiled = torch.compile(model, backend=backend)
-    x = torch.randn(4, 32)
-    with torch.no_grad():
-        compiled(x)
-        model[0].weight.mul_(2)
-        expected = x @ model[0].weight.T + model[0].bias
-        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_weight_data_swapped_to_another_view_of_the_same_storage(inner):
-    """``weight.data = bank[1]`` after ``bank[0]``: same storage, another offset."""
-    bank = torch.randn(2, 256, 256) * (torch.rand(2, 256, 256) > 0.9)
-    layer = nn.Linear(256, 256).eval()
-    layer.weight.data = bank[0]
-    compiled = torch.compile(layer, backend="sparsecpu", options={"inner": inner})
-    x = torch.randn(8, 256)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
-        layer.weight.data = bank[1]
-        torch.testing.assert_close(compiled(x), x @ bank[1].T + layer.bias, rtol=1e-5, atol=1e-5)

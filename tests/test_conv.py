@@ -149,7 +149,8 @@ def test_conv2d_gradients_match_dense(activation, kernel, stride, padding):
     dense = ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding))
     grad = torch.randn_like(dense)
     for got, want, name in zip(torch.autograd.grad(sparse, (x, weight, bias), grad),
-                               torch.autograd.grad(dense, (x, weight, bias), grad), ("input", "weight", "bias")):
+                               torch.autograd.grad(dense, (x, weight, bias), grad), ("input", "weight", "bias"),
+                               strict=True):
         assert_close_rel(got, want, rel=1e-4, what=f"grad of {name}")
 
 
@@ -240,7 +241,7 @@ def test_conv_net_gradients_through_compiled_model():
     grad = torch.randn(2, 8, 7, 7)
     sparse = torch.autograd.grad(compiled(x), (x, model.expand.weight, model.head.bias), grad)
     dense = torch.autograd.grad(model(x), (x, model.expand.weight, model.head.bias), grad)
-    for got, want in zip(sparse, dense):
+    for got, want in zip(sparse, dense, strict=True):
         assert_close_rel(got, want, rel=1e-4)
 
 

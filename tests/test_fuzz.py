@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import torch_sparsecpu
 from torch_sparsecpu import ops
@@ -210,7 +209,7 @@ def test_sparse_linear_chain_matches_dense(case):
     with torch_sparsecpu.force_isa(case["isa"]):
         y = ops.linear_chain(x, weights, packed, biases, case["acts"])
     expected, scale = x.double(), x.double().abs()
-    for weight, bias, act in zip(weights, biases, case["acts"]):
+    for weight, bias, act in zip(weights, biases, case["acts"], strict=True):
         expected = reference(expected, weight, bias, act).double()
         scale = term_scale(scale, weight, bias) * 1.13  # |act'| <= 1.13 (GELU's maximum)
     expected = expected.float()

@@ -1,9 +1,11 @@
-"""Every kernel of every ISA this CPU has, against the dense reference."""
+"""Every kernel of every ISA this CPU has, against the dense reference; the packed
+header; chains of layers, long ones included."""
 
 from __future__ import annotations
 
 import itertools
 import re
+import textwrap
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch_sparsecpu
 from torch_sparsecpu import kernels, ops
 from torch_sparsecpu.kernels import torch_threads
 
-from conftest import ACTIVATION_REFERENCE, assert_close_rel, sparse_weight, tall_weight
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, run_child, sparse_weight, tall_weight
 
 ISAS = kernels.available_isas()
 FEATURES = (1, 7, 64, 768, 3072)
@@ -39,7 +41,8 @@ def check_linear(x, weight, bias, activation, *, isa, what, **pack_args):
     with torch_sparsecpu.force_isa(isa):
         actual = ops.linear(x, weight, packed, bias, activation)
     assert_close_rel(actual, expected, what=f"{what} isa={isa} act={activation}",
-                     scale=max(pre_activation_scale(x, weight, bias), expected.abs().max().item() if expected.numel() else 0))
+                     scale=max(pre_activation_scale(x, weight, bias),
+                               expected.abs().max().item() if expected.numel() else 0))
 
 
 def test_isas_listed():
@@ -231,7 +234,7 @@ def test_linear_chain_pipelined_pair(isa, second_k_block):
     start as soon as the first layer's finished rows cover them, whether or not K-block
     edges line up with the first layer's row groups. A third layer follows the pair."""
     features = (48, 1100, 40, 24)
-    weights = [sparse_weight(o, i, 0.8) for i, o in zip(features, features[1:])]
+    weights = [sparse_weight(o, i, 0.8) for i, o in zip(features, features[1:], strict=False)]
     biases = [torch.randn(w.shape[0]) for w in weights]
     acts = ["gelu", "relu", "none"]
     packed = [ops.pack_linear(weights[0], k_block=32, row_block=16),
@@ -240,7 +243,7 @@ def test_linear_chain_pipelined_pair(isa, second_k_block):
     for tokens in (5, 64, 130):  # a GEMV panel (not pipelined), one panel, panels on both threads
         x = torch.randn(tokens, features[0])
         expected = x.double()
-        for w, b, a in zip(weights, biases, acts):
+        for w, b, a in zip(weights, biases, acts, strict=True):
             expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), b.double()))
         with torch_sparsecpu.force_isa(isa):
             actual = ops.linear_chain(x, weights, packed, biases, acts)
@@ -257,16 +260,72 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
     activations = ["gelu", "relu", "silu", "gelu_tanh", "none"]
     with torch_threads(threads):
         for features in shapes:
-            weights = [sparse_weight(o, i, s) for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99))]
+            weights = [sparse_weight(o, i, s)
+                       for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99), strict=False)]
             biases = [torch.randn(w.shape[0]) if n % 2 == 0 else None for n, w in enumerate(weights)]
             acts = activations[: len(weights)]
             packed = [ops.pack_linear(w, k_block=32, row_block=16) for w in weights]
             for tokens in (1, 3, 7, 8, 9, 33, 64, 65, 130):
                 x = torch.randn(tokens, features[0])
                 expected = x.double()
-                for w, b, a in zip(weights, biases, acts):
-                    expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), None if b is None else b.double()))
+                for w, b, a in zip(weights, biases, acts, strict=True):
+                    expected = ACTIVATION_REFERENCE[a](
+                        F.linear(expected, w.double(), None if b is None else b.double()))
                 with torch_sparsecpu.force_isa(isa):
                     actual = ops.linear_chain(x, weights, packed, biases, acts)
                 assert_close_rel(actual, expected.float(), rel=1e-5, what=f"chain {features} tokens={tokens}",
                                  scale=max(expected.abs().max().item(), 1.0))
+
+
+# Long chains (6 to 8 layers through the op, 8 through torch.compile) run in a child
+# process: the op once read a long chain's activation names through dangling string
+# views, and such a regression would be a crash.
+_LONG_CHAIN_CHILD = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from torch import nn
+    import torch_sparsecpu
+    from torch_sparsecpu import ops
+    torch.manual_seed(0)
+    ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "none": lambda t: t,
+           "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+    problems = []
+    for layers in (6, 7, 8):  # the op directly
+        ws = [torch.randn(64, 64) * (torch.rand(64, 64) > 0.9) for _ in range(layers)]
+        ps = [ops.pack_linear(w) for w in ws]
+        bs = [torch.randn(64) for _ in range(layers)]
+        acts = [["relu", "gelu", "silu", "gelu_tanh"][i % 4] for i in range(layers - 1)] + ["none"]
+        for it in range(30):
+            x = torch.randn(it % 9 + 1, 64)
+            ref = x
+            for w, b, a in zip(ws, bs, acts):
+                ref = ACT[a](F.linear(ref, w, b))
+            try:
+                y = ops.linear_chain(x, ws, ps, bs, acts)
+                err = (y - ref).abs().max().item() / ref.abs().max().item()
+                if err > 1e-4:
+                    problems.append(f"op, {layers} layers: relative error {err:.3g}")
+            except Exception as exc:
+                problems.append(f"op, {layers} layers: {type(exc).__name__}: {str(exc)[:80]}")
+    mods = []  # and through torch.compile: 8 consecutive sparse linears
+    for i in range(8):
+        mods += [nn.Linear(64, 64), nn.ReLU()]
+    model = torch_sparsecpu.magnitude_prune_(nn.Sequential(*mods[:-1]).eval(), 0.9)
+    fast = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})
+    with torch.no_grad():
+        for it in range(10):
+            x = torch.randn(4, 64)
+            try:
+                y, ref = fast(x), model(x)
+                err = (y - ref).abs().max().item() / ref.abs().max().item()
+                if err > 1e-4:
+                    problems.append(f"compiled: relative error {err:.3g}")
+            except Exception as exc:
+                problems.append(f"compiled: {type(exc).__name__}: {str(exc)[:80]}")
+    print(f"PROBLEMS {len(problems)}")
+    for p in problems[:5]:
+        print(p)
+""")
+
+
+def test_long_sparse_chains():
+    assert "PROBLEMS 0" in run_child(_LONG_CHAIN_CHILD)

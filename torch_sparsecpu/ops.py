@@ -3,6 +3,8 @@ autograd formulas side by side. Schemas are defined once, in csrc/ops/linear.cpp
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,34 @@ TALL_BLOCK_MIN_FILL = 0.8
 # 32, which measured 5-12% faster on BERT's 3072 x 768 layer at 90% on one thread, 1-6%
 # on two, never slower (docs/packed_format.md#choosing-k_block-and-row_block).
 DEFAULT_ROW_BLOCK = 128
+
+
+# TEMP shim (replaced by h12-cpp): word index of each header field of a packed buffer
+# (HeaderField in csrc/kernels/spmm.h).
+HEADER_FIELDS: dict[str, int] = {
+    "magic": 0, "version": 1, "out_features": 2, "in_features": 3, "k_block": 4,
+    "num_k_blocks": 5, "row_block": 6, "num_row_blocks": 7, "nnz": 8, "block_rows": 9,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedInfo:
+    """The header of a packed buffer (TEMP shim, replaced by h12-cpp)."""
+
+    version: int
+    out_features: int
+    in_features: int
+    k_block: int
+    num_k_blocks: int
+    row_block: int
+    num_row_blocks: int
+    nnz: int
+    block_rows: int
+
+
+def packed_info(packed: Tensor) -> PackedInfo:
+    """The header fields of ``packed`` (TEMP shim, replaced by h12-cpp)."""
+    return PackedInfo(**{f.name: int(packed[HEADER_FIELDS[f.name]]) for f in dataclasses.fields(PackedInfo)})
 
 
 def _tall_blocks(weight: Tensor) -> Tensor:
