@@ -140,6 +140,67 @@ def test_layers_not_taken_stay_as_they_were(caplog):
     assert calls == 2  # self.sparse and self.tied
 
 
+class BesideEmpty(nn.Module):
+    """A layer whose weight has no elements, beside a sparse linear the backend takes (so
+    that the graph is rewritten, not handed on as it was)."""
+
+    def __init__(self, empty: nn.Module):
+        super().__init__()
+        self.empty = empty
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, x, y):
+        return self.empty(x), self.head(y)
+
+
+@pytest.mark.parametrize("empty,x", [
+    (lambda: nn.Linear(0, 4), torch.randn(3, 0)),      # eager: the bias, [3, 4]
+    (lambda: nn.Conv2d(0, 4, 3), torch.randn(2, 0, 5, 5)),  # eager: [2, 0, 3, 3]
+], ids=["linear", "conv2d"])
+def test_weight_without_elements_stays_dense(empty, x):
+    """Issue #16 case 5: nn.Linear(0, 4) used to be taken and fail to pack ("cannot
+    reshape tensor of 0 elements")."""
+    model = BesideEmpty(empty()).eval()
+    with torch.no_grad():
+        model.empty.bias.copy_(torch.randn_like(model.empty.bias))
+        model.head.weight.mul_(torch.rand_like(model.head.weight) > 0.9)
+    y = torch.randn(3, 32)
+    decisions = {d.name: d for d in torch_sparsecpu.explain(model, x, y)}
+    assert not decisions["empty.weight"].taken and "no elements" in decisions["empty.weight"].reason
+    assert decisions["head.weight"].taken
+    with torch.no_grad():
+        for actual, expected in zip(torch.compile(model, backend="sparsecpu")(x, y), model(x, y)):
+            assert_close_rel(actual, expected)
+
+
+class BroadcastBias(nn.Module):
+    """F.linear with a sparse weight and a bias of shape [1] (eager broadcasts it), then a
+    sparse linear the backend takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 32) * (torch.rand(16, 32) > 0.9))
+        self.bias = nn.Parameter(torch.randn(1))
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.head(F.linear(x, self.weight, self.bias))
+
+
+def test_bias_not_one_per_output_stays_dense():
+    """Issue #16 case 5: a bias of shape [1] used to be taken sparse, then the op raised
+    "bias must be float32 of shape [16]"."""
+    model = BroadcastBias().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(torch.rand(16, 16) > 0.9)
+    x = torch.randn(3, 32)
+    decisions = {d.name: d for d in torch_sparsecpu.explain(model, x)}
+    assert not decisions["weight"].taken and "bias has shape [1]" in decisions["weight"].reason
+    assert decisions["head.weight"].taken
+    with torch.no_grad():
+        assert_close_rel(torch.compile(model, backend="sparsecpu")(x), model(x))
+
+
 def test_min_sparsity_option():
     model = ffn(sparsity=0.5)
     x = torch.randn(3, 64)

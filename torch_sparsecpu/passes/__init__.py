@@ -3,6 +3,7 @@
 static.py      which nodes are parameters, buffers or constants; layer names
 match.py       which linear / conv2d calls qualify, why others stay dense, activations
 batch_norm.py  eval-mode batch norms after a convolution, and folding them
+transformer.py nn.TransformerEncoderLayer's fused fast path, opened up into plain ops
 rewrite.py     the rewrite into sparsecpu::linear / conv2d (RewriteResult, pack_weight)
 chains.py      runs of sparse linears fused into sparsecpu::linear_chain
 """
@@ -12,8 +13,9 @@ from .chains import fuse_sparse_chains
 from .match import LayerDecision
 from .rewrite import RewriteResult, pack_weight, rewrite_sparse_layers
 from .static import fetch_attr, find_static_tensors
+from .transformer import decompose_encoder_layers
 
 __all__ = [
-    "LayerDecision", "RewriteResult", "fetch_attr", "find_static_tensors", "fold_batch_norm",
-    "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers",
+    "LayerDecision", "RewriteResult", "decompose_encoder_layers", "fetch_attr", "find_static_tensors",
+    "fold_batch_norm", "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers",
 ]

@@ -151,6 +151,8 @@ def skip_reason(call: LayerCall, static: dict[fx.Node, torch.Tensor], min_sparsi
     dims = 2 if call.kind == "linear" else 4
     if weight.device.type != "cpu" or weight.dim() != dims or weight.is_sparse:
         return f"weight is not a dense {dims}-D CPU tensor", None
+    if weight.numel() == 0:  # eager gives bias (or zeros); the packed format needs features
+        return f"weight of shape {list(weight.shape)} has no elements", None
     x_value = example_value(call.x)
     if x_value is None or x_value.dtype != torch.float32 or x_value.device.type != "cpu":
         dtype = None if x_value is None else x_value.dtype
@@ -163,6 +165,9 @@ def skip_reason(call: LayerCall, static: dict[fx.Node, torch.Tensor], min_sparsi
         bias_value = example_value(call.bias)
         if bias_value is None or bias_value.dtype != torch.float32 or bias_value.dim() != 1:
             return "bias is not a 1-D float32 tensor", None
+        if tuple(bias_value.shape) != (weight.shape[0],):  # eager broadcasts a bias of shape [1]
+            return (f"bias has shape {list(bias_value.shape)}, the sparse ops take [{weight.shape[0]}] "
+                    f"(one per output {'feature' if call.kind == 'linear' else 'channel'})"), None
     with torch.no_grad():
         sparsity = 1.0 - torch.count_nonzero(weight).item() / max(weight.numel(), 1)
     if sparsity < min_sparsity:

@@ -15,6 +15,7 @@ from .batch_norm import BatchNormFold, batch_norm_after, fold_batch_norm
 from .match import (
     LayerCall, LayerDecision, conv_geometry, fusable_activation, match_layer, skip_reason, under_autocast,
 )
+from .transformer import decompose_encoder_layers
 
 
 @dataclasses.dataclass
@@ -34,7 +35,8 @@ class RewriteResult:
     # The running statistics of folded batch norms, to compare by value: a training-mode
     # batch norm updates them in place without bumping their version.
     compared_by_value: list[fx.Node] = dataclasses.field(default_factory=list)
-    # One per linear or conv2d call of the graph, in graph order.
+    # One per linear or conv2d call of the graph, in graph order (four for a fused
+    # nn.TransformerEncoderLayer call left as it was: its linears).
     decisions: list[LayerDecision] = dataclasses.field(default_factory=list)
 
 
@@ -67,10 +69,16 @@ def rewrite_sparse_layers(
     tensor of ``static`` at least ``min_sparsity`` zeros becomes a sparse op, with the
     activation after it when ``fuse_activations``. ``fold_batch_norms`` (only for graphs
     that need no gradients) folds an eval-mode batch norm that follows a sparse
-    convolution into its weight and bias. A weight used by several calls is packed once."""
+    convolution into its weight and bias. A weight used by several calls is packed once.
+    ``nn.TransformerEncoderLayer``'s fused fast path is first opened up into plain ops
+    where its linears could go sparse (transformer.py)."""
     result = RewriteResult()
     autocast = under_autocast(graph)
+    fast_paths_kept = decompose_encoder_layers(graph, static, min_sparsity=min_sparsity, autocast=autocast)
     for node in list(graph.nodes):
+        if node in fast_paths_kept:
+            result.decisions += fast_paths_kept[node]
+            continue
         call = match_layer(node)
         if call is None:
             continue
