@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers the schemas before the fakes below)
+from . import _C  # registers the schemas before the fakes below
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "relu6")
+# The activations the ops fuse, as csrc/kernels/lists.h lists them.
+ACTIVATIONS: tuple[str, ...] = tuple(_C.ACTIVATIONS)
 
 
 TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in spmm.h)

@@ -13,7 +13,6 @@ namespace {
 struct Vec {
   using T = __m512;
   static constexpr int64_t kWidth = 16;
-  static constexpr int kMaxVectors = 8;
   static T zero() { return _mm512_setzero_ps(); }
   static T set1(float v) { return _mm512_set1_ps(v); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
@@ -47,7 +46,7 @@ struct Vec {
 
 namespace sparsecpu {
 namespace kernels {
-const SpmmKernels kSpmmAvx512 = {"avx512", Vec::kWidth, Vec::kWidth * Vec::kMaxVectors,
+const SpmmKernels kSpmmAvx512 = {"avx512", Vec::kWidth, Vec::kWidth * kMaxTileVectors,
                                  &pack_panel_avx2, &spmm_row_block_simd, &spmv_row_block_simd,
                                  &unpack_tile_avx2};
 }  // namespace kernels

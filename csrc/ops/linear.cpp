@@ -21,14 +21,11 @@ using kernels::Activation;
 using kernels::PackedLinearView;
 
 Activation parse_activation(c10::string_view name) {
-  if (name == "none") return Activation::kNone;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGeluErf;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "relu6") return Activation::kRelu6;
-  TORCH_CHECK_VALUE(false, "sparsecpu: unknown activation '", name,
-                    "'; expected one of none, relu, gelu, gelu_tanh, silu, relu6");
+  for (size_t i = 0; i < kernels::kNumActivations; ++i) {
+    if (name == kernels::kActivationNames[i]) return static_cast<Activation>(i);
+  }
+  TORCH_CHECK_VALUE(false, "sparsecpu: unknown activation '", name, "'; expected one of ",
+                    kernels::joined(kernels::kActivationNames, kernels::kNumActivations));
 }
 
 namespace {
