@@ -3,6 +3,8 @@ autograd formulas side by side. Schemas are defined once, in csrc/ops/linear.cpp
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -11,6 +13,9 @@ from . import _C  # registers the schemas before the fakes below
 # The activations the ops fuse, as csrc/kernels/lists.h lists them.
 ACTIVATIONS: tuple[str, ...] = tuple(_C.ACTIVATIONS)
 
+# Word index of each field of a packed buffer's header, by name (HeaderField in spmm.h;
+# layout in docs/packed_format.md).
+HEADER_FIELDS: dict[str, int] = dict(_C.header_fields())
 
 TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in spmm.h)
 # Tall blocks pay off when this fraction of their stored values is nonzero (see
@@ -109,6 +114,37 @@ def pack_linear(
     if k_block is None:
         k_block = default_k_block(weight, block_rows)
     return torch.ops.sparsecpu.pack_linear(weight.detach(), k_block, row_block, block_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedInfo:
+    """The header of a buffer made by :func:`pack_linear` (fields as in HEADER_FIELDS,
+    less the magic number)."""
+
+    version: int
+    out_features: int
+    in_features: int
+    k_block: int
+    num_k_blocks: int
+    row_block: int
+    num_row_blocks: int
+    nnz: int  # stored values: nonzero blocks x block_rows
+    block_rows: int
+
+
+def packed_info(packed: Tensor) -> PackedInfo:
+    """The header of ``packed`` (a buffer made by :func:`pack_linear`), read by name.
+    Checks only that it is a 1-D int32 tensor that starts with the packed magic number,
+    not the rest of the buffer (the ops check that)."""
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.int32 or packed.dim() != 1 or packed.numel() < _C.HEADER_WORDS:
+        raise ValueError(f"packed must be a 1-D int32 tensor of at least {_C.HEADER_WORDS} words made by "
+                         f"pack_linear, got {packed.dtype} of shape {tuple(packed.shape)}")
+    header = packed[: _C.HEADER_WORDS].tolist()
+    if header[HEADER_FIELDS["magic"]] != _C.PACKED_MAGIC:
+        raise ValueError("packed is not a buffer made by pack_linear (bad magic number)")
+    return PackedInfo(**{f.name: header[HEADER_FIELDS[f.name]] for f in dataclasses.fields(PackedInfo)})
 
 
 def linear(

@@ -42,4 +42,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The lists of csrc/kernels/lists.h, in list order: what ops.ACTIVATIONS and kernels.ISAS read.
   m.attr("ACTIVATIONS") = names(kernels::kActivationNames, kernels::kNumActivations);
   m.attr("ISAS") = names(kernels::kIsaNames, kernels::kNumIsas);
+  // The packed buffer's header (spmm.h): what ops.HEADER_FIELDS and ops.packed_info read.
+  m.def("header_fields", [] {
+        pybind11::dict fields;
+        for (int i = 0; i < kernels::kNumHeaderFields; ++i) fields[kernels::kHeaderFieldNames[i]] = i;
+        return fields;
+      }, "Word index of each header field of a packed buffer, by name.");
+  m.attr("HEADER_WORDS") = kernels::kHeaderWords;
+  m.attr("PACKED_MAGIC") = kernels::kPackedMagic;
 }
