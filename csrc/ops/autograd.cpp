@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "sparse_layer.h"
+#include "checks.h"
 
 namespace sparsecpu {
 namespace {

@@ -1,5 +1,6 @@
 // The Python module torch_sparsecpu._C: loading it registers the ops (see
-// linear.cpp); the functions below control and describe the kernel dispatch.
+// library.cpp); the functions below control and describe the kernel dispatch and
+// export the lists of csrc/kernels/lists.h and the packed header's fields.
 #include <torch/extension.h>
 
 #include "../kernels/spmm.h"
