@@ -174,9 +174,10 @@ def test_input_layouts(isa):
 def test_packed_header():
     weight = sparse_weight(70, 300, 0.9)
     packed = ops.pack_linear(weight, k_block=128, row_block=32)
-    header = packed[:16].tolist()
     nnz = int(torch.count_nonzero(weight))
-    assert header[:10] == [0x31435053, 3, 70, 300, 128, 3, 32, 3, nnz, 1]
+    assert ops.packed_info(packed) == ops.PackedInfo(
+        version=3, out_features=70, in_features=300, k_block=128, num_k_blocks=3, row_block=32,
+        num_row_blocks=3, nnz=nnz, block_rows=1)
     segments = 70 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + nnz + (nnz + 1) // 2
     # The values of the packed buffer are exactly the nonzeros of the weight.
@@ -190,8 +191,9 @@ def test_packed_header_tall_blocks():
     weight = tall_weight(72, 300, 0.8, fill=0.75)
     packed = ops.pack_linear(weight, k_block=128, row_block=32, block_rows=4)
     blocks = int(weight.reshape(18, 4, 300).ne(0).any(1).sum())
-    header = packed[:16].tolist()
-    assert header[:10] == [0x31435053, 3, 72, 300, 128, 3, 32, 3, 4 * blocks, 4]
+    assert ops.packed_info(packed) == ops.PackedInfo(
+        version=3, out_features=72, in_features=300, k_block=128, num_k_blocks=3, row_block=32,
+        num_row_blocks=3, nnz=4 * blocks, block_rows=4)
     segments = 72 // 4 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + 4 * blocks + (blocks + 1) // 2
     seg_rows = packed[16 + segments + 1: 16 + 2 * segments + 1]
@@ -205,7 +207,7 @@ def test_negative_zero_and_nan_weights():
     """-0.0 is a zero; NaN is a nonzero and propagates like the dense result."""
     weight = torch.tensor([[-0.0, 1.0], [float("nan"), 2.0]])
     packed = ops.pack_linear(weight)
-    assert int(packed[8]) == 3
+    assert ops.packed_info(packed).nnz == 3
     y = ops.linear(torch.ones(1, 2), weight, packed)
     assert y[0, 0].item() == 1.0 and torch.isnan(y[0, 1])
 

@@ -4,6 +4,8 @@ errors are in test_argument_errors.py, corrupted packed buffers in test_packed_v
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,29 @@ def test_pack_defaults_agree():
     weight = sparse_weight(300, 20, 0.5)
     assert ops.packed_info(ops.pack_linear(weight)).row_block == ops.DEFAULT_ROW_BLOCK
     assert ops.packed_info(torch.ops.sparsecpu.pack_linear(weight)).row_block == ops.DEFAULT_ROW_BLOCK
+
+
+def test_packed_info():
+    """The header read by name: the word layout of docs/packed_format.md, and a clear
+    error for anything that is not a packed buffer."""
+    assert ops.HEADER_FIELDS == {
+        "magic": 0, "version": 1, "out_features": 2, "in_features": 3, "k_block": 4, "num_k_blocks": 5,
+        "row_block": 6, "num_row_blocks": 7, "nnz": 8, "block_rows": 9,
+    }
+    weight = sparse_weight(24, 300, 0.9)
+    info = ops.packed_info(ops.pack_linear(weight, k_block=128, row_block=8, block_rows=1))
+    assert info == ops.PackedInfo(version=3, out_features=24, in_features=300, k_block=128, num_k_blocks=3,
+                                  row_block=8, num_row_blocks=3, nnz=int(torch.count_nonzero(weight)),
+                                  block_rows=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.nnz = 0
+    with pytest.raises(TypeError, match="packed must be a torch.Tensor"):
+        ops.packed_info([0] * 16)
+    for bad in (torch.zeros(16), torch.zeros(2, 16, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="packed must be a 1-D int32 tensor"):
+            ops.packed_info(bad)
+    with pytest.raises(ValueError, match="packed is not a buffer made by pack_linear"):
+        ops.packed_info(torch.zeros(16, dtype=torch.int32))
 
 
 def test_opcheck_linear_chain():

@@ -14,7 +14,8 @@ from . import _C
 
 T = TypeVar("T")
 
-ISAS = ("scalar", "avx2", "avx512")
+# Every ISA the extension has kernels for, as csrc/kernels/lists.h lists them.
+ISAS: tuple[str, ...] = tuple(_C.ISAS)
 
 
 def isa() -> str:

@@ -8,10 +8,14 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers the schemas before the fakes below)
+from . import _C  # registers the schemas before the fakes below
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "relu6")
+# The activations the ops fuse, as csrc/kernels/lists.h lists them.
+ACTIVATIONS: tuple[str, ...] = tuple(_C.ACTIVATIONS)
 
+# Word index of each field of a packed buffer's header, by name (HeaderField in spmm.h;
+# layout in docs/packed_format.md).
+HEADER_FIELDS: dict[str, int] = dict(_C.header_fields())
 
 TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in spmm.h)
 # Tall blocks pay off when this fraction of their stored values is nonzero (see
@@ -23,34 +27,6 @@ TALL_BLOCK_MIN_FILL = 0.8
 # 32, which measured 5-12% faster on BERT's 3072 x 768 layer at 90% on one thread, 1-6%
 # on two, never slower (docs/packed_format.md#choosing-k_block-and-row_block).
 DEFAULT_ROW_BLOCK = 128
-
-
-# TEMP shim (replaced by h12-cpp): word index of each header field of a packed buffer
-# (HeaderField in csrc/kernels/spmm.h).
-HEADER_FIELDS: dict[str, int] = {
-    "magic": 0, "version": 1, "out_features": 2, "in_features": 3, "k_block": 4,
-    "num_k_blocks": 5, "row_block": 6, "num_row_blocks": 7, "nnz": 8, "block_rows": 9,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedInfo:
-    """The header of a packed buffer (TEMP shim, replaced by h12-cpp)."""
-
-    version: int
-    out_features: int
-    in_features: int
-    k_block: int
-    num_k_blocks: int
-    row_block: int
-    num_row_blocks: int
-    nnz: int
-    block_rows: int
-
-
-def packed_info(packed: Tensor) -> PackedInfo:
-    """The header fields of ``packed`` (TEMP shim, replaced by h12-cpp)."""
-    return PackedInfo(**{f.name: int(packed[HEADER_FIELDS[f.name]]) for f in dataclasses.fields(PackedInfo)})
 
 
 def _tall_blocks(weight: Tensor) -> Tensor:
@@ -138,6 +114,37 @@ def pack_linear(
     if k_block is None:
         k_block = default_k_block(weight, block_rows)
     return torch.ops.sparsecpu.pack_linear(weight.detach(), k_block, row_block, block_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedInfo:
+    """The header of a buffer made by :func:`pack_linear` (fields as in HEADER_FIELDS,
+    less the magic number)."""
+
+    version: int
+    out_features: int
+    in_features: int
+    k_block: int
+    num_k_blocks: int
+    row_block: int
+    num_row_blocks: int
+    nnz: int  # stored values: nonzero blocks x block_rows
+    block_rows: int
+
+
+def packed_info(packed: Tensor) -> PackedInfo:
+    """The header of ``packed`` (a buffer made by :func:`pack_linear`), read by name.
+    Checks only that it is a 1-D int32 tensor that starts with the packed magic number,
+    not the rest of the buffer (the ops check that)."""
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.int32 or packed.dim() != 1 or packed.numel() < _C.HEADER_WORDS:
+        raise ValueError(f"packed must be a 1-D int32 tensor of at least {_C.HEADER_WORDS} words made by "
+                         f"pack_linear, got {packed.dtype} of shape {tuple(packed.shape)}")
+    header = packed[: _C.HEADER_WORDS].tolist()
+    if header[HEADER_FIELDS["magic"]] != _C.PACKED_MAGIC:
+        raise ValueError("packed is not a buffer made by pack_linear (bad magic number)")
+    return PackedInfo(**{f.name: header[HEADER_FIELDS[f.name]] for f in dataclasses.fields(PackedInfo)})
 
 
 def linear(

@@ -10,22 +10,19 @@ namespace kernels {
 
 namespace {
 
-const SpmmKernels* kernels_for(const std::string& isa) {
-  if (isa == "scalar") return &kSpmmScalar;
-  if (isa == "avx2") return &kSpmmAvx2;
-  if (isa == "avx512") return &kSpmmAvx512;
-  return nullptr;
-}
-
+// The last ISA of lists.h this CPU supports.
 const SpmmKernels* best_kernels() {
-  if (cpu_supports("avx512")) return &kSpmmAvx512;
-  if (cpu_supports("avx2")) return &kSpmmAvx2;
-  return &kSpmmScalar;
+  const SpmmKernels* best = nullptr;
+#define SPARSECPU_IF_SUPPORTED(name, table, cpu_has) \
+  if (cpu_supports(#name)) best = &table;
+  SPARSECPU_FOR_EACH_ISA(SPARSECPU_IF_SUPPORTED)
+#undef SPARSECPU_IF_SUPPORTED
+  return best;
 }
 
 const SpmmKernels* initial_kernels() {
   const char* forced = std::getenv("TORCH_SPARSECPU_ISA");
-  if (forced != nullptr && cpu_supports(forced)) return kernels_for(forced);
+  if (forced != nullptr && cpu_supports(forced)) return kernels_named(forced);
   return best_kernels();  // an unusable value is reported by the Python side
 }
 
@@ -36,21 +33,32 @@ std::atomic<const SpmmKernels*>& active() {
 
 }  // namespace
 
+const SpmmKernels* kernels_named(const std::string& isa) {
+#define SPARSECPU_IF_NAMED(name, table, cpu_has) \
+  if (isa == #name) return &table;
+  SPARSECPU_FOR_EACH_ISA(SPARSECPU_IF_NAMED)
+#undef SPARSECPU_IF_NAMED
+  return nullptr;
+}
+
+std::string joined(const char* const* names, size_t count) {
+  std::string list;
+  for (size_t i = 0; i < count; ++i) list += (i ? ", " : "") + std::string(names[i]);
+  return list;
+}
+
 bool cpu_supports(const std::string& isa) {
   __builtin_cpu_init();
-  if (isa == "scalar") return true;
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == "avx512") {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("fma");
-  }
+#define SPARSECPU_IF_NAMED(name, table, cpu_has) \
+  if (isa == #name) return cpu_has;
+  SPARSECPU_FOR_EACH_ISA(SPARSECPU_IF_NAMED)
+#undef SPARSECPU_IF_NAMED
   return false;
 }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> isas;
-  for (const char* isa : {"scalar", "avx2", "avx512"}) {
+  for (const char* isa : kIsaNames) {
     if (cpu_supports(isa)) isas.emplace_back(isa);
   }
   return isas;
@@ -59,9 +67,9 @@ std::vector<std::string> available_isas() {
 const SpmmKernels& active_kernels() { return *active().load(std::memory_order_acquire); }
 
 bool set_isa(const std::string& isa, std::string* error) {
-  const SpmmKernels* kernels = kernels_for(isa);
+  const SpmmKernels* kernels = kernels_named(isa);
   if (kernels == nullptr) {
-    *error = "unknown ISA '" + isa + "'; expected one of scalar, avx2, avx512";
+    *error = "unknown ISA '" + isa + "'; expected one of " + joined(kIsaNames, kNumIsas);
     return false;
   }
   if (!cpu_supports(isa)) {
@@ -72,19 +80,24 @@ bool set_isa(const std::string& isa, std::string* error) {
   return true;
 }
 
+// From the tile lists of lists.h, in the order: 1 x 1 blocks then tall blocks; GEMV
+// tiles then panel tiles.
 std::vector<std::string> spmm_kernel_names(const SpmmKernels& kernels) {
   const std::string isa = std::string("__") + kernels.isa;
   if (kernels.vector_width == 1) return {"spmm_f32_1xN" + isa, "spmm_f32_4xN" + isa};
   std::vector<std::string> names;
   for (const int64_t rows : {int64_t{1}, kTallBlockRows}) {
     const std::string prefix = "_f32_" + std::to_string(rows) + "x";
-    for (int64_t tokens = 1; tokens <= kMaxGemvTokens; ++tokens) {
-      names.push_back("spmv" + prefix + std::to_string(tokens) + isa);
+#define SPARSECPU_GEMV_NAME(tokens) names.push_back("spmv" + prefix + std::to_string(tokens) + isa);
+    SPARSECPU_FOR_EACH_GEMV_TILE(SPARSECPU_GEMV_NAME)
+#undef SPARSECPU_GEMV_NAME
+#define SPARSECPU_TILE_NAME(vectors) names.push_back("spmm" + prefix + std::to_string(vectors * kernels.vector_width) + isa);
+    if (rows == 1) {
+      SPARSECPU_FOR_EACH_TILE(SPARSECPU_TILE_NAME)
+    } else {
+      SPARSECPU_FOR_EACH_TALL_TILE(SPARSECPU_TILE_NAME)
     }
-    const int64_t widest = rows == 1 ? kernels.max_panel_width : kTallStripVectors * kernels.vector_width;
-    for (int64_t width = kernels.vector_width; width <= widest; width += kernels.vector_width) {
-      names.push_back("spmm" + prefix + std::to_string(width) + isa);
-    }
+#undef SPARSECPU_TILE_NAME
   }
   return names;
 }

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "lists.h"
+
 namespace sparsecpu {
 namespace kernels {
 
@@ -46,17 +48,32 @@ constexpr int64_t kHeaderWords = 16;
 // Rows of the one multi-row block shape, "tall" 4 x 1 blocks: block_rows is 1 or this.
 constexpr int64_t kTallBlockRows = 4;
 
+// The header's words, X(enumerator, name) in word order from word 0 (names as
+// Python's ops.HEADER_FIELDS spells them); the other words up to kHeaderWords are 0.
+#define SPARSECPU_FOR_EACH_HEADER_FIELD(X) \
+  X(kMagic, magic)                         \
+  X(kVersion, version)                     \
+  X(kOutFeatures, out_features)            \
+  X(kInFeatures, in_features)              \
+  X(kKBlock, k_block)                      \
+  X(kNumKBlocks, num_k_blocks)             \
+  X(kRowBlock, row_block)                  \
+  X(kNumRowBlocks, num_row_blocks)         \
+  X(kNnz, nnz)                             \
+  X(kBlockRows, block_rows)
+
 enum HeaderField : int {
-  kMagic = 0,
-  kVersion = 1,
-  kOutFeatures = 2,
-  kInFeatures = 3,
-  kKBlock = 4,
-  kNumKBlocks = 5,
-  kRowBlock = 6,
-  kNumRowBlocks = 7,
-  kNnz = 8,
-  kBlockRows = 9,
+#define SPARSECPU_ENUMERATOR(e, name) e,
+  SPARSECPU_FOR_EACH_HEADER_FIELD(SPARSECPU_ENUMERATOR)
+#undef SPARSECPU_ENUMERATOR
+  kNumHeaderFields
+};
+static_assert(kNumHeaderFields <= kHeaderWords, "the header fields fit in the header");
+
+constexpr const char* kHeaderFieldNames[] = {
+#define SPARSECPU_NAME(e, name) #name,
+    SPARSECPU_FOR_EACH_HEADER_FIELD(SPARSECPU_NAME)
+#undef SPARSECPU_NAME
 };
 
 // Read-only view of a packed buffer; pointers into it.
@@ -117,15 +134,8 @@ void fill_tile_with_bias(const PackedLinearView& w, int64_t rb, const float* bia
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------
-enum class Activation : int { kNone = 0, kRelu, kGeluErf, kGeluTanh, kSilu, kRelu6 };
-
-// Tall blocks run register tiles of kTallBlockRows rows x kTallStripVectors
-// registers of tokens (12 accumulators + 3 activations + 1 broadcast = AVX2's 16
-// registers), in strips across the panel.
-constexpr int kTallStripVectors = 3;
-
-// Panels this narrow or narrower run the sparse GEMV kernels (spmv_row_block).
-constexpr int64_t kMaxGemvTokens = 7;
+// Activation, the register tiles (kMaxTileVectors, kTallStripVectors,
+// kMaxGemvTokens) and the ISAs are listed in lists.h.
 
 // An activation panel holds up to `max_panel_width` tokens of the input,
 // feature-major: panel[i * panel_width + t] is feature i of token t.
@@ -169,17 +179,23 @@ void pack_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_
 void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
                       float* y, int64_t y_stride);
 
-// Kernel tables, one per ISA (defined in spmm_f32__<isa>.cpp).
-extern const SpmmKernels kSpmmScalar;
-extern const SpmmKernels kSpmmAvx2;
-extern const SpmmKernels kSpmmAvx512;
+// Kernel tables, one per ISA of lists.h (defined in spmm_f32__<isa>.cpp).
+#define SPARSECPU_DECLARE_TABLE(name, table, cpu_has) extern const SpmmKernels table;
+SPARSECPU_FOR_EACH_ISA(SPARSECPU_DECLARE_TABLE)
+#undef SPARSECPU_DECLARE_TABLE
 
 // Names of the register tiles each ISA's table instantiates, e.g.
 // "spmm_f32_1x64__avx2": 1 output row x 64 tokens.
 std::vector<std::string> spmm_kernel_names(const SpmmKernels& kernels);
 
+// The table of the ISA named `isa` (lists.h), or null.
+const SpmmKernels* kernels_named(const std::string& isa);
+
+// "a, b, c": a list's names for an error message.
+std::string joined(const char* const* names, size_t count);
+
 // Run-time ISA choice: the best the CPU supports, unless TORCH_SPARSECPU_ISA
-// (scalar|avx2|avx512) or set_isa() forces one.
+// (a name of lists.h's ISAs) or set_isa() forces one.
 bool cpu_supports(const std::string& isa);
 std::vector<std::string> available_isas();
 const SpmmKernels& active_kernels();

@@ -13,7 +13,6 @@ namespace {
 struct Vec {
   using T = __m256;
   static constexpr int64_t kWidth = 8;
-  static constexpr int kMaxVectors = 8;  // 8 accumulators hide the FMA latency
   static T zero() { return _mm256_setzero_ps(); }
   static T set1(float v) { return _mm256_set1_ps(v); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
@@ -129,7 +128,7 @@ void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int6
 
 namespace sparsecpu {
 namespace kernels {
-const SpmmKernels kSpmmAvx2 = {"avx2", Vec::kWidth, Vec::kWidth * Vec::kMaxVectors,
+const SpmmKernels kSpmmAvx2 = {"avx2", Vec::kWidth, Vec::kWidth * kMaxTileVectors,
                                &pack_panel_avx2, &spmm_row_block_simd, &spmv_row_block_simd,
                                &unpack_tile_avx2};
 }  // namespace kernels

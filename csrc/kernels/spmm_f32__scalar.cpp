@@ -8,20 +8,22 @@ namespace sparsecpu {
 namespace kernels {
 namespace {
 
+float activate_none(float x) { return x; }
+float activate_relu(float x) { return x > 0.0f ? x : 0.0f; }
+float activate_gelu(float x) { return 0.5f * x * std::erfc(-x * 0.70710678118654752f); }
+float activate_gelu_tanh(float x) {
+  return x / (1.0f + std::exp(-2.0f * 0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+float activate_silu(float x) { return x / (1.0f + std::exp(-x)); }
+float activate_relu6(float x) { return x > 0.0f ? (x < 6.0f ? x : 6.0f) : 0.0f; }
+
 float activate_scalar(float x, Activation act) {
   switch (act) {
-    case Activation::kNone:
-      return x;
-    case Activation::kRelu:
-      return x > 0.0f ? x : 0.0f;
-    case Activation::kGeluErf:
-      return 0.5f * x * std::erfc(-x * 0.70710678118654752f);
-    case Activation::kGeluTanh:
-      return x / (1.0f + std::exp(-2.0f * 0.79788456080286536f * (x + 0.044715f * x * x * x)));
-    case Activation::kRelu6:
-      return x > 0.0f ? (x < 6.0f ? x : 6.0f) : 0.0f;
-    case Activation::kSilu:
-      return x / (1.0f + std::exp(-x));
+#define SPARSECPU_ACTIVATION_CASE(e, name) \
+  case Activation::e:                      \
+    return activate_##name(x);
+    SPARSECPU_FOR_EACH_ACTIVATION(SPARSECPU_ACTIVATION_CASE)
+#undef SPARSECPU_ACTIVATION_CASE
   }
   return x;
 }

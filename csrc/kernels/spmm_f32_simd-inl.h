@@ -3,13 +3,14 @@
 // Included by spmm_f32__<isa>.cpp inside an anonymous namespace, after that file
 // has switched on its ISA (`#pragma GCC target`) and defined `Vec`, the ISA's
 // register type and operations:
-//   Vec::T, Vec::kWidth, Vec::kMaxVectors (register tile: 1 row x kMaxVectors*kWidth tokens),
+//   Vec::T, Vec::kWidth (floats per register),
 //   zero, set1, load, store, add, mul, div, fma(a, b, c) = a*b + c, min, max, xor_,
 //   floor, pow2(n) = 2^n for an integer-valued n in [-127, 127];
 //   Mask, first(n) (the first n <= kWidth lanes), load_first / store_first (masked:
 //   the other lanes' memory is neither read nor written).
 // No header may be included from here: everything instantiated below is
 // compiled for this ISA only and must not leak into shared inline functions.
+// The activations and tiles instantiated are those of lists.h.
 
 // ---- activations, vectorised -------------------------------------------------
 
@@ -55,32 +56,37 @@ inline Vec::T erf_rational(Vec::T z) {
 // 0.5 x (1 + erf(x / sqrt 2)), as F.gelu computes it: the absolute error is below
 // 3e-7 max(|x|, 1) (F.gelu's own is 2e-7). Far down the negative tail, where the
 // result is tiny, its relative error grows as F.gelu's does.
-inline Vec::T gelu_erf(Vec::T x) {
+inline Vec::T activate_gelu(Vec::T x) {
   const Vec::T erf = erf_rational(Vec::mul(x, Vec::set1(0.70710678118654752f)));
   return Vec::mul(Vec::mul(x, Vec::set1(0.5f)), Vec::add(Vec::set1(1.0f), erf));
 }
 
 // 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): no cancellation.
-inline Vec::T gelu_tanh(Vec::T x) {
+inline Vec::T activate_gelu_tanh(Vec::T x) {
   const Vec::T x3 = Vec::mul(Vec::mul(x, x), x);
   const Vec::T minus_2u = Vec::mul(Vec::set1(-2.0f * 0.79788456080286536f), Vec::fma(Vec::set1(0.044715f), x3, x));
   return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(minus_2u)));
 }
 
+inline Vec::T activate_none(Vec::T x) { return x; }
+
+inline Vec::T activate_relu(Vec::T x) { return Vec::max(x, Vec::zero()); }
+
+// min(max(x, 0), 6): MobileNet's ReLU6
+inline Vec::T activate_relu6(Vec::T x) { return Vec::min(Vec::max(x, Vec::zero()), Vec::set1(6.0f)); }
+
+// x / (1 + exp(-x))
+inline Vec::T activate_silu(Vec::T x) {
+  return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(Vec::xor_(x, Vec::set1(-0.0f)))));
+}
+
 inline Vec::T activate(Vec::T x, Activation act) {
   switch (act) {
-    case Activation::kNone:
-      return x;
-    case Activation::kRelu:
-      return Vec::max(x, Vec::zero());
-    case Activation::kGeluErf:
-      return gelu_erf(x);
-    case Activation::kGeluTanh:
-      return gelu_tanh(x);
-    case Activation::kRelu6:  // min(max(x, 0), 6): MobileNet's ReLU6
-      return Vec::min(Vec::max(x, Vec::zero()), Vec::set1(6.0f));
-    case Activation::kSilu:  // x / (1 + exp(-x))
-      return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(Vec::xor_(x, Vec::set1(-0.0f)))));
+#define SPARSECPU_ACTIVATION_CASE(e, name) \
+  case Activation::e:                      \
+    return activate_##name(x);
+    SPARSECPU_FOR_EACH_ACTIVATION(SPARSECPU_ACTIVATION_CASE)
+#undef SPARSECPU_ACTIVATION_CASE
   }
   return x;
 }
@@ -286,20 +292,16 @@ void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
   case N:                                                                                        \
     return w.block_rows == 1 ? spmv_register_tile<1, N>(w, rb, kb_begin, kb_end, panel, bias, act, tile) \
                              : spmv_register_tile<kTall, N>(w, rb, kb_begin, kb_end, panel, bias, act, tile);
-    SPARSECPU_GEMV_CASE(1) SPARSECPU_GEMV_CASE(2) SPARSECPU_GEMV_CASE(3) SPARSECPU_GEMV_CASE(4)
-    SPARSECPU_GEMV_CASE(5) SPARSECPU_GEMV_CASE(6) SPARSECPU_GEMV_CASE(7)
+    SPARSECPU_FOR_EACH_GEMV_TILE(SPARSECPU_GEMV_CASE)
 #undef SPARSECPU_GEMV_CASE
     default:
       return;  // unreachable: the caller uses this for 1..kMaxGemvTokens tokens
   }
 }
 
-// The tile lists. 1 x 1 blocks: register tiles of 1 row x 1..8 vectors, the whole
-// panel (kMaxVectors == 8 on every ISA). Tall blocks: kTallBlockRows rows x
-// kTallStripVectors vectors in strips across the panel; a narrower last strip takes
-// the rest.
-#define SPARSECPU_FOR_EACH_TILE(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
-
+// 1 x 1 blocks: register tiles of 1 row x 1..kMaxTileVectors vectors, the whole
+// panel. Tall blocks: kTallBlockRows rows x kTallStripVectors vectors in strips across
+// the panel; a narrower tile takes the rest. (The tile lists are in lists.h.)
 void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                          const float* panel, int64_t panel_width, const float* bias, Activation act,
                          float* tile) {
@@ -312,7 +314,7 @@ void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
       SPARSECPU_FOR_EACH_TILE(SPARSECPU_TILE_CASE)
 #undef SPARSECPU_TILE_CASE
       default:
-        return;  // unreachable: the caller sizes panels to 1..kMaxVectors registers
+        return;  // unreachable: the caller sizes panels to 1..kMaxTileVectors registers
     }
   }
   constexpr int kRows = static_cast<int>(kTallBlockRows);
@@ -321,10 +323,13 @@ void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
     spmm_register_tile<kRows, kTallStripVectors>(w, rb, kb_begin, kb_end, panel, panel_width, v * Vec::kWidth,
                                                  bias, act, tile);
   }
-  static_assert(kTallStripVectors == 3, "the remainders below are 1 and 2 vectors");
-  if (vectors - v == 2) {
-    spmm_register_tile<kRows, 2>(w, rb, kb_begin, kb_end, panel, panel_width, v * Vec::kWidth, bias, act, tile);
-  } else if (vectors - v == 1) {
-    spmm_register_tile<kRows, 1>(w, rb, kb_begin, kb_end, panel, panel_width, v * Vec::kWidth, bias, act, tile);
+  switch (vectors - v) {  // the rest of the panel, narrower than a strip
+#define SPARSECPU_TALL_TILE_CASE(V) \
+  case V:                           \
+    return spmm_register_tile<kRows, V>(w, rb, kb_begin, kb_end, panel, panel_width, v * Vec::kWidth, bias, act, tile);
+    SPARSECPU_FOR_EACH_TALL_TILE(SPARSECPU_TALL_TILE_CASE)
+#undef SPARSECPU_TALL_TILE_CASE
+    default:
+      return;  // 0: no rest
   }
 }

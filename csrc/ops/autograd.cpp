@@ -12,8 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
+
 namespace sparsecpu {
 namespace {
+
+using kernels::Activation;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -28,14 +32,28 @@ at::Tensor linear_below_autograd(const at::Tensor& input, const at::Tensor& weig
   return op.call(input, weight, packed, bias, activation);
 }
 
-// d act(pre) / d pre applied to grad, for the activations the op fuses.
+// backward_<name>(grad, pre): d act(pre) / d pre applied to grad, for each activation
+// of lists.h (a missing one fails the build).
+at::Tensor backward_none(const at::Tensor& grad, const at::Tensor& /*pre*/) { return grad; }
+at::Tensor backward_relu(const at::Tensor& grad, const at::Tensor& pre) { return at::threshold_backward(grad, pre, 0); }
+at::Tensor backward_gelu(const at::Tensor& grad, const at::Tensor& pre) { return at::gelu_backward(grad, pre, "none"); }
+at::Tensor backward_gelu_tanh(const at::Tensor& grad, const at::Tensor& pre) {
+  return at::gelu_backward(grad, pre, "tanh");
+}
+at::Tensor backward_silu(const at::Tensor& grad, const at::Tensor& pre) { return at::silu_backward(grad, pre); }
+at::Tensor backward_relu6(const at::Tensor& grad, const at::Tensor& pre) {
+  return at::hardtanh_backward(grad, pre, 0, 6);
+}
+
 at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, const std::string& activation) {
-  if (activation == "relu") return at::threshold_backward(grad, pre, 0);
-  if (activation == "gelu") return at::gelu_backward(grad, pre, "none");
-  if (activation == "gelu_tanh") return at::gelu_backward(grad, pre, "tanh");
-  if (activation == "silu") return at::silu_backward(grad, pre);
-  if (activation == "relu6") return at::hardtanh_backward(grad, pre, 0, 6);
-  return grad;  // "none"; the forward has already rejected unknown names
+  switch (parse_activation(activation)) {
+#define SPARSECPU_BACKWARD_CASE(e, name) \
+  case Activation::e:                    \
+    return backward_##name(grad, pre);
+    SPARSECPU_FOR_EACH_ACTIVATION(SPARSECPU_BACKWARD_CASE)
+#undef SPARSECPU_BACKWARD_CASE
+  }
+  return grad;
 }
 
 class LinearFunction : public torch::autograd::Function<LinearFunction> {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
 #include "packed_weights.h"
 #include "sparse_layer.h"
 
@@ -95,6 +96,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
   const int64_t pixels = out_h * out_w;
   if (batch == 0 || pixels == 0 || w.out_features == 0) return y;
   float* y_data = y.data_ptr<float>();
+  const kernels::SpmmKernels& k = kernels::active_kernels();
   // Channels-last output: token-major [pixels of all images, channels]; NCHW: one
   // feature-major plane per channel and image.
   const auto output_of = [&](int64_t n) { return y_data + n * w.out_features * pixels; };
@@ -105,8 +107,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
     at::Tensor x = input.slice(2, 0, c10::nullopt, g.stride_h).slice(3, 0, c10::nullopt, g.stride_w);
     if (channels_last) {  // all images' pixels as the tokens of one call
       const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, channels});
-      sparse_linear_2d(w, strided_source(rows.data_ptr<float>(), rows.stride(0), rows.stride(1)), rows.size(0),
-                       data_or_null(bias_c), act, y_data, layout);
+      sparse_linear_2d(k, w, strided_source(k, rows.data_ptr<float>(), rows.stride(0), rows.stride(1)),
+                       rows.size(0), data_or_null(bias_c), act, y_data, layout);
       return y;
     }
     // The pixels need one stride. A dimension of size 1 may carry any stride (even in a
@@ -115,8 +117,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
     const int64_t pixel_stride = out_w > 1 ? x.stride(3) : x.stride(2);
     for (int64_t n = 0; n < batch; ++n) {
       const float* image = x.data_ptr<float>() + n * x.stride(0);
-      sparse_linear_2d(w, strided_source(image, pixel_stride, x.stride(1)), pixels, data_or_null(bias_c), act,
-                       output_of(n), layout);
+      sparse_linear_2d(k, w, strided_source(k, image, pixel_stride, x.stride(1)), pixels, data_or_null(bias_c),
+                       act, output_of(n), layout);
     }
     return y;
   }
@@ -136,7 +138,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
   }
   for (int64_t n = 0; n < batch; ++n) {
     const float* image = padded.data_ptr<float>() + n * channels * padded_h * padded_w;
-    sparse_linear_2d(w, padded_image_source(image, feature_offsets, padded_w, out_w, g), pixels,
+    sparse_linear_2d(k, w, padded_image_source(image, feature_offsets, padded_w, out_w, g), pixels,
                      data_or_null(bias_c), act, output_of(n), layout);
   }
   return y;

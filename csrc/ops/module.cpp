@@ -1,5 +1,6 @@
 // The Python module torch_sparsecpu._C: loading it registers the ops (see
-// linear.cpp); the functions below control and describe the kernel dispatch.
+// library.cpp); the functions below control and describe the kernel dispatch and
+// export the lists of csrc/kernels/lists.h and the packed header's fields.
 #include <torch/extension.h>
 
 #include "../kernels/spmm.h"
@@ -7,29 +8,50 @@
 
 namespace {
 
-const sparsecpu::kernels::SpmmKernels& kernels_named(const std::string& isa) {
-  if (isa == "scalar") return sparsecpu::kernels::kSpmmScalar;
-  if (isa == "avx2") return sparsecpu::kernels::kSpmmAvx2;
-  if (isa == "avx512") return sparsecpu::kernels::kSpmmAvx512;
-  throw std::invalid_argument("unknown ISA '" + isa + "'; expected one of scalar, avx2, avx512");
+namespace kernels = sparsecpu::kernels;
+
+const kernels::SpmmKernels& kernels_named(const std::string& isa) {
+  const kernels::SpmmKernels* table = kernels::kernels_named(isa);
+  if (table == nullptr) {
+    throw std::invalid_argument("unknown ISA '" + isa + "'; expected one of " +
+                                kernels::joined(kernels::kIsaNames, kernels::kNumIsas));
+  }
+  return *table;
+}
+
+pybind11::tuple names(const char* const* names, size_t count) {
+  pybind11::tuple tuple(count);
+  for (size_t i = 0; i < count; ++i) tuple[i] = pybind11::str(names[i]);
+  return tuple;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("isa", [] { return std::string(sparsecpu::kernels::active_kernels().isa); },
+  m.def("isa", [] { return std::string(kernels::active_kernels().isa); },
         "The ISA whose kernels the ops run now.");
   m.def("set_isa", [](const std::string& isa) {
         std::string error;
-        if (!sparsecpu::kernels::set_isa(isa, &error)) throw std::invalid_argument(error);
-      }, "Forces the kernels of one ISA (scalar, avx2, avx512) for every later call.");
-  m.def("available_isas", &sparsecpu::kernels::available_isas, "ISAs this CPU can run.");
-  m.def("cpu_supports", &sparsecpu::kernels::cpu_supports);
+        if (!kernels::set_isa(isa, &error)) throw std::invalid_argument(error);
+      }, "Forces the kernels of one ISA (a name of ISAS) for every later call.");
+  m.def("available_isas", &kernels::available_isas, "ISAs this CPU can run.");
+  m.def("cpu_supports", &kernels::cpu_supports);
   m.def("kernel_names", [](const std::string& isa) {
-        return sparsecpu::kernels::spmm_kernel_names(kernels_named(isa));
+        return kernels::spmm_kernel_names(kernels_named(isa));
       }, "Names of the register tiles the ISA's kernel table instantiates.");
   m.def("max_panel_width", [](const std::string& isa) { return kernels_named(isa).max_panel_width; });
   m.def("repacked_weights", &sparsecpu::repacked_weights,
         "Buffers the ops have packed for weights edited or swapped since their packing (see packed_weights.h).");
-  m.attr("TALL_BLOCK_ROWS") = sparsecpu::kernels::kTallBlockRows;  // block_rows of 4 x 1 blocks
+  m.attr("TALL_BLOCK_ROWS") = kernels::kTallBlockRows;  // block_rows of 4 x 1 blocks
+  // The lists of csrc/kernels/lists.h, in list order: what ops.ACTIVATIONS and kernels.ISAS read.
+  m.attr("ACTIVATIONS") = names(kernels::kActivationNames, kernels::kNumActivations);
+  m.attr("ISAS") = names(kernels::kIsaNames, kernels::kNumIsas);
+  // The packed buffer's header (spmm.h): what ops.HEADER_FIELDS and ops.packed_info read.
+  m.def("header_fields", [] {
+        pybind11::dict fields;
+        for (int i = 0; i < kernels::kNumHeaderFields; ++i) fields[kernels::kHeaderFieldNames[i]] = i;
+        return fields;
+      }, "Word index of each header field of a packed buffer, by name.");
+  m.attr("HEADER_WORDS") = kernels::kHeaderWords;
+  m.attr("PACKED_MAGIC") = kernels::kPackedMagic;
 }

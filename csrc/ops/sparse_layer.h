@@ -1,28 +1,19 @@
-// What the ATen glue of the sparse ops shares (linear.cpp defines it, conv.cpp uses
-// it): argument checks and one layer over tokens whose panels come from a callback.
+// One sparse layer over tokens, split over torch's threads (sparse_layer.cpp), and the
+// building blocks linear_chain.cpp reuses. The kernel table `k` is resolved once per op
+// call (kernels::active_kernels()) and passed down, so one call runs one ISA throughout.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <functional>
-#include <optional>
+#include <memory>
+#include <new>
 
 #include "../kernels/spmm.h"
 
 namespace sparsecpu {
-
-kernels::Activation parse_activation(c10::string_view name);
-
-// A view of a packed buffer made by sparsecpu::pack_linear; its contents are checked
-// in full the first time the buffer is seen (and after any in-place change of it).
-kernels::PackedLinearView checked_view(const at::Tensor& packed);
-
-// Checks one layer's 2-D weight and bias against its packed buffer; returns the bias
-// as a contiguous tensor (undefined when absent).
-at::Tensor checked_bias(const kernels::PackedLinearView& w, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, const char* op);
-
-const float* data_or_null(const at::Tensor& t);
 
 // Copies features [first_feature, first_feature + features) of tokens [first_token,
 // first_token + tokens) of a layer's input into `rows`, feature-major (row i at
@@ -30,8 +21,9 @@ const float* data_or_null(const at::Tensor& t);
 using PanelSource = std::function<void(int64_t first_token, int64_t tokens, int64_t first_feature,
                                        int64_t features, int64_t width, float* rows)>;
 
-// The source of a 2-D x[token, feature] of any strides (in floats).
-PanelSource strided_source(const float* x, int64_t token_stride, int64_t feature_stride);
+// The source of a 2-D x[token, feature] of any strides (in floats), copied by k.pack_panel.
+PanelSource strided_source(const kernels::SpmmKernels& k, const float* x, int64_t token_stride,
+                           int64_t feature_stride);
 
 // Where a layer's output goes: y[t * token_stride + o * feature_stride] for token t
 // and output feature o. Linear writes token-major rows (feature_stride 1); a
@@ -42,8 +34,98 @@ struct OutputLayout {
 };
 
 // y[t, o] = act(bias[o] + sum_i W[o, i] x[t, i]) for the `tokens` tokens that
-// `source` copies into panels, split over torch's threads.
-void sparse_linear_2d(const kernels::PackedLinearView& w, const PanelSource& source, int64_t tokens,
-                      const float* bias, kernels::Activation act, float* y, OutputLayout out);
+// `source` copies into panels, with the kernels of `k`, split over torch's threads.
+void sparse_linear_2d(const kernels::SpmmKernels& k, const kernels::PackedLinearView& w,
+                      const PanelSource& source, int64_t tokens, const float* bias, kernels::Activation act,
+                      float* y, OutputLayout out);
+
+// A contiguous output of a linear op: input's sizes with the last one out_features.
+at::Tensor linear_output(const at::Tensor& input, int64_t out_features);
+
+// ---- building blocks (sparse_layer.cpp, linear_chain.cpp) -----------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row blocks are scheduled in groups whose partial sums (the tile) fit in
+// kTileGroupBytes; each group's tile is unpacked while it is still in cache.
+// Within a group, a panel that fits in L2 is swept row block by row block (the
+// weights then stream in storage order, which the prefetcher follows: it decides
+// GEMV speed); a larger panel is swept K-block by K-block over the whole group,
+// so each K-block's activations are read from L1 by every row of the group and the
+// panel comes from L3 once per group rather than once per row block.
+constexpr int64_t kPanelInL2Bytes = 256 * 1024;
+constexpr int64_t kTileGroupBytes = 256 * 1024;
+
+inline bool panel_fits_l2(const kernels::PackedLinearView& w, int64_t width) {
+  return w.in_features * width * 4 <= kPanelInL2Bytes;
+}
+
+// Row blocks per group for a panel of `width` tokens: small groups (the tile near
+// L1) when the panel fits in L2 and sweeping it again is cheap.
+inline int64_t row_blocks_per_group(const kernels::PackedLinearView& w, int64_t width) {
+  const int64_t group_bytes = panel_fits_l2(w, width) ? kTileGroupBytes / 4 : kTileGroupBytes;
+  return std::max<int64_t>(1, group_bytes / (w.row_block * width * 4));
+}
+
+// Grow-only scratch memory for one call site and thread: a fresh std::vector per
+// call would zero it and, past glibc's mmap threshold, page-fault it every time.
+// Buffers above kRetainedFloats are released after each use (release_if_large),
+// so a thread keeps at most a few of 4 MiB each between calls.
+//
+// Cache-line aligned: panel and tile rows are whole lines (16 floats per AVX-512
+// register, 64 per AVX2 panel), so no vector load splits across two lines. Plain
+// `new float[]` returns 16-byte alignment (page + 16 above glibc's mmap threshold),
+// which split every other AVX2 load and cost the 1 x 64 kernel ~20%.
+class ScratchBuffer {
+ public:
+  float* get(size_t floats) {
+    if (floats > capacity_) {
+      data_.reset(static_cast<float*>(::operator new[](floats * sizeof(float), std::align_val_t{kCacheLine})));
+      capacity_ = floats;
+    }
+    return data_.get();
+  }
+  void release_if_large() {
+    if (capacity_ > kRetainedFloats) {
+      data_.reset();
+      capacity_ = 0;
+    }
+  }
+
+ private:
+  static constexpr size_t kRetainedFloats = size_t{1} << 20;  // 4 MiB
+  static constexpr size_t kCacheLine = 64;
+  struct AlignedDelete {
+    void operator()(float* p) const { ::operator delete[](p, std::align_val_t{kCacheLine}); }
+  };
+  std::unique_ptr<float[], AlignedDelete> data_;
+  size_t capacity_ = 0;
+};
+
+// How a layer's tokens are cut into panels for the kernels of one ISA.
+struct PanelPlan {
+  const kernels::SpmmKernels& k;
+  int64_t tokens;
+  int64_t max_width;  // tokens per full panel
+
+  int64_t num_panels() const { return ceil_div(tokens, max_width); }
+  int64_t tokens_in(int64_t p) const { return std::min(max_width, tokens - p * max_width); }
+  // Panels of up to kMaxGemvTokens tokens run the GEMV kernels unpadded; wider
+  // panels are padded to whole registers.
+  bool is_gemv(int64_t p) const { return k.vector_width > 1 && tokens_in(p) <= kernels::kMaxGemvTokens; }
+  int64_t width_of(int64_t p) const {
+    return is_gemv(p) ? tokens_in(p) : ceil_div(tokens_in(p), k.vector_width) * k.vector_width;
+  }
+};
+
+// Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
+// (row block rb at tile + (rb - rb_begin) * row_block * width, i.e. the rows of
+// the output panel in order), group by group of row_blocks_per_group. For a panel
+// larger than L2, `before_k_block(kb)`, when given, runs before each group starts
+// on K-block kb (to pack that slice of the panel just in time).
+void run_row_blocks(const kernels::SpmmKernels& k, const kernels::PackedLinearView& w, int64_t rb_begin,
+                    int64_t rb_end, const float* panel, int64_t width, bool gemv, const float* bias,
+                    kernels::Activation act, float* tile,
+                    const std::function<void(int64_t)>& before_k_block = nullptr);
 
 }  // namespace sparsecpu

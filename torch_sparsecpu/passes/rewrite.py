@@ -45,17 +45,6 @@ def pack_weight(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tenso
     return pack(weight.detach().flatten(1))
 
 
-def _block_rows(packed: torch.Tensor) -> int:
-    """The height of a packed weight's nonzero blocks (1 or 4).
-
-    TEMP (issue #12): ``ops.packed_info`` comes with branch h12-cpp. Until that is merged
-    this falls back to header word 9 (docs/packed_format.md#header); then keep only the
-    first line."""
-    if hasattr(ops, "packed_info"):
-        return ops.packed_info(packed).block_rows
-    return int(packed[9])
-
-
 def rewrite_sparse_layers(
     graph: fx.Graph,
     static: dict[fx.Node, torch.Tensor],
@@ -97,7 +86,7 @@ def rewrite_sparse_layers(
         attr = _packed_attribute(result, static, call, fold, pack)
         _emit(graph, call, attr, fold, act_node, activation, geometry)
         result.decisions.append(call.decision(sparsity, True, activation=activation,
-                                              block_rows=_block_rows(result.attributes[attr]),
+                                              block_rows=ops.packed_info(result.attributes[attr]).block_rows,
                                               batch_norm_folded=fold is not None))
     graph.lint()
     return result

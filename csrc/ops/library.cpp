@@ -1,0 +1,20 @@
+// The schemas of every sparsecpu op, defined once (the CPU kernels are registered by
+// linear.cpp, linear_chain.cpp and conv.cpp, the Autograd kernels by autograd.cpp; the
+// fake kernels by torch_sparsecpu/ops.py).
+#include <torch/library.h>
+
+namespace sparsecpu {
+
+TORCH_LIBRARY(sparsecpu, m) {
+  // row_block's default is ops.DEFAULT_ROW_BLOCK (a test checks they agree).
+  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=128, int block_rows=1) -> Tensor");
+  m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
+  m.def("linear_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, str[] activations) -> Tensor");
+  // flexible_layout: Inductor may hand conv2d channels-last input (its layout
+  // optimisation for graphs with convolutions) instead of converting it to NCHW.
+  m.def("conv2d(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+        "int[2] dilation=1, str activation=\"none\") -> Tensor",
+        {at::Tag::flexible_layout});
+}
+
+}  // namespace sparsecpu
