@@ -115,6 +115,15 @@ def test_linear_chain_bad_arguments():
                                   [None, None], ["none", "none"])),
         (TypeError, "weights must be a list",
          lambda: ops.linear_chain(torch.randn(2, 16), weights[0], packed, [None, None], ["none", "none"])),
+        (TypeError, r"weights\[1\] must be a torch.Tensor",
+         lambda: ops.linear_chain(torch.randn(2, 16), [weights[0], 1], packed, [None, None], ["none", "none"])),
+        (TypeError, r"packed\[0\] must be a torch.Tensor",
+         lambda: ops.linear_chain(torch.randn(2, 16), weights, [1, packed[1]], [None, None], ["none", "none"])),
+        (TypeError, r"biases\[0\] must be a torch.Tensor or None",
+         lambda: ops.linear_chain(torch.randn(2, 16), weights, packed, [0.0, None], ["none", "none"])),
+        (TypeError, r"activations\[1\] must be a str",
+         lambda: ops.linear_chain(torch.randn(2, 16), weights, packed, [None, None], ["none", 1])),
+        (TypeError, "input", lambda: ops.linear_chain([[1.0] * 16], weights, packed, [None, None], ["none", "none"])),
     ])
 
 
@@ -129,6 +138,8 @@ def test_prune_and_sparsify_bad_arguments():
         (TypeError, "name_filter", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, name_filter="0")),
         (ValueError, "block_rows", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, block_rows=2)),
         (TypeError, "block_rows", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, block_rows=4.0)),
+        (ValueError, "layer_types", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, layer_types=(nn.ReLU,))),
+        (TypeError, "layer_types", lambda: torch_sparsecpu.magnitude_prune_(model, 0.5, layer_types=(3,))),
         (TypeError, "model", lambda: torch_sparsecpu.sparsify(lambda x: x)),
         (ValueError, "min_sparsity", lambda: torch_sparsecpu.sparsify(model, min_sparsity=2)),
         (ValueError, "min_sparsity", lambda: torch_sparsecpu.sparsify(model, min_sparsity=-1e-3)),

@@ -187,6 +187,14 @@ def linear_chain(
     if len({len(v) for v in lists.values()}) != 1 or not weights:
         raise ValueError("weights, packed, biases and activations must have the same length >= 1, got "
                          + ", ".join(str(len(v)) for v in lists.values()))
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    for name, accepted, what in (("weights", Tensor, "torch.Tensor"), ("packed", Tensor, "torch.Tensor"),
+                                 ("biases", (Tensor, type(None)), "torch.Tensor or None"),
+                                 ("activations", str, "str")):
+        for index, value in enumerate(lists[name]):
+            if not isinstance(value, accepted):
+                raise TypeError(f"{name}[{index}] must be a {what}, got {type(value).__name__}")
     for activation in activations:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activations must be in {', '.join(ACTIVATIONS)}, got {activation!r}")
