@@ -269,4 +269,4 @@ def test_each_layer_logged_once(caplog, verbose):
     for name in ("0.weight", "2.weight"):
         lines = [r for r in caplog.records if name in r.getMessage()]
         assert len(lines) == 1, [r.getMessage() for r in lines]
-        assert lines[0].levelno == level and lines[0].name == "torch_sparsecpu"
+        assert lines[0].levelno == level and lines[0].name == "torch_sparsecpu.backend"

@@ -28,9 +28,6 @@ import torch.fx as fx
 from .passes import LayerDecision, fetch_attr, find_static_tensors, fuse_sparse_chains, rewrite_sparse_layers
 
 log = logging.getLogger(__name__)
-# The per-layer report (one line per LayerDecision) goes to the package's own logger, the
-# one the README documents and tests/test_reliability.py filters on by name.
-decision_log = logging.getLogger(__package__)
 
 INNER_COMPILERS = ("inductor", "eager")
 
@@ -226,9 +223,9 @@ class SparseCompiledGraph:
             fuse_sparse_chains(graph)
         decisions = rewritten.decisions
         level = logging.INFO if self._options.verbose else logging.DEBUG
-        if decision_log.isEnabledFor(level):
+        if log.isEnabledFor(level):
             for decision in decisions:
-                decision_log.log(level, "%s", decision)
+                log.log(level, "%s", decision)
         # Fresh GraphModule: its root is a dict of every attribute the graph reads.
         packed = rewritten.attributes
         root = {n.target: fetch_attr(self._source_gm, n.target) for n in graph.nodes
