@@ -43,6 +43,7 @@ ACTIVATION_REFERENCE = {
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
     "relu6": F.relu6,
+    "hardswish": F.hardswish,
 }
 
 

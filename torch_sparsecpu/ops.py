@@ -1,5 +1,5 @@
 """Python wrappers of the ``sparsecpu`` custom ops, with their fake kernels and
-autograd formulas side by side. Schemas are defined once, in csrc/ops/linear.cpp."""
+autograd formulas side by side. Schemas are defined once, in csrc/ops/library.cpp."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ namespace kernels {
   X(kGeluErf, gelu)                      \
   X(kGeluTanh, gelu_tanh)                \
   X(kSilu, silu)                         \
-  X(kRelu6, relu6)
+  X(kRelu6, relu6)                       \
+  X(kHardswish, hardswish)
 
 enum class Activation : int {
 #define SPARSECPU_ENUMERATOR(e, name) e,

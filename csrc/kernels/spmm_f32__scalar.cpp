@@ -1,5 +1,6 @@
 // Scalar reference kernels: the same packed layout and panel contract as the SIMD
 // kernels, written plainly. Always available; the tests hold every ISA to it.
+#include <algorithm>
 #include <cmath>
 
 #include "spmm.h"
@@ -16,6 +17,7 @@ float activate_gelu_tanh(float x) {
 }
 float activate_silu(float x) { return x / (1.0f + std::exp(-x)); }
 float activate_relu6(float x) { return x > 0.0f ? (x < 6.0f ? x : 6.0f) : 0.0f; }
+float activate_hardswish(float x) { return x * std::min(std::max(x + 3.0f, 0.0f), 6.0f) / 6.0f; }
 
 float activate_scalar(float x, Activation act) {
   switch (act) {

@@ -75,6 +75,12 @@ inline Vec::T activate_relu(Vec::T x) { return Vec::max(x, Vec::zero()); }
 // min(max(x, 0), 6): MobileNet's ReLU6
 inline Vec::T activate_relu6(Vec::T x) { return Vec::min(Vec::max(x, Vec::zero()), Vec::set1(6.0f)); }
 
+// x min(max(x + 3, 0), 6) / 6, as F.hardswish computes it: MobileNetV3's h-swish
+inline Vec::T activate_hardswish(Vec::T x) {
+  const Vec::T relu6 = Vec::min(Vec::max(Vec::add(x, Vec::set1(3.0f)), Vec::zero()), Vec::set1(6.0f));
+  return Vec::div(Vec::mul(x, relu6), Vec::set1(6.0f));
+}
+
 // x / (1 + exp(-x))
 inline Vec::T activate_silu(Vec::T x) {
   return Vec::div(x, Vec::add(Vec::set1(1.0f), exp_approx(Vec::xor_(x, Vec::set1(-0.0f)))));

@@ -44,6 +44,9 @@ at::Tensor backward_silu(const at::Tensor& grad, const at::Tensor& pre) { return
 at::Tensor backward_relu6(const at::Tensor& grad, const at::Tensor& pre) {
   return at::hardtanh_backward(grad, pre, 0, 6);
 }
+at::Tensor backward_hardswish(const at::Tensor& grad, const at::Tensor& pre) {
+  return at::hardswish_backward(grad, pre);
+}
 
 at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, const std::string& activation) {
   switch (parse_activation(activation)) {
