@@ -59,7 +59,7 @@ def test_chains_fused_only_without_grad():
 
 @pytest.mark.parametrize("activation,fused", [
     (nn.ReLU, "relu"), (nn.GELU, "gelu"), (lambda: nn.GELU(approximate="tanh"), "gelu_tanh"),
-    (nn.SiLU, "silu"), (nn.ReLU6, "relu6"), (lambda: nn.Hardtanh(0.0, 6.0), "relu6"),
+    (nn.SiLU, "silu"), (nn.ReLU6, "relu6"), (lambda: nn.Hardtanh(0.0, 6.0), "relu6"), (nn.Hardswish, "hardswish"),
     (lambda: nn.Hardtanh(-1.0, 1.0), "none"), (nn.Identity, "none"),
 ])
 def test_ffn_rewritten_and_matches_eager(activation, fused):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_rel, sparse_weight
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, sparse_weight
 from torch_sparsecpu import kernels, ops
 
 
@@ -37,3 +37,18 @@ def test_non_finite_input_reaches_exactly_the_outputs_with_a_nonzero_weight(isa,
     assert_close_rel(torch.where(reached, 0.0, y), torch.where(reached, 0.0, finite), what=isa)
     if value != value:  # NaN stays NaN where it arrives
         assert torch.isnan(y[reached]).all()
+
+
+@pytest.mark.parametrize("isa", kernels.available_isas())
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+@pytest.mark.parametrize("activation", ops.ACTIVATIONS)
+def test_nan_stays_nan_through_every_fused_activation(isa, tokens, activation):
+    """A NaN input reaches the same outputs with every activation, as PyTorch's own
+    activations keep NaN (x86's max/min would drop it if the operands were swapped)."""
+    weight = sparse_weight(48, 40, 0.9)
+    x = _poisoned_input(tokens, 40, float("nan"))
+    reached = (torch.isnan(x).float() @ (weight != 0).float().T) > 0
+    with kernels.force_isa(isa):
+        y = ops.linear(x, weight, ops.pack_linear(weight), None, activation)
+    assert torch.equal(torch.isnan(y), reached)
+    assert torch.isnan(ACTIVATION_REFERENCE[activation](torch.tensor([float("nan")]))).all()

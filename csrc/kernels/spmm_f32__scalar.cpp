@@ -10,13 +10,13 @@ namespace kernels {
 namespace {
 
 float activate_none(float x) { return x; }
-float activate_relu(float x) { return x > 0.0f ? x : 0.0f; }
+float activate_relu(float x) { return x < 0.0f ? 0.0f : x; }  // NaN stays NaN, as in F.relu
 float activate_gelu(float x) { return 0.5f * x * std::erfc(-x * 0.70710678118654752f); }
 float activate_gelu_tanh(float x) {
   return x / (1.0f + std::exp(-2.0f * 0.79788456080286536f * (x + 0.044715f * x * x * x)));
 }
 float activate_silu(float x) { return x / (1.0f + std::exp(-x)); }
-float activate_relu6(float x) { return x > 0.0f ? (x < 6.0f ? x : 6.0f) : 0.0f; }
+float activate_relu6(float x) { return x < 0.0f ? 0.0f : (x > 6.0f ? 6.0f : x); }
 float activate_hardswish(float x) { return x * std::min(std::max(x + 3.0f, 0.0f), 6.0f) / 6.0f; }
 
 float activate_scalar(float x, Activation act) {

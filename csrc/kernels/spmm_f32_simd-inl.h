@@ -70,10 +70,12 @@ inline Vec::T activate_gelu_tanh(Vec::T x) {
 
 inline Vec::T activate_none(Vec::T x) { return x; }
 
-inline Vec::T activate_relu(Vec::T x) { return Vec::max(x, Vec::zero()); }
+// Vec::max / Vec::min return their second operand when either is NaN (x86's maxps /
+// minps), so x goes second: a NaN stays NaN, as in F.relu.
+inline Vec::T activate_relu(Vec::T x) { return Vec::max(Vec::zero(), x); }
 
-// min(max(x, 0), 6): MobileNet's ReLU6
-inline Vec::T activate_relu6(Vec::T x) { return Vec::min(Vec::max(x, Vec::zero()), Vec::set1(6.0f)); }
+// min(6, max(0, x)): MobileNet's ReLU6 (NaN stays NaN, as in F.relu6)
+inline Vec::T activate_relu6(Vec::T x) { return Vec::min(Vec::set1(6.0f), Vec::max(Vec::zero(), x)); }
 
 // x min(max(x + 3, 0), 6) / 6, as F.hardswish computes it: MobileNetV3's h-swish
 inline Vec::T activate_hardswish(Vec::T x) {

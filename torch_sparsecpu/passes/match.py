@@ -188,6 +188,8 @@ def activation_of(node: fx.Node) -> str | None:
         return "silu"
     if target in (F.relu6, torch._C._nn.relu6):
         return "relu6"
+    if target in (F.hardswish, torch._C._nn.hardswish):
+        return "hardswish"
     if target is F.hardtanh:  # nn.ReLU6 is hardtanh(x, 0, 6)
         bounds = [node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
                   for i, name, default in ((1, "min_val", -1.0), (2, "max_val", 1.0))]
