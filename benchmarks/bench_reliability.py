@@ -1,13 +1,17 @@
 """Reliability costs of the sparsecpu backend.
 
-(a) The stale-weight check: before every call the backend's wrapper
-    (torch_sparsecpu.backend.SparseCompiledGraph) compares each packed weight's
-    ``_version`` and storage pointer with the values seen at packing time. We time, on a
-    tiny input, the wrapper call against a call of its compiled graph (``_compiled``, now
-    ``_build.compiled``) with
-    the same arguments, and report the difference per watched weight. The call through
-    torch.compile (Dynamo guards + wrapper + graph) is shown for scale.
-(b) Memory: RSS growth over many calls of a compiled small sparse model. Exits with
+(a) The check of what a build folded into the graph: before every call the backend's
+    wrapper (torch_sparsecpu.backend.SparseCompiledGraph) compares the tensors it watches
+    (those of folded batch norms; none in a model of linears) with what they were at
+    build time. We time, on a tiny input, the wrapper call against a call of its compiled
+    graph (``_build.compiled``) with the same arguments. The call through torch.compile
+    (Dynamo guards + wrapper + graph) is shown for scale.
+(b) The ops' own check that a packed buffer belongs to the weight it is given
+    (csrc/ops/packed_weights.h): ``ops.linear`` on a tiny layer with the weight the buffer
+    was packed from (one table probe) against the same call with another weight of the
+    same shape, whose buffer the ops packed once and keep (two probes): what an instance
+    pays when Dynamo shares its graph with another (regional compilation).
+(c) Memory: RSS growth over many calls of a compiled small sparse model. Exits with
     status 1 if it grows by more than --limit-mb.
 
     .venv/bin/python benchmarks/bench_reliability.py [--calls 5000] [--limit-mb 10]
@@ -58,12 +62,12 @@ def median_us(fn, min_run_time: float) -> float:
 
 
 def graph_parts(graph: SparseCompiledGraph):
-    """(compiled graph without the wrapper, the stale check, number of watched weights)."""
+    """(compiled graph without the wrapper, the check, number of watched tensors)."""
     build = graph._build
     return build.compiled, build.is_stale, len(build.watched)
 
 
-def stale_check_cost(layers: int, min_run_time: float) -> None:
+def wrapper_check_cost(layers: int, min_run_time: float) -> None:
     """Medians over min_run_time seconds, best of three interleaved rounds."""
     torch._dynamo.reset()
     model = make_model(layers)
@@ -108,14 +112,30 @@ def stale_check_cost(layers: int, min_run_time: float) -> None:
         t_compiled = median_us(lambda: fast(x), min_run_time)
 
     diff = t_wrapper_min - t_graph_min
-    print(f"{layers} sparse layers, {watched} watched weights, input {tuple(x.shape)}, 1 thread:")
+    print(f"{layers} sparse layers, {watched} watched tensors, input {tuple(x.shape)}, 1 thread:")
     print(f"  graph without wrapper (compiled)    {t_graph_min:9.2f} us")
     print(f"  wrapper (SparseCompiledGraph)       {t_wrapper_min:9.2f} us")
     print(f"  difference                          {diff:9.2f} us  "
-          f"({diff / max(watched, 1):.3f} us per watched weight, {100 * diff / t_graph_min:.1f}% of the graph)")
-    print(f"  stale check alone                   {t_check:9.2f} us  "
-          f"({t_check / max(watched, 1):.3f} us per watched weight)")
+          f"({100 * diff / t_graph_min:.1f}% of the graph)")
+    print(f"  the wrapper's check alone           {t_check:9.2f} us")
     print(f"  through torch.compile (for scale)   {t_compiled:9.2f} us")
+
+
+def op_check_cost(min_run_time: float) -> None:
+    """Medians over min_run_time seconds, best of three interleaved rounds."""
+    torch.manual_seed(0)
+    own, other = (torch.randn(16, 64) * (torch.rand(16, 64) > 0.9) for _ in range(2))
+    packed = torch_sparsecpu.ops.pack_linear(own)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        for weight in (own, other):  # the first call records `own`, the second packs `other` once
+            check_close(torch_sparsecpu.ops.linear(x, weight, packed), x @ weight.T, "ops.linear")
+        rounds = [(median_us(lambda: torch_sparsecpu.ops.linear(x, own, packed), min_run_time),
+                   median_us(lambda: torch_sparsecpu.ops.linear(x, other, packed), min_run_time)) for _ in range(3)]
+    t_own, t_other = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    print(f"ops.linear, 16 x 64 at 90%, 1 token, 1 thread (repacked so far: {torch_sparsecpu._C.repacked_weights()}):")
+    print(f"  with the weight the buffer was packed from   {t_own:8.2f} us")
+    print(f"  with another instance's weight               {t_other:8.2f} us  ({t_other - t_own:+.2f} us)")
 
 
 def rss_mb() -> float:
@@ -158,10 +178,12 @@ def main() -> int:
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels {torch_sparsecpu.isa()}")
-    print("(a) cost of the stale-weight check")
+    print("(a) cost of the wrapper's check")
     for layers in (2, 8):
-        stale_check_cost(layers, args.min_run_time)
-    print("(b) memory")
+        wrapper_check_cost(layers, args.min_run_time)
+    print("(b) cost of the ops' packed-weight check")
+    op_check_cost(args.min_run_time)
+    print("(c) memory")
     return 0 if memory_growth(args.calls, args.limit_mb, args.inner) else 1
 
 
