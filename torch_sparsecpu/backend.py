@@ -29,7 +29,7 @@ from .passes import LayerDecision, fetch_attr, find_static_tensors, fuse_sparse_
 
 log = logging.getLogger(__name__)
 # The per-layer report (one line per LayerDecision) goes to the package's own logger, the
-# one the README documents and tests/test_reliability.py filters on by name.
+# one the README documents and tests/test_backend.py filters on by name.
 decision_log = logging.getLogger(__package__)
 
 INNER_COMPILERS = ("inductor", "eager")
