@@ -17,7 +17,7 @@
 //     but for what the streaming tile rows evict): same segments, nonzeros, partial sums
 //     and weight stream, so the difference from the real layer is a lower bound on what
 //     L1 misses on the activation slice cost.
-// The ATen op adds the schedule of csrc/ops/linear.cpp on top (threads, groups of row
+// The ATen op adds the schedule of csrc/ops/sparse_layer.cpp on top (threads, groups of row
 // blocks unpacked while in cache, per-slice packing of large panels).
 #include <immintrin.h>
 
@@ -41,7 +41,7 @@ namespace {
 constexpr int kWidth = 64;  // tokens per panel: spmm_f32_1x64__avx2
 constexpr int kRepetitions = 40;
 
-// Cache-line aligned, as the op's scratch buffers are (csrc/ops/linear.cpp): a plain
+// Cache-line aligned, as the op's scratch buffers are (csrc/ops/sparse_layer.h): a plain
 // std::vector's 16-byte alignment splits every other AVX2 load across two lines.
 template <typename T>
 struct CacheLineAllocator {

@@ -1,5 +1,6 @@
-"""Python wrappers of the ``sparsecpu`` custom ops, with their fake kernels and
-autograd formulas side by side. Schemas are defined once, in csrc/ops/library.cpp."""
+"""Python wrappers of the ``sparsecpu`` custom ops, with their fake kernels side by side.
+Schemas are defined once, in csrc/ops/library.cpp; autograd is registered in C++
+(csrc/ops/autograd.cpp)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in
 TALL_BLOCK_MIN_FILL = 0.8
 
 # Output rows per row block (the op schema's default too). 128 rows x 64 tokens make a
-# 32 KiB tile: more rows share each K-block's activations while they are in L1 than with
-# 32, which measured 5-12% faster on BERT's 3072 x 768 layer at 90% on one thread, 1-6%
-# on two, never slower (docs/packed_format.md#choosing-k_block-and-row_block).
+# 32 KiB tile, and more rows share each K-block's activations while they are in L1 than
+# with 32 (measurements: docs/packed_format.md#choosing-k_block-and-row_block).
 DEFAULT_ROW_BLOCK = 128
 
 
@@ -40,11 +40,9 @@ def default_block_rows(weight: Tensor) -> int:
 
     A 4 x 1 block loads its activations once for 4 rows but stores (and multiplies) the
     zeros inside its blocks; the 1 x 1 kernel on the same weight also finds its
-    activation rows in L1, as consecutive rows share features. Measured through the op
-    on BERT's 3072 x 768 layer at 90% (benchmarks/bench_packing.py --fill, 64 tokens on
-    1 thread and 128 on 2; docs/packed_format.md): 4 x 1 blocks filled 70% ran 10% slower
-    than 1 x 1, 80% about even (0-5% faster), 90% 7-12% faster. Unstructured weights fill
-    their 4 x 1 blocks far less (29% at 90% sparsity) and stay 1 x 1."""
+    activation rows in L1, as consecutive rows share features. Below about 80% fill the
+    blocks run slower than 1 x 1 (measurements: docs/packed_format.md#nonzero-blocks-block_rows).
+    Unstructured weights fill their 4 x 1 blocks far less (29% at 90% sparsity) and stay 1 x 1."""
     if weight.dim() != 2 or weight.size(0) % TALL_BLOCK_ROWS or weight.numel() == 0:
         return 1
     blocks = int(_tall_blocks(weight).sum())
@@ -60,8 +58,8 @@ def default_k_block(weight: Tensor, block_rows: int = 1) -> int:
     A K-block of 128 features is 32 KiB of a 64-token panel: it stays in L1. But each row
     pays a fixed cost per K-block (its partial sums go to and from the tile), so at high
     sparsity, where a 128-feature segment holds only a few nonzeros, longer segments
-    win even though their activations then come from L2. Measured on BERT's MLP shapes
-    (docs/tile_planner.md): 128 is best at 80%, 512 at 95%, one block at 99%."""
+    win even though their activations then come from L2 (measurements:
+    docs/packed_format.md#choosing-k_block-and-row_block)."""
     if block_rows == 1:
         density = max(int(torch.count_nonzero(weight)), 1) / max(weight.numel(), 1)
     else:

@@ -117,7 +117,7 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
                         const float* bias, Activation act, float* tile) {
   const int64_t stride = kRows == 1 ? kVectors * Vec::kWidth : panel_width;
   // Accumulator sets of a 1-row tile: 4 for one register, 2 for two (4 FMA chains
-  // each), 1 for wider tiles (2 sets for 3-4 registers measured 0-6% slower).
+  // each), 1 for wider tiles, where more sets do not pay (docs/kernels.md#the-microkernel).
   constexpr int kSets = kRows > 1 || kVectors >= 3 ? 1 : kVectors == 2 ? 2 : 4;
   const int64_t groups = w.segments_in_block(rb);
   const int64_t first_row = rb * w.row_block;
@@ -183,8 +183,8 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
       for (int m = 0; m < kRows; ++m) {
         for (int v = 0; v < kVectors; ++v) Vec::store(out + m * stride + v * Vec::kWidth, acc[m][v]);
       }
-      // A pass of its own: with activate() in the store loop, GCC kept the accumulators
-      // on the stack in every segment (~8% of the 1 x 64 kernel's time).
+      // A pass of its own: with activate() in the store loop, GCC keeps the accumulators
+      // on the stack in every segment (cost in docs/kernels.md#epilogue-activations).
       if (finish) {
         for (int m = 0; m < kRows; ++m) {
           for (int v = 0; v < kVectors; ++v) {
@@ -205,7 +205,7 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
 // whatever the token count. Four partial sums (a 1-row group) or the kRows rows of a
 // tall block (independent chains already) hide the FMA latency. One token in a 1-row
 // group keeps scalar code: one lane of a register FMA does no more work than a scalar
-// FMA, and the scalar loop measured faster.
+// FMA, and the scalar loop is faster (docs/kernels.md#small-token-counts-the-gemv-kernels).
 // out[i] += lanes[i] for i < n (n a compile-time constant at every call): a plain
 // store of the register and scalar adds, cheaper than a masked store.
 inline void add_first_lanes(Vec::T lanes, int n, float* out) {

@@ -1,6 +1,7 @@
 // Autograd for sparsecpu::linear and sparsecpu::conv2d, in C++ so that a call in grad
-// mode with nothing requiring grad costs no Python (the Python `torch.library.register_autograd` kernel
-// added ~9 us to every such call). Gradients are those of the dense layer
+// mode with nothing requiring grad costs no Python (a Python
+// `torch.library.register_autograd` kernel runs on every such call; cost in
+// docs/architecture.md#autograd). Gradients are those of the dense layer
 // y = act(x W^T + b): they flow through the live `weight`, never through `packed`, and
 // the pre-activation is recomputed sparsely in backward rather than kept from forward.
 #include <ATen/ATen.h>

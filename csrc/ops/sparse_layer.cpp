@@ -12,9 +12,10 @@ using kernels::PackedLinearView;
 
 namespace {
 
-// Panels as wide as possible but equal, in whole registers: 196 tokens (a 14 x 14
-// feature map) make 4 panels of 56 rather than 3 of 64 and a 4-token remainder, which
-// would run the GEMV kernel over the whole weight for 2% of the tokens.
+// Panels as wide as possible but equal, in whole registers (the last takes the rest):
+// on AVX2, 196 tokens (a 14 x 14 feature map) make panels of 56, 56, 56 and 28 rather
+// than 3 of 64 and a 4-token remainder, which would run the GEMV kernel over the whole
+// weight for 2% of the tokens (docs/tile_planner.md#token-panels).
 int64_t balanced_panel_width(const kernels::SpmmKernels& k, int64_t tokens) {
   if (tokens <= k.max_panel_width) return k.max_panel_width;
   const int64_t panels = ceil_div(tokens, k.max_panel_width);

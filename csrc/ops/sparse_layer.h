@@ -75,7 +75,8 @@ inline int64_t row_blocks_per_group(const kernels::PackedLinearView& w, int64_t 
 // Cache-line aligned: panel and tile rows are whole lines (16 floats per AVX-512
 // register, 64 per AVX2 panel), so no vector load splits across two lines. Plain
 // `new float[]` returns 16-byte alignment (page + 16 above glibc's mmap threshold),
-// which split every other AVX2 load and cost the 1 x 64 kernel ~20%.
+// which splits every other AVX2 load (cost measured in
+// docs/kernels.md#panels-and-tiles-are-cache-line-aligned).
 class ScratchBuffer {
  public:
   float* get(size_t floats) {

@@ -26,11 +26,12 @@ class RewriteResult:
     # The tensors the rewritten graph reads with get_attr, by attribute name: packed
     # weights (_sparsecpu_packed_<n>), and folded weights and biases (<that>_weight, _bias).
     attributes: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # Each packed weight's node -> its packed attribute (repacked in place when the weight
-    # changes).
+    # Each packed weight's node -> its packed attribute (a weight used by several calls is
+    # packed once).
     packed_attr_of: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
-    # Nodes whose change needs a rebuild instead: a convolution's weight and bias and its
-    # folded batch norm's weight and bias (an in-place repack would pack the unfolded weight).
+    # Nodes whose change needs a rebuild: a convolution's weight and bias and its folded
+    # batch norm's weight and bias (the op runs a folded copy, so its own check that a
+    # packed buffer matches its weight cannot see them change).
     rebuild_if_changed: list[fx.Node] = dataclasses.field(default_factory=list)
     # The running statistics of folded batch norms, to compare by value: a training-mode
     # batch norm updates them in place without bumping their version.
