@@ -84,12 +84,18 @@ def cost_rows(threads: int, min_run_time: float, rounds: int) -> list[str]:
     with torch_threads(threads):
         for _ in range(rounds):
             for activation in activations:
-                times[activation].append(median_ms(
-                    functools.partial(torch_sparsecpu.ops.linear, x, weight, packed, bias, activation),
-                    threads, min_run_time))
+                times[activation].append(
+                    median_ms(
+                        functools.partial(torch_sparsecpu.ops.linear, x, weight, packed, bias, activation),
+                        threads,
+                        min_run_time,
+                    )
+                )
     baseline = statistics.median(times["none"])
-    return [f"{activation:>10}  {statistics.median(ms):8.3f}  {statistics.median(ms) - baseline:+8.3f}"
-            for activation, ms in times.items()]
+    return [
+        f"{activation:>10}  {statistics.median(ms):8.3f}  {statistics.median(ms) - baseline:+8.3f}"
+        for activation, ms in times.items()
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("accuracy over x in [-12, 12] (identity weight), against float64:")
     print(f"{'isa':>7} {'activation':>10}  {'abs/max(|x|,1)':>10}  {'torch F.*':>10}  {'rel, |x|<=5':>12}")
     print("\n".join(accuracy_rows()))
-    print(f"\ncost in ops.linear, 3072x768 at 90%, 128 tokens, {args.threads} threads "
-          f"(kernels {torch_sparsecpu.isa()}):")
+    print(
+        f"\ncost in ops.linear, 3072x768 at 90%, 128 tokens, {args.threads} threads (kernels {torch_sparsecpu.isa()}):"
+    )
     print(f"{'activation':>10}  {'ms':>8}  {'vs none':>8}")
     print("\n".join(cost_rows(args.threads, args.min_run_time, args.rounds)))
     return 0

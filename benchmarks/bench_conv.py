@@ -76,10 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
 
     layers = conv_layers(args.model, args.sparsity / 100, args.image)
-    print(f"{args.model}, {args.image} x {args.image}, {args.sparsity:g}% zeros, {args.threads} threads, "
-          f"{args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}")
-    print(f"{'input':>20} {'weight':>20} {'stride':>6} {'pad':>4} {'x':>3} {'dense ms':>9} {'sparse ms':>10} "
-          f"{'speed-up':>8} {'sparse GF/s nnz':>16} {'dense GF/s':>11}")
+    print(
+        f"{args.model}, {args.image} x {args.image}, {args.sparsity:g}% zeros, {args.threads} threads, "
+        f"{args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
+    )
+    print(
+        f"{'input':>20} {'weight':>20} {'stride':>6} {'pad':>4} {'x':>3} {'dense ms':>9} {'sparse ms':>10} "
+        f"{'speed-up':>8} {'sparse GF/s nnz':>16} {'dense GF/s':>11}"
+    )
     total_dense = total_sparse = 0.0
     with torch.inference_mode():
         for layer, input_shape, count in layers:
@@ -87,21 +91,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             weight = layer.weight.detach()
             packed = ops.pack_linear(weight.flatten(1))
             geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-            times = check_then_time({
-                "dense": functools.partial(F.conv2d, x, weight, None, **geometry),
-                "sparse": functools.partial(ops.conv2d, x, weight, packed, None, **geometry),
-            }, "dense", args.threads, args.rounds, args.min_run_time)
+            times = check_then_time(
+                {
+                    "dense": functools.partial(F.conv2d, x, weight, None, **geometry),
+                    "sparse": functools.partial(ops.conv2d, x, weight, packed, None, **geometry),
+                },
+                "dense",
+                args.threads,
+                args.rounds,
+                args.min_run_time,
+            )
             dense_ms, sparse_ms = (statistics.median(times[name]) for name in ("dense", "sparse"))
             pixels = F.conv2d(x, weight, None, **geometry)[0, 0].numel()  # per image (batch 1)
             flops_nnz = 2 * pixels * int(torch.count_nonzero(weight))
             flops_dense = 2 * pixels * weight.numel()
             total_dense += count * dense_ms
             total_sparse += count * sparse_ms
-            print(f"{str(list(input_shape)):>20} {str(list(weight.shape)):>20} {layer.stride[0]:>6} "
-                  f"{layer.padding[0]:>4} {count:>3} {dense_ms:>9.3f} {sparse_ms:>10.3f} {dense_ms / sparse_ms:>7.2f}x "
-                  f"{flops_nnz / sparse_ms / 1e6:>16.1f} {flops_dense / dense_ms / 1e6:>11.1f}")
-    print(f"all {sum(c for *_, c in layers)} ungrouped convolutions: dense {total_dense:.1f} ms, "
-          f"sparse {total_sparse:.1f} ms, {total_dense / total_sparse:.2f}x")
+            print(
+                f"{str(list(input_shape)):>20} {str(list(weight.shape)):>20} {layer.stride[0]:>6} "
+                f"{layer.padding[0]:>4} {count:>3} {dense_ms:>9.3f} {sparse_ms:>10.3f} {dense_ms / sparse_ms:>7.2f}x "
+                f"{flops_nnz / sparse_ms / 1e6:>16.1f} {flops_dense / dense_ms / 1e6:>11.1f}"
+            )
+    print(
+        f"all {sum(c for *_, c in layers)} ungrouped convolutions: dense {total_dense:.1f} ms, "
+        f"sparse {total_sparse:.1f} ms, {total_dense / total_sparse:.2f}x"
+    )
     return 0
 
 

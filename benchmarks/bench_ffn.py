@@ -31,8 +31,9 @@ HIDDEN, INTERMEDIATE = 768, 3072
 
 def compiled_ffn(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.nn.Module:
     """The block as a user writes it, holding the given weights (not yet compiled)."""
-    model = torch.nn.Sequential(torch.nn.Linear(HIDDEN, INTERMEDIATE), torch.nn.GELU(),
-                                torch.nn.Linear(INTERMEDIATE, HIDDEN)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(HIDDEN, INTERMEDIATE), torch.nn.GELU(), torch.nn.Linear(INTERMEDIATE, HIDDEN)
+    ).eval()
     with torch.no_grad():
         for layer, weight, bias in ((model[0], w1, b1), (model[2], w2, b2)):
             layer.weight.copy_(weight)
@@ -62,13 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "linear_chain": lambda: ops.linear_chain(x, [w1, w2], [p1, p2], [b1, b2], ["gelu", "none"]),
         "two linear ops": lambda: ops.linear(ops.linear(x, w1, p1, b1, "gelu"), w2, p2, b2),
     }
-    times = check_then_time(candidates, "eager dense", args.threads, args.rounds, args.min_run_time,
-                            tolerance=1e-5)
+    times = check_then_time(candidates, "eager dense", args.threads, args.rounds, args.min_run_time, tolerance=1e-5)
 
     dense = statistics.median(times["eager dense"])
     zeros = "at random positions" if args.block_rows == 1 else f"in {args.block_rows}x1 blocks"
-    print(f"FFN {HIDDEN}->{INTERMEDIATE} GELU ->{HIDDEN}, {args.sparsity}% sparse (zeros {zeros}), "
-          f"{args.tokens} tokens, {args.threads} threads, medians over {args.rounds} interleaved rounds")
+    print(
+        f"FFN {HIDDEN}->{INTERMEDIATE} GELU ->{HIDDEN}, {args.sparsity}% sparse (zeros {zeros}), "
+        f"{args.tokens} tokens, {args.threads} threads, medians over {args.rounds} interleaved rounds"
+    )
     for name, ms in times.items():
         print(f"  {name:>15}  {statistics.median(ms):8.3f} ms  {dense / statistics.median(ms):6.2f}x")
     for numerator, denominator in (("linear_chain", "two linear ops"), ("compiled", "linear_chain")):

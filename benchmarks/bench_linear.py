@@ -40,9 +40,18 @@ QUICK = {"sparsities": [90], "tokens": [128], "threads": [2]}
 TABLE_COLUMNS = [
     COLUMNS[key]
     for key in (
-        "shape", "size", "sparsity", "tokens", "threads",
-        "dense_ms", "csr_ms", "sparsecpu_ms", "speedup_vs_dense", "speedup_vs_csr",
-        "nnz_gflops", "dense_gflops",
+        "shape",
+        "size",
+        "sparsity",
+        "tokens",
+        "threads",
+        "dense_ms",
+        "csr_ms",
+        "sparsecpu_ms",
+        "speedup_vs_dense",
+        "speedup_vs_csr",
+        "nnz_gflops",
+        "dense_gflops",
     )
 ]
 
@@ -50,9 +59,11 @@ TABLE_COLUMNS = [
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sweep_arguments(parser, sparsities="50,70,80,90,95,99", tokens="1,32,128,512", threads="2", rounds=3)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 90%% sparsity, 128 tokens, 2 threads "
-                             "(overrides --sparsities, --tokens, --threads)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 90%% sparsity, 128 tokens, 2 threads (overrides --sparsities, --tokens, --threads)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
@@ -68,8 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch_sparsecpu.force_isa(args.isa):
         info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows)
         try:
-            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_linear", args.rounds,
-                                                 args.block_rows))
+            results = sorted_for_table(
+                run_sweep(cases, args.min_run_time, "bench_linear", args.rounds, args.block_rows)
+            )
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     print(f"\n{describe_machine(info)}\n")

@@ -46,8 +46,11 @@ def parse_packing(text: str) -> tuple[int | None, int, int | None]:
         k_block, row_block, *block_rows = text.split("/")
         if len(block_rows) > 1:
             raise ValueError
-        return ((None if k_block == "auto" else int(k_block)), int(row_block),
-                int(block_rows[0]) if block_rows else None)
+        return (
+            (None if k_block == "auto" else int(k_block)),
+            int(row_block),
+            int(block_rows[0]) if block_rows else None,
+        )
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected K/R or K/R/B such as auto/128 or 256/32/4, got {text!r}") from None
 
@@ -56,22 +59,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="bert.intermediate", help="a layer name from shapes.json")
     add_single_case_arguments(parser, tokens=64, threads=1, rounds=5, min_run_time=0.2)
-    parser.add_argument("--fill", type=float, default=1.0,
-                        help="with --block-rows 4: fraction of each kept block's values that are nonzero")
-    parser.add_argument("--packings", type=lambda text: [parse_packing(p) for p in text.split(",")],
-                        default=[(None, 32, None), (None, torch_sparsecpu.ops.DEFAULT_ROW_BLOCK, None)],
-                        help="comma-separated K/R or K/R/B (default: auto/32,auto/<DEFAULT_ROW_BLOCK>)")
+    parser.add_argument(
+        "--fill",
+        type=float,
+        default=1.0,
+        help="with --block-rows 4: fraction of each kept block's values that are nonzero",
+    )
+    parser.add_argument(
+        "--packings",
+        type=lambda text: [parse_packing(p) for p in text.split(",")],
+        default=[(None, 32, None), (None, torch_sparsecpu.ops.DEFAULT_ROW_BLOCK, None)],
+        help="comma-separated K/R or K/R/B (default: auto/32,auto/<DEFAULT_ROW_BLOCK>)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.fill <= 1 or (args.fill < 1 and args.block_rows != 4):
         parser.error("--fill must lie in (0, 1], and below 1 only with --block-rows 4")
 
     (shape,) = load_shapes(names=[args.shape])
-    weight = random_sparse_weight(shape.out_features, shape.in_features, args.sparsity,
-                                  stable_seed("weight", shape.name, args.sparsity), args.block_rows, args.fill)
+    weight = random_sparse_weight(
+        shape.out_features,
+        shape.in_features,
+        args.sparsity,
+        stable_seed("weight", shape.name, args.sparsity),
+        args.block_rows,
+        args.fill,
+    )
     x = random_input(args.tokens, shape.in_features, seed=stable_seed("input", args.tokens))
-    packed = {f"{'auto' if k is None else k}/{r}" + ("" if b is None else f"/{b}"):
-              torch_sparsecpu.ops.pack_linear(weight, k_block=k, row_block=r, block_rows=b)
-              for k, r, b in args.packings}
+    packed = {
+        f"{'auto' if k is None else k}/{r}" + ("" if b is None else f"/{b}"): torch_sparsecpu.ops.pack_linear(
+            weight, k_block=k, row_block=r, block_rows=b
+        )
+        for k, r, b in args.packings
+    }
     candidates = {"dense": lambda: F.linear(x, weight)}
     for name, buffer in packed.items():
         candidates[name] = lambda buffer=buffer: torch_sparsecpu.ops.linear(x, weight, buffer)
@@ -81,8 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     nnz_flops = 2 * int(weight.count_nonzero()) * args.tokens
     dense_ms = statistics.median(times["dense"])
     fill = f" in 4x1 blocks filled {args.fill:.0%}" if args.block_rows == 4 else ""
-    print(f"{shape.name} [{shape.out_features}x{shape.in_features}], {args.sparsity}% sparse{fill}, "
-          f"{args.tokens} tokens, {args.threads} thread(s), medians over {args.rounds} interleaved rounds")
+    print(
+        f"{shape.name} [{shape.out_features}x{shape.in_features}], {args.sparsity}% sparse{fill}, "
+        f"{args.tokens} tokens, {args.threads} thread(s), medians over {args.rounds} interleaved rounds"
+    )
     print(f"{'packing K/R':>14} {'ms':>9} {'x dense':>8} {'GFLOP/s nnz':>12}")
     for name, values in times.items():
         ms = statistics.median(values)

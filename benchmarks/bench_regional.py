@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_sparsecpu
+
 from common import check_then_time
 
 
@@ -73,17 +74,31 @@ def two_blocks(threads: int, rounds: int, min_run_time: float) -> None:
     with torch.inference_mode():
         for block in blocks + distinct:
             torch.testing.assert_close(block(x), block.forward(x), rtol=1e-5, atol=1e-5)
-        times = check_then_time({"eager dense (one block)": lambda: eager(x), "one block compiled": one_block,
-                                 "shared": alternating, "distinct": alternating_distinct},
-                                "eager dense (one block)", threads, rounds, min_run_time)
+        times = check_then_time(
+            {
+                "eager dense (one block)": lambda: eager(x),
+                "one block compiled": one_block,
+                "shared": alternating,
+                "distinct": alternating_distinct,
+            },
+            "eager dense (one block)",
+            threads,
+            rounds,
+            min_run_time,
+        )
     times["two blocks alternating, per call"] = [t / 2 for t in times.pop("shared")]
     times["two distinct classes alternating"] = [t / 2 for t in times.pop("distinct")]
-    medians = report(f"(a) two 768-3072-768 blocks at 90%, compiled one by one, x [8, 768], {threads} threads",
-                     times, "one block compiled")
+    medians = report(
+        f"(a) two 768-3072-768 blocks at 90%, compiled one by one, x [8, 768], {threads} threads",
+        times,
+        "one block compiled",
+    )
     ratio = medians["two blocks alternating, per call"] / medians["one block compiled"]
-    print(f"  alternating / one block: {ratio:.2f}x (bar: 1.3x); "
-          f"alternating / distinct classes alternating: "
-          f"{medians['two blocks alternating, per call'] / medians['two distinct classes alternating']:.2f}x")
+    print(
+        f"  alternating / one block: {ratio:.2f}x (bar: 1.3x); "
+        f"alternating / distinct classes alternating: "
+        f"{medians['two blocks alternating, per call'] / medians['two distinct classes alternating']:.2f}x"
+    )
 
 
 def bert_layer_by_layer(threads: int, rounds: int, min_run_time: float) -> None:
@@ -98,12 +113,21 @@ def bert_layer_by_layer(threads: int, rounds: int, min_run_time: float) -> None:
     whole = torch.compile(model, backend="sparsecpu")
     ids = torch.randint(0, model.config.vocab_size, (1, 128))
     with torch.inference_mode():
-        times = check_then_time({"eager dense": lambda: model(ids).last_hidden_state,
-                                 "compiled whole": lambda: whole(ids).last_hidden_state,
-                                 "compiled layer by layer": lambda: layered(ids).last_hidden_state},
-                                "eager dense", threads, rounds, min_run_time, tolerance=1e-4)
-    medians = report(f"(b) HF BERT-base, encoder linears at 90%, 128 tokens, {threads} threads",
-                     times, "compiled whole")
+        times = check_then_time(
+            {
+                "eager dense": lambda: model(ids).last_hidden_state,
+                "compiled whole": lambda: whole(ids).last_hidden_state,
+                "compiled layer by layer": lambda: layered(ids).last_hidden_state,
+            },
+            "eager dense",
+            threads,
+            rounds,
+            min_run_time,
+            tolerance=1e-4,
+        )
+    medians = report(
+        f"(b) HF BERT-base, encoder linears at 90%, 128 tokens, {threads} threads", times, "compiled whole"
+    )
     ratio = medians["compiled layer by layer"] / medians["compiled whole"]
     print(f"  layer by layer / whole: {ratio:.2f}x (bar: 1.2x)")
 

@@ -115,8 +115,7 @@ def wrapper_check_cost(layers: int, min_run_time: float) -> None:
     print(f"{layers} sparse layers, {watched} watched tensors, input {tuple(x.shape)}, 1 thread:")
     print(f"  graph without wrapper (compiled)    {t_graph_min:9.2f} us")
     print(f"  wrapper (SparseCompiledGraph)       {t_wrapper_min:9.2f} us")
-    print(f"  difference                          {diff:9.2f} us  "
-          f"({100 * diff / t_graph_min:.1f}% of the graph)")
+    print(f"  difference                          {diff:9.2f} us  ({100 * diff / t_graph_min:.1f}% of the graph)")
     print(f"  the wrapper's check alone           {t_check:9.2f} us")
     print(f"  through torch.compile (for scale)   {t_compiled:9.2f} us")
 
@@ -130,8 +129,13 @@ def op_check_cost(min_run_time: float) -> None:
     with torch.inference_mode():
         for weight in (own, other):  # the first call records `own`, the second packs `other` once
             check_close(torch_sparsecpu.ops.linear(x, weight, packed), x @ weight.T, "ops.linear")
-        rounds = [(median_us(lambda: torch_sparsecpu.ops.linear(x, own, packed), min_run_time),
-                   median_us(lambda: torch_sparsecpu.ops.linear(x, other, packed), min_run_time)) for _ in range(3)]
+        rounds = [
+            (
+                median_us(lambda: torch_sparsecpu.ops.linear(x, own, packed), min_run_time),
+                median_us(lambda: torch_sparsecpu.ops.linear(x, other, packed), min_run_time),
+            )
+            for _ in range(3)
+        ]
     t_own, t_other = min(r[0] for r in rounds), min(r[1] for r in rounds)
     print(f"ops.linear, 16 x 64 at 90%, 1 token, 1 thread (repacked so far: {torch_sparsecpu._C.repacked_weights()}):")
     print(f"  with the weight the buffer was packed from   {t_own:8.2f} us")
@@ -162,9 +166,11 @@ def memory_growth(calls: int, limit_mb: float, inner: str) -> bool:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     growth = after - before
     ok = growth <= limit_mb
-    print(f"RSS over {calls} calls (inner={inner}): {before:.1f} MB -> {after:.1f} MB, "
-          f"growth {growth:+.2f} MB (limit {limit_mb} MB), peak RSS {peak:.1f} MB: "
-          f"{'OK' if ok else 'FAIL'}")
+    print(
+        f"RSS over {calls} calls (inner={inner}): {before:.1f} MB -> {after:.1f} MB, "
+        f"growth {growth:+.2f} MB (limit {limit_mb} MB), peak RSS {peak:.1f} MB: "
+        f"{'OK' if ok else 'FAIL'}"
+    )
     return ok
 
 
@@ -172,8 +178,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--limit-mb", type=float, default=10.0)
-    parser.add_argument("--inner", choices=("eager", "inductor"), default="eager",
-                        help="inner compiler of the memory check")
+    parser.add_argument(
+        "--inner", choices=("eager", "inductor"), default="eager", help="inner compiler of the memory check"
+    )
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing")
     args = parser.parse_args()
 

@@ -59,38 +59,55 @@ QUICK = {"shapes": ["bert-base"], "sparsities": [90], "tokens": [128], "threads"
 TABLE_COLUMNS = [
     COLUMNS[key]
     for key in (
-        "shape", "size", "sparsity", "tokens", "threads",
-        "dense_ms", "csr_ms", "sparsecpu_ms", "speedup_vs_dense", "speedup_vs_csr",
-        "nnz_gflops", "pct_of_dense",
+        "shape",
+        "size",
+        "sparsity",
+        "tokens",
+        "threads",
+        "dense_ms",
+        "csr_ms",
+        "sparsecpu_ms",
+        "speedup_vs_dense",
+        "speedup_vs_csr",
+        "nnz_gflops",
+        "pct_of_dense",
     )
 ]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_sweep_arguments(
-        parser, sparsities="50,70,80,90,95,98", tokens="1,8,64,128,512,2048", threads="1,2"
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: BERT shapes, 90%% sparsity, 128 tokens, 2 threads "
-                             "(overrides --shapes, --sparsities, --tokens, --threads)")
+    add_sweep_arguments(parser, sparsities="50,70,80,90,95,98", tokens="1,8,64,128,512,2048", threads="1,2")
     parser.add_argument(
-        "--shapes", type=lambda text: [name for name in text.split(",") if name],
+        "--quick",
+        action="store_true",
+        help="smoke run: BERT shapes, 90%% sparsity, 128 tokens, 2 threads "
+        "(overrides --shapes, --sparsities, --tokens, --threads)",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=lambda text: [name for name in text.split(",") if name],
         help="models to run, comma-separated (the 'model' field of shapes.json); default all",
     )
     parser.add_argument(
-        "--max-dense-gflop", type=float, default=12.0,
+        "--max-dense-gflop",
+        type=float,
+        default=12.0,
         help="skip cases whose dense layer does more than this many GFLOP per call "
-             "(default 12: skips LLaMA MLP at 512+ tokens); 0 disables the cap",
+        "(default 12: skips LLaMA MLP at 512+ tokens); 0 disables the cap",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="directory for bench_spmm.{json,md,png} (default benchmarks/out)")
-    parser.add_argument("--plot-tokens", type=int, default=128,
-                        help="tokens of the plotted cases (default 128; else the nearest swept)")
-    parser.add_argument("--plot-threads", type=int, default=2,
-                        help="threads of the plotted cases (default 2; else the nearest swept)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the cases' count and estimated runtime, run nothing")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="directory for bench_spmm.{json,md,png} (default benchmarks/out)"
+    )
+    parser.add_argument(
+        "--plot-tokens", type=int, default=128, help="tokens of the plotted cases (default 128; else the nearest swept)"
+    )
+    parser.add_argument(
+        "--plot-threads", type=int, default=2, help="threads of the plotted cases (default 2; else the nearest swept)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the cases' count and estimated runtime, run nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
@@ -125,9 +142,7 @@ def line_styles(shapes: Sequence[LayerShape]) -> dict[LayerShape, dict]:
     return styles
 
 
-def plot_speedups(
-    results: Sequence[CaseResult], tokens: int, threads: int, info: dict, path: Path
-) -> None:
+def plot_speedups(results: Sequence[CaseResult], tokens: int, threads: int, info: dict, path: Path) -> None:
     """Speed-up of sparsecpu vs sparsity, over dense F.linear (left) and torch CSR (right),
     one line per shape, for one tokens / threads pair."""
     selected = [r for r in results if r.case.tokens == tokens and r.case.threads == threads]
@@ -169,15 +184,18 @@ def plot_speedups(
 
 def skipped_summary(skipped: Sequence[Case], max_dense_gflop: float) -> str:
     pairs = dict.fromkeys((case.shape.name, case.tokens, case.dense_flop) for case in skipped)
-    listed = ", ".join(f"{name} @ {tokens} tokens ({flop / 1e9:.0f} GFLOP)"
-                       for name, tokens, flop in pairs)
-    return (f"skipping {len(skipped)} cases over --max-dense-gflop={max_dense_gflop:g}: "
-            f"{listed}")
+    listed = ", ".join(f"{name} @ {tokens} tokens ({flop / 1e9:.0f} GFLOP)" for name, tokens, flop in pairs)
+    return f"skipping {len(skipped)} cases over --max-dense-gflop={max_dense_gflop:g}: {listed}"
 
 
 def write_outputs(
-    out: Path, info: dict, settings: dict, results: Sequence[CaseResult],
-    skipped: Sequence[Case], plot_tokens: int, plot_threads: int,
+    out: Path,
+    info: dict,
+    settings: dict,
+    results: Sequence[CaseResult],
+    skipped: Sequence[Case],
+    plot_tokens: int,
+    plot_threads: int,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -185,8 +203,13 @@ def write_outputs(
         "settings": settings,
         "results": [r.to_dict() for r in results],
         "skipped": [
-            {"name": c.shape.name, "sparsity_pct": c.sparsity_pct, "tokens": c.tokens,
-             "threads": c.threads, "dense_gflop": c.dense_flop / 1e9}
+            {
+                "name": c.shape.name,
+                "sparsity_pct": c.sparsity_pct,
+                "tokens": c.tokens,
+                "threads": c.threads,
+                "dense_gflop": c.dense_flop / 1e9,
+            }
             for c in skipped
         ],
     }
@@ -195,12 +218,13 @@ def write_outputs(
         f"Sparse Linear on real-model shapes ({describe_machine(info)}). "
         "`x dense` and `x CSR`: speed-up of sparsecpu over dense `F.linear` and torch CSR; "
         "`GFLOP/s nnz`: 2 * nonzeros * tokens / time; `% dense GFLOP/s`: that rate over "
-        "dense `F.linear`'s own GFLOP/s on the same shape.\n\n"
-        + format_markdown_table(results, TABLE_COLUMNS) + "\n"
+        "dense `F.linear`'s own GFLOP/s on the same shape.\n\n" + format_markdown_table(results, TABLE_COLUMNS) + "\n"
     )
     plot_speedups(results, plot_tokens, plot_threads, info, out / "bench_spmm.png")
-    print(f"wrote {out / 'bench_spmm.json'}, {out / 'bench_spmm.md'}, "
-          f"{out / 'bench_spmm.png'} (plot: tokens={plot_tokens}, threads={plot_threads})")
+    print(
+        f"wrote {out / 'bench_spmm.json'}, {out / 'bench_spmm.md'}, "
+        f"{out / 'bench_spmm.png'} (plot: tokens={plot_tokens}, threads={plot_threads})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch_sparsecpu.force_isa(args.isa):
         info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows)
         try:
-            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_spmm", args.rounds,
-                                                 args.block_rows))
+            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_spmm", args.rounds, args.block_rows))
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     elapsed = time.perf_counter() - started
@@ -241,8 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1),
     }
     write_outputs(
-        args.out, info, settings, results, skipped,
-        nearest(args.tokens, args.plot_tokens), nearest(args.threads, args.plot_threads),
+        args.out,
+        info,
+        settings,
+        results,
+        skipped,
+        nearest(args.tokens, args.plot_tokens),
+        nearest(args.threads, args.plot_threads),
     )
     return 0
 

@@ -46,28 +46,36 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="sequence length of each input")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--torch-threads", type=int, default=None)
-    parser.add_argument("--rss-limit-mb", type=float, default=20.0,
-                        help="allowed RSS growth between the end of the first quarter and the end")
+    parser.add_argument(
+        "--rss-limit-mb",
+        type=float,
+        default=20.0,
+        help="allowed RSS growth between the end of the first quarter and the end",
+    )
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     model = bert_base(args.sparsity)
     compiled = torch.compile(model, backend="sparsecpu")
-    inputs = [torch.randint(0, 30522, (1, args.tokens), generator=torch.Generator().manual_seed(i))
-              for i in range(args.threads)]
+    inputs = [
+        torch.randint(0, 30522, (1, args.tokens), generator=torch.Generator().manual_seed(i))
+        for i in range(args.threads)
+    ]
     with torch.inference_mode():
         started = time.perf_counter()
         first = [compiled(ids).last_hidden_state.clone() for ids in inputs]
         compile_s = time.perf_counter() - started
-        for ids, output in zip(inputs, first):
+        for ids, output in zip(inputs, first, strict=True):
             expected = model(ids).last_hidden_state
             error = ((output - expected).abs().max() / expected.abs().max()).item()
             if error > 1e-4:
                 print(f"compiled output differs from eager: relative error {error:.3g}")
                 return 1
-    print(f"torch {torch.__version__}, kernels {torch_sparsecpu.isa()}, {torch.get_num_threads()} torch threads; "
-          f"BERT-base at {args.sparsity:.0%}, {args.tokens} tokens; first calls {compile_s:.1f} s")
+    print(
+        f"torch {torch.__version__}, kernels {torch_sparsecpu.isa()}, {torch.get_num_threads()} torch threads; "
+        f"BERT-base at {args.sparsity:.0%}, {args.tokens} tokens; first calls {compile_s:.1f} s"
+    )
 
     stop = threading.Event()
     calls = [0] * args.threads
@@ -103,11 +111,15 @@ def main() -> int:
     warm = next((mb for t, mb in samples if t >= elapsed / 4), samples[0][1])
     growth = samples[-1][1] - warm
     total = sum(calls)
-    print(f"{args.threads} threads x {elapsed:.0f} s: {total} calls ({total / elapsed:.1f}/s), "
-          f"per thread {min(calls)}-{max(calls)}")
-    print(f"RSS: start {samples[0][1]:.0f} MB, after a quarter {warm:.0f} MB, end {samples[-1][1]:.0f} MB, "
-          f"max {max(mb for _, mb in samples):.0f} MB; growth after warm-up {growth:+.1f} MB "
-          f"(limit {args.rss_limit_mb} MB)")
+    print(
+        f"{args.threads} threads x {elapsed:.0f} s: {total} calls ({total / elapsed:.1f}/s), "
+        f"per thread {min(calls)}-{max(calls)}"
+    )
+    print(
+        f"RSS: start {samples[0][1]:.0f} MB, after a quarter {warm:.0f} MB, end {samples[-1][1]:.0f} MB, "
+        f"max {max(mb for _, mb in samples):.0f} MB; growth after warm-up {growth:+.1f} MB "
+        f"(limit {args.rss_limit_mb} MB)"
+    )
     for failure in failures[:10]:
         print("FAIL:", failure)
     ok = not failures and growth <= args.rss_limit_mb and min(calls) > 0

@@ -80,8 +80,7 @@ def load_shapes(
         unknown = sorted(set(wanted) - known)
         if unknown:
             raise ValueError(
-                f"unknown {attribute}(s) {', '.join(unknown)} in {path.name}; "
-                f"known: {', '.join(sorted(known))}"
+                f"unknown {attribute}(s) {', '.join(unknown)} in {path.name}; known: {', '.join(sorted(known))}"
             )
         shapes = [shape for shape in shapes if getattr(shape, attribute) in wanted]
     return shapes
@@ -134,7 +133,11 @@ def stable_seed(*parts: object) -> int:
 
 
 def random_sparse_weight(
-    out_features: int, in_features: int, sparsity_pct: int, seed: int, block_rows: int = 1,
+    out_features: int,
+    in_features: int,
+    sparsity_pct: int,
+    seed: int,
+    block_rows: int = 1,
     fill: float = 1.0,
 ) -> Tensor:
     """A float32 ``[out, in]`` weight with exactly ``round(sparsity * blocks)`` zero blocks
@@ -215,15 +218,12 @@ class ResultMismatch(RuntimeError):
     """An implementation disagrees with the dense reference: no timing of it may be shown."""
 
 
-def check_against_reference(
-    implementation: str, got: Tensor, reference: Tensor, case: Case
-) -> None:
+def check_against_reference(implementation: str, got: Tensor, reference: Tensor, case: Case) -> None:
     """Raises :class:`ResultMismatch` naming the case unless ``got`` matches ``reference``
     within RELATIVE_TOLERANCE of its largest magnitude (NaNs never match)."""
     if got.shape != reference.shape:
         raise ResultMismatch(
-            f"{implementation} returned shape {tuple(got.shape)}, expected "
-            f"{tuple(reference.shape)}: {case.describe()}"
+            f"{implementation} returned shape {tuple(got.shape)}, expected {tuple(reference.shape)}: {case.describe()}"
         )
     difference = (got - reference).abs().nan_to_num(nan=float("inf"))
     error = difference.max().item()
@@ -337,9 +337,7 @@ _ESTIMATE_GFLOPS_PER_THREAD = {"dense": 20.0, "csr": 3.0, "sparsecpu": 12.0}
 _ESTIMATE_SETUP_NS_PER_WEIGHT = 60.0  # random weight, packing, CSR conversion
 
 
-def split_by_size(
-    cases: Sequence[Case], max_dense_gflop: float | None
-) -> tuple[list[Case], list[Case]]:
+def split_by_size(cases: Sequence[Case], max_dense_gflop: float | None) -> tuple[list[Case], list[Case]]:
     """(cases to run, cases skipped because the dense layer is over ``max_dense_gflop``)."""
     if max_dense_gflop is None:
         return list(cases), []
@@ -359,8 +357,7 @@ def estimate_seconds(cases: Sequence[Case], min_run_time: float, rounds: int = 1
     weights_made = set()
     for case in cases:
         nnz_flop = case.dense_flop * (1 - case.sparsity_pct / 100)
-        rates = {name: gflops * case.threads * 1e9
-                 for name, gflops in _ESTIMATE_GFLOPS_PER_THREAD.items()}
+        rates = {name: gflops * case.threads * 1e9 for name, gflops in _ESTIMATE_GFLOPS_PER_THREAD.items()}
         calls = {
             "dense": case.dense_flop / rates["dense"],
             "csr": nnz_flop / rates["csr"],
@@ -399,14 +396,10 @@ def run_sweep(
     """
     results = []
     with tqdm(total=len(cases), desc=description, unit="case", dynamic_ncols=True) as progress:
-        for (shape, sparsity_pct), layer_cases in groupby(
-            cases, key=lambda case: (case.shape, case.sparsity_pct)
-        ):
+        for (shape, sparsity_pct), layer_cases in groupby(cases, key=lambda case: (case.shape, case.sparsity_pct)):
             layer = make_sparse_layer(shape, sparsity_pct, block_rows)
             for tokens, token_cases in groupby(layer_cases, key=lambda case: case.tokens):
-                x = random_input(
-                    tokens, shape.in_features, stable_seed("input", shape.name, tokens)
-                )
+                x = random_input(tokens, shape.in_features, stable_seed("input", shape.name, tokens))
                 reference = F.linear(x, layer.weight, layer.bias)
                 candidates = implementations(layer, x)
                 for case in token_cases:
@@ -480,10 +473,7 @@ def _cells(results: Sequence[CaseResult], columns: Sequence[Column]) -> list[lis
 def format_text_table(results: Sequence[CaseResult], columns: Sequence[Column]) -> str:
     """An aligned plain-text table, one row per result."""
     rows = _cells(results, columns)
-    widths = [
-        max([len(column.header)] + [len(row[i]) for row in rows])
-        for i, column in enumerate(columns)
-    ]
+    widths = [max([len(column.header)] + [len(row[i]) for row in rows]) for i, column in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -526,24 +516,51 @@ def add_sweep_arguments(
     rounds: int = 1,
 ) -> None:
     """The arguments both benchmarks take, with each script's defaults."""
-    parser.add_argument("--sparsities", type=parse_int_list, default=parse_int_list(sparsities),
-                        help=f"percent of zero weights, comma-separated (default {sparsities})")
-    parser.add_argument("--tokens", type=parse_int_list, default=parse_int_list(tokens),
-                        help=f"rows of the input, comma-separated (default {tokens})")
-    parser.add_argument("--threads", type=parse_int_list, default=parse_int_list(threads),
-                        help=f"torch thread counts, comma-separated (default {threads})")
-    parser.add_argument("--min-run-time", type=float, default=min_run_time,
-                        help=f"seconds per blocked_autorange measurement (default {min_run_time})")
-    parser.add_argument("--rounds", type=int, default=rounds,
-                        help="rounds per case, each timing dense, CSR and sparsecpu in turn; "
-                             f"medians over rounds are reported (default {rounds})")
-    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
-                        help="1: zeros at random positions (default); 4: whole 4 x 1 blocks of "
-                             "zeros, as magnitude_prune_(block_rows=4) leaves them")
-    parser.add_argument("--isa", choices=torch_sparsecpu.available_isas(),
-                        default=torch_sparsecpu.isa(),
-                        help=f"sparsecpu kernels to run (default: {torch_sparsecpu.isa()}, "
-                             "the best this CPU has)")
+    parser.add_argument(
+        "--sparsities",
+        type=parse_int_list,
+        default=parse_int_list(sparsities),
+        help=f"percent of zero weights, comma-separated (default {sparsities})",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=parse_int_list,
+        default=parse_int_list(tokens),
+        help=f"rows of the input, comma-separated (default {tokens})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=parse_int_list,
+        default=parse_int_list(threads),
+        help=f"torch thread counts, comma-separated (default {threads})",
+    )
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=min_run_time,
+        help=f"seconds per blocked_autorange measurement (default {min_run_time})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=rounds,
+        help="rounds per case, each timing dense, CSR and sparsecpu in turn; "
+        f"medians over rounds are reported (default {rounds})",
+    )
+    parser.add_argument(
+        "--block-rows",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="1: zeros at random positions (default); 4: whole 4 x 1 blocks of "
+        "zeros, as magnitude_prune_(block_rows=4) leaves them",
+    )
+    parser.add_argument(
+        "--isa",
+        choices=torch_sparsecpu.available_isas(),
+        default=torch_sparsecpu.isa(),
+        help=f"sparsecpu kernels to run (default: {torch_sparsecpu.isa()}, the best this CPU has)",
+    )
 
 
 def add_single_case_arguments(
@@ -556,8 +573,13 @@ def add_single_case_arguments(
     parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds; medians are reported")
     parser.add_argument("--min-run-time", type=float, default=min_run_time)
-    parser.add_argument("--block-rows", type=int, choices=(1, 4), default=1,
-                        help="1: zeros at random positions (default); 4: zeros in 4 x 1 blocks")
+    parser.add_argument(
+        "--block-rows",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="1: zeros at random positions (default); 4: zeros in 4 x 1 blocks",
+    )
 
 
 def validate_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -572,8 +594,7 @@ def validate_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error("--rounds must be >= 1")
     cpus = os.cpu_count() or 1
     if max(args.threads) > cpus:
-        print(f"warning: --threads {max(args.threads)} is more than this machine's {cpus} CPUs",
-              file=sys.stderr)
+        print(f"warning: --threads {max(args.threads)} is more than this machine's {cpus} CPUs", file=sys.stderr)
 
 
 def cpu_model_name() -> str:
@@ -605,7 +626,7 @@ def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1, b
         "rounds": rounds,
         "weights": "zeros at random positions" if block_rows == 1 else f"zeros in random {block_rows}x1 blocks",
         "timing": "median of torch.utils.benchmark.Timer.blocked_autorange "
-                  f"(at least {MIN_SAMPLES} samples), median over {rounds} interleaved round(s)",
+        f"(at least {MIN_SAMPLES} samples), median over {rounds} interleaved round(s)",
     }
 
 
@@ -620,4 +641,3 @@ def describe_machine(info: dict) -> str:
 def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-

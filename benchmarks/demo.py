@@ -30,8 +30,9 @@ def median_ms(fn, *args, threads: int) -> float:
 
 def interleaved_medians_ms(eager, compiled, *args, threads: int) -> tuple[float, float]:
     """Medians over ROUNDS rounds, each timing eager then compiled."""
-    rounds = [(median_ms(eager, *args, threads=threads), median_ms(compiled, *args, threads=threads))
-              for _ in range(ROUNDS)]
+    rounds = [
+        (median_ms(eager, *args, threads=threads), median_ms(compiled, *args, threads=threads)) for _ in range(ROUNDS)
+    ]
     return statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
 
 
@@ -68,8 +69,10 @@ def hf_vision_model(name: str, sparsity: float):
     MobileNetV2-1.0), every convolution pruned, one 224 x 224 image."""
     import transformers
 
-    builders = {"resnet": (transformers.ResNetModel, transformers.ResNetConfig),
-                "mobilenet": (transformers.MobileNetV2Model, transformers.MobileNetV2Config)}
+    builders = {
+        "resnet": (transformers.ResNetModel, transformers.ResNetConfig),
+        "mobilenet": (transformers.MobileNetV2Model, transformers.MobileNetV2Config),
+    }
     model_class, config_class = builders[name]
     model = model_class(config_class()).eval()
     torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,))
@@ -84,15 +87,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--bert-tokens", type=int, default=128,
-                        help="sequence length of the BERT input (1: batch-1 decoding-like GEMV)")
+    parser.add_argument(
+        "--bert-tokens", type=int, default=128, help="sequence length of the BERT input (1: batch-1 decoding-like GEMV)"
+    )
     args = parser.parse_args()
     if not 1 <= args.bert_tokens <= 512:  # BERT-base has 512 positions
         parser.error(f"--bert-tokens must be in [1, 512], got {args.bert_tokens}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, sparse kernels: {torch_sparsecpu.isa()}, "
-          f"{args.threads} threads, weights pruned to {args.sparsity:.0%}\n")
+    print(
+        f"torch {torch.__version__}, sparse kernels: {torch_sparsecpu.isa()}, "
+        f"{args.threads} threads, weights pruned to {args.sparsity:.0%}\n"
+    )
 
     cases = {
         "FFN 768->3072 GELU ->768, 128 tokens": ffn_block,
@@ -117,9 +123,11 @@ def main() -> int:
             blocked = sum(d.taken and d.block_rows > 1 for d in decisions)
             ok = error <= tolerance
             kinds = " and ".join(sorted({f"{d.kind}s" for d in decisions}))
-            print(f"  {taken}/{len(decisions)} {kinds} sparse ({blocked} in 4x1 blocks); "
-                  f"max error {error:.2e} relative "
-                  f"(tolerance {tolerance:g}): {'OK' if ok else 'MISMATCH'}")
+            print(
+                f"  {taken}/{len(decisions)} {kinds} sparse ({blocked} in 4x1 blocks); "
+                f"max error {error:.2e} relative "
+                f"(tolerance {tolerance:g}): {'OK' if ok else 'MISMATCH'}"
+            )
             if not ok:
                 return 1
             eager_ms, sparse_ms = interleaved_medians_ms(eager, compiled, *inputs, threads=args.threads)

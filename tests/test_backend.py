@@ -52,16 +52,24 @@ def test_chains_fused_only_without_grad():
     assert not CHAIN_CALL.findall(code[0]) and len(SPARSE_CALL.findall(code[0])) >= 2
     torch._dynamo.reset()
     with torch.no_grad():
-        _, code = run_and_get_code(
-            torch.compile(model, backend="sparsecpu", options={"fuse_layers": False}), x)
+        _, code = run_and_get_code(torch.compile(model, backend="sparsecpu", options={"fuse_layers": False}), x)
     assert not CHAIN_CALL.findall(code[0]) and len(SPARSE_CALL.findall(code[0])) == 2
 
 
-@pytest.mark.parametrize("activation,fused", [
-    (nn.ReLU, "relu"), (nn.GELU, "gelu"), (lambda: nn.GELU(approximate="tanh"), "gelu_tanh"),
-    (nn.SiLU, "silu"), (nn.ReLU6, "relu6"), (lambda: nn.Hardtanh(0.0, 6.0), "relu6"), (nn.Hardswish, "hardswish"),
-    (lambda: nn.Hardtanh(-1.0, 1.0), "none"), (nn.Identity, "none"),
-])
+@pytest.mark.parametrize(
+    "activation,fused",
+    [
+        (nn.ReLU, "relu"),
+        (nn.GELU, "gelu"),
+        (lambda: nn.GELU(approximate="tanh"), "gelu_tanh"),
+        (nn.SiLU, "silu"),
+        (nn.ReLU6, "relu6"),
+        (lambda: nn.Hardtanh(0.0, 6.0), "relu6"),
+        (nn.Hardswish, "hardswish"),
+        (lambda: nn.Hardtanh(-1.0, 1.0), "none"),
+        (nn.Identity, "none"),
+    ],
+)
 def test_ffn_rewritten_and_matches_eager(activation, fused):
     model = ffn(activation=activation)
     x = torch.randn(4, 33, 64)
@@ -106,9 +114,9 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.sparse = nn.Linear(32, 32)
-        self.dense = nn.Linear(32, 32)                 # below min_sparsity
-        self.fp64 = nn.Linear(32, 32).double()         # not float32
-        self.tied = self.sparse                        # the same weight twice: packed once
+        self.dense = nn.Linear(32, 32)  # below min_sparsity
+        self.fp64 = nn.Linear(32, 32).double()  # not float32
+        self.tied = self.sparse  # the same weight twice: packed once
 
     def forward(self, x, runtime_weight):
         h = torch.relu(self.sparse(x))
@@ -126,8 +134,12 @@ def test_layers_not_taken_stay_as_they_were(caplog):
     with caplog.at_level(logging.DEBUG, logger="torch_sparsecpu"):
         decisions = torch_sparsecpu.explain(model, x, runtime_weight)
     taken = {(d.name, d.taken) for d in decisions}
-    assert taken == {("sparse.weight", True), ("dense.weight", False), ("fp64.weight", False),
-                     ("runtime_weight", False)}, taken
+    assert taken == {
+        ("sparse.weight", True),
+        ("dense.weight", False),
+        ("fp64.weight", False),
+        ("runtime_weight", False),
+    }, taken
     reasons = {d.name: d.reason for d in decisions if not d.taken}
     assert "below min_sparsity" in reasons["dense.weight"]
     assert "float64" in reasons["fp64.weight"]
@@ -153,10 +165,14 @@ class BesideEmpty(nn.Module):
         return self.empty(x), self.head(y)
 
 
-@pytest.mark.parametrize("empty,x", [
-    (lambda: nn.Linear(0, 4), torch.randn(3, 0)),      # eager: the bias, [3, 4]
-    (lambda: nn.Conv2d(0, 4, 3), torch.randn(2, 0, 5, 5)),  # eager: [2, 0, 3, 3]
-], ids=["linear", "conv2d"])
+@pytest.mark.parametrize(
+    "empty,x",
+    [
+        (lambda: nn.Linear(0, 4), torch.randn(3, 0)),  # eager: the bias, [3, 4]
+        (lambda: nn.Conv2d(0, 4, 3), torch.randn(2, 0, 5, 5)),  # eager: [2, 0, 3, 3]
+    ],
+    ids=["linear", "conv2d"],
+)
 def test_weight_without_elements_stays_dense(empty, x):
     """Issue #16 case 5: nn.Linear(0, 4) used to be taken and fail to pack ("cannot
     reshape tensor of 0 elements")."""
@@ -169,7 +185,7 @@ def test_weight_without_elements_stays_dense(empty, x):
     assert not decisions["empty.weight"].taken and "no elements" in decisions["empty.weight"].reason
     assert decisions["head.weight"].taken
     with torch.no_grad():
-        for actual, expected in zip(torch.compile(model, backend="sparsecpu")(x, y), model(x, y)):
+        for actual, expected in zip(torch.compile(model, backend="sparsecpu")(x, y), model(x, y), strict=True):
             assert_close_rel(actual, expected)
 
 
@@ -254,8 +270,9 @@ def test_backend_found_without_importing_the_package():
         print("ok", "torch_sparsecpu" in sys.modules)
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            cwd="/", timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/", timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok True"
 

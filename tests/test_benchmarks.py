@@ -22,8 +22,12 @@ import common  # noqa: E402
 
 
 def test_bench_linear_prints_one_row_per_case(capsys):
-    assert bench_linear.main(["--sparsities", "90", "--tokens", "9", "--threads", "1",
-                              "--min-run-time", "0.01", "--rounds", "2"]) == 0
+    assert (
+        bench_linear.main(
+            ["--sparsities", "90", "--tokens", "9", "--threads", "1", "--min-run-time", "0.01", "--rounds", "2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 cases x 2 round(s)" in out
     assert "median over 2 interleaved round(s)" in out
@@ -90,14 +94,33 @@ def test_random_sparse_weight_zeros_exact_blocks(block_rows):
 
 
 def test_bench_linear_block_rows_4_reported(capsys):
-    assert bench_linear.main(["--sparsities", "90", "--tokens", "9", "--threads", "1",
-                              "--min-run-time", "0.01", "--block-rows", "4"]) == 0
+    assert (
+        bench_linear.main(
+            ["--sparsities", "90", "--tokens", "9", "--threads", "1", "--min-run-time", "0.01", "--block-rows", "4"]
+        )
+        == 0
+    )
     assert "zeros in random 4x1 blocks" in capsys.readouterr().out
 
 
 def test_bench_packing_checks_then_times_each_packing(capsys):
-    assert bench_packing.main(["--shape", "bert.output", "--tokens", "9", "--rounds", "2",
-                               "--min-run-time", "0.01", "--packings", "auto/32,0/128"]) == 0
+    assert (
+        bench_packing.main(
+            [
+                "--shape",
+                "bert.output",
+                "--tokens",
+                "9",
+                "--rounds",
+                "2",
+                "--min-run-time",
+                "0.01",
+                "--packings",
+                "auto/32,0/128",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [row[0] for row in rows] == ["dense", "auto/32", "0/128"]
@@ -105,8 +128,27 @@ def test_bench_packing_checks_then_times_each_packing(capsys):
 
 
 def test_bench_packing_partly_filled_blocks_both_ways(capsys):
-    assert bench_packing.main(["--shape", "bert.output", "--tokens", "9", "--rounds", "1", "--min-run-time", "0.01",
-                               "--block-rows", "4", "--fill", "0.5", "--packings", "auto/128/1,auto/128/4"]) == 0
+    assert (
+        bench_packing.main(
+            [
+                "--shape",
+                "bert.output",
+                "--tokens",
+                "9",
+                "--rounds",
+                "1",
+                "--min-run-time",
+                "0.01",
+                "--block-rows",
+                "4",
+                "--fill",
+                "0.5",
+                "--packings",
+                "auto/128/1,auto/128/4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "in 4x1 blocks filled 50%" in out
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["dense", "auto/128/1", "auto/128/4"]
@@ -129,8 +171,12 @@ def test_check_then_time_refuses_a_wrong_candidate(monkeypatch):
 
 def test_bench_conv_times_each_distinct_convolution(capsys):
     pytest.importorskip("transformers")
-    assert bench_conv.main(["--model", "mobilenetv2", "--image", "32", "--threads", "1", "--rounds", "1",
-                            "--min-run-time", "0.01"]) == 0
+    assert (
+        bench_conv.main(
+            ["--model", "mobilenetv2", "--image", "32", "--threads", "1", "--rounds", "1", "--min-run-time", "0.01"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # MobileNetV2's 35 ungrouped convolutions (its 17 depthwise ones stay out).
     assert "all 35 ungrouped convolutions" in out

@@ -80,8 +80,9 @@ def test_regional_compilation_keeps_each_instances_packed_weights(monkeypatch):
         block.compile(backend="sparsecpu", options={"inner": "eager"})
     x = torch.randn(8, 96)
     builds, packs = [], []
-    monkeypatch.setattr(backend.SparseCompiledGraph, "_make_build",
-                        _counting(backend.SparseCompiledGraph._make_build, builds))
+    monkeypatch.setattr(
+        backend.SparseCompiledGraph, "_make_build", _counting(backend.SparseCompiledGraph._make_build, builds)
+    )
     monkeypatch.setattr(ops, "pack_linear", _counting(ops.pack_linear, packs))
     with torch.no_grad():
         for block in blocks:  # the first calls compile once and pack the second instance once

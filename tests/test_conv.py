@@ -24,7 +24,8 @@ CONV_CALL = re.compile(r"= torch\.ops\.sparsecpu\.conv2d\.default\(")
 
 def conv_weight(out_channels: int, in_channels: int, sparsity: float, kernel=(1, 1)) -> torch.Tensor:
     return sparse_weight(out_channels, in_channels * kernel[0] * kernel[1], sparsity).view(
-        out_channels, in_channels, *kernel)
+        out_channels, in_channels, *kernel
+    )
 
 
 def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -69,31 +70,57 @@ def test_1x1_conv_matches_conv2d(isa, shape, stride):
 
 
 @pytest.mark.parametrize("isa", torch_sparsecpu.available_isas())
-@pytest.mark.parametrize("shape,stride", [
-    # One output column (or row): the strided view's size-1 dimension keeps the stride
-    # of the step, even where PyTorch calls the view contiguous (found by test_fuzz).
-    ((2, 3, 4, 5, 1), (1, 2)), ((1, 4, 6, 3, 1), (2, 2)), ((2, 3, 4, 1, 5), (2, 1)),
-])
+@pytest.mark.parametrize(
+    "shape,stride",
+    [
+        # One output column (or row): the strided view's size-1 dimension keeps the stride
+        # of the step, even where PyTorch calls the view contiguous (found by test_fuzz).
+        ((2, 3, 4, 5, 1), (1, 2)),
+        ((1, 4, 6, 3, 1), (2, 2)),
+        ((2, 3, 4, 1, 5), (2, 1)),
+    ],
+)
 def test_1x1_conv_with_one_output_column_or_row(isa, shape, stride):
     check_against_conv2d(isa, shape, (1, 1), stride)
 
 
 @pytest.mark.parametrize("isa", torch_sparsecpu.available_isas())
 @pytest.mark.parametrize("shape", SHAPES[1:])
-@pytest.mark.parametrize("kernel,stride,padding,dilation", [
-    ((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 0, 1), ((1, 3), 1, (0, 1), 1),
-    ((3, 3), 1, 2, 2), ((2, 2), (1, 2), (1, 0), 1), ((5, 5), 2, 2, 1), ((1, 1), 1, 1, 1),
-])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation",
+    [
+        ((3, 3), 1, 1, 1),
+        ((3, 3), 2, 1, 1),
+        ((3, 3), 1, 0, 1),
+        ((1, 3), 1, (0, 1), 1),
+        ((3, 3), 1, 2, 2),
+        ((2, 2), (1, 2), (1, 0), 1),
+        ((5, 5), 2, 2, 1),
+        ((1, 1), 1, 1, 1),
+    ],
+)
 def test_kxk_conv_matches_conv2d(isa, shape, kernel, stride, padding, dilation):
     batch, in_channels, _, height, width = shape
     padding, dilation = _pair(padding), _pair(dilation)
-    if min(height + 2 * padding[0] - (kernel[0] - 1) * dilation[0],
-           width + 2 * padding[1] - (kernel[1] - 1) * dilation[1]) < 1:
+    if (
+        min(
+            height + 2 * padding[0] - (kernel[0] - 1) * dilation[0],
+            width + 2 * padding[1] - (kernel[1] - 1) * dilation[1],
+        )
+        < 1
+    ):
         # The image is smaller than the kernel: refused, as F.conv2d does.
         weight = conv_weight(4, in_channels, 0.5, kernel)
         with pytest.raises(ValueError, match="is smaller than the"):
-            ops.conv2d(torch.randn(batch, in_channels, height, width), weight, ops.pack_linear(weight.flatten(1)),
-                       None, stride, padding, dilation)
+            ops.conv2d(
+                torch.randn(batch, in_channels, height, width),
+                weight,
+                ops.pack_linear(weight.flatten(1)),
+                None,
+                stride,
+                padding,
+                dilation,
+            )
         return
     check_against_conv2d(isa, shape, kernel, stride, padding, dilation)
 
@@ -133,8 +160,13 @@ def conv_samples():
 def test_opcheck_conv2d(args):
     torch.library.opcheck(torch.ops.sparsecpu.conv2d.default, args)
     x, weight, packed, bias, *rest = args
-    grads = (x.clone().requires_grad_(), weight.clone().requires_grad_(),
-             packed, None if bias is None else bias.clone().requires_grad_(), *rest)
+    grads = (
+        x.clone().requires_grad_(),
+        weight.clone().requires_grad_(),
+        packed,
+        None if bias is None else bias.clone().requires_grad_(),
+        *rest,
+    )
     torch.library.opcheck(torch.ops.sparsecpu.conv2d.default, grads)
 
 
@@ -148,9 +180,12 @@ def test_conv2d_gradients_match_dense(activation, kernel, stride, padding):
     sparse = ops.conv2d(x, weight, packed, bias, stride, padding, activation=activation)
     dense = ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding))
     grad = torch.randn_like(dense)
-    for got, want, name in zip(torch.autograd.grad(sparse, (x, weight, bias), grad),
-                               torch.autograd.grad(dense, (x, weight, bias), grad), ("input", "weight", "bias"),
-                               strict=True):
+    for got, want, name in zip(
+        torch.autograd.grad(sparse, (x, weight, bias), grad),
+        torch.autograd.grad(dense, (x, weight, bias), grad),
+        ("input", "weight", "bias"),
+        strict=True,
+    ):
         assert_close_rel(got, want, rel=1e-4, what=f"grad of {name}")
 
 
@@ -258,8 +293,7 @@ def test_conv_weights_edited_after_compiling_are_honoured():
 
 def test_hf_resnet_convolutions_run_sparse():
     transformers = pytest.importorskip("transformers")
-    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
-                                       layer_type="bottleneck")
+    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck")
     model = transformers.ResNetModel(config).eval()
     torch_sparsecpu.magnitude_prune_(model, 0.9, layer_types=(nn.Conv2d,))
     x = torch.randn(1, 3, 64, 64)

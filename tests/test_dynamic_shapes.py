@@ -19,8 +19,9 @@ BATCHES = (1, 3, 17, 64)
 SEQS = (5, 11, 2)
 
 
-@pytest.mark.parametrize("dynamic,fuse_layers", [(True, True), (None, True), (True, False)],
-                         ids=["dynamic", "automatic", "dynamic-unfused"])
+@pytest.mark.parametrize(
+    "dynamic,fuse_layers", [(True, True), (None, True), (True, False)], ids=["dynamic", "automatic", "dynamic-unfused"]
+)
 def test_dynamic_shapes_eager_inner(dynamic, fuse_layers):
     model = make_model()
     fast = compile_sparse(model, dynamic=dynamic, options={**EAGER, "fuse_layers": fuse_layers})

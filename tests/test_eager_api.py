@@ -63,17 +63,20 @@ def test_sparsify_export_save_load(tmp_path):
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(sparse, (x,), dynamic_shapes=({0: batch},))
-    sparse_nodes = [n for n in ep.graph.nodes
-                    if n.op == "call_function" and n.target is torch.ops.sparsecpu.linear.default]
+    sparse_nodes = [
+        n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.sparsecpu.linear.default
+    ]
     assert len(sparse_nodes) == 2, ep.graph
-    assert not any(n.op == "call_function" and "linear" in str(n.target) and n not in sparse_nodes
-                   for n in ep.graph.nodes), ep.graph
+    assert not any(
+        n.op == "call_function" and "linear" in str(n.target) and n not in sparse_nodes for n in ep.graph.nodes
+    ), ep.graph
 
     path = tmp_path / "sparse_model.pt2"
     torch.export.save(ep, path)
     loaded = torch.export.load(path)
-    loaded_nodes = [n for n in loaded.graph.nodes
-                    if n.op == "call_function" and n.target is torch.ops.sparsecpu.linear.default]
+    loaded_nodes = [
+        n for n in loaded.graph.nodes if n.op == "call_function" and n.target is torch.ops.sparsecpu.linear.default
+    ]
     assert len(loaded_nodes) == 2
     with torch.no_grad():
         for program, what in ((ep, "exported"), (loaded, "loaded")):
@@ -90,8 +93,7 @@ def test_sparse_linear_repacks_after_in_place_edit():
         model(x)
         model[0].weight.mul_(-1.5)
         model[2].weight[:, ::3] = 0
-        expected = F.linear(F.relu(F.linear(x, model[0].weight, model[0].bias)),
-                            model[2].weight, model[2].bias)
+        expected = F.linear(F.relu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight, model[2].bias)
         assert_close_rel(model(x), expected)
 
 
@@ -101,8 +103,7 @@ def test_sparse_linear_repacks_after_data_assignment():
     with torch.no_grad():
         model(x)
         model[0].weight.data = model[0].weight.data * 3
-        expected = F.linear(F.relu(F.linear(x, model[0].weight, model[0].bias)),
-                            model[2].weight, model[2].bias)
+        expected = F.linear(F.relu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight, model[2].bias)
         assert_close_rel(model(x), expected)
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ACTIVATION_REFERENCE, assert_close_rel, sparse_weight
 from torch_sparsecpu import kernels, ops
+
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, sparse_weight
 
 
 def _poisoned_input(tokens: int, features: int, value: float) -> torch.Tensor:

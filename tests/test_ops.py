@@ -47,8 +47,13 @@ def test_opcheck_linear(args):
 @pytest.mark.parametrize("args", list(linear_samples()), ids=_sample_id)
 def test_opcheck_linear_with_grad(args):
     x, weight, packed, bias, activation = args
-    args = (x.detach().clone().requires_grad_(), weight.clone().requires_grad_(), packed,
-            None if bias is None else bias.clone().requires_grad_(), activation)
+    args = (
+        x.detach().clone().requires_grad_(),
+        weight.clone().requires_grad_(),
+        packed,
+        None if bias is None else bias.clone().requires_grad_(),
+        activation,
+    )
     torch.library.opcheck(torch.ops.sparsecpu.linear.default, args)
 
 
@@ -70,14 +75,30 @@ def test_packed_info():
     """The header read by name: the word layout of docs/packed_format.md, and a clear
     error for anything that is not a packed buffer."""
     assert ops.HEADER_FIELDS == {
-        "magic": 0, "version": 1, "out_features": 2, "in_features": 3, "k_block": 4, "num_k_blocks": 5,
-        "row_block": 6, "num_row_blocks": 7, "nnz": 8, "block_rows": 9,
+        "magic": 0,
+        "version": 1,
+        "out_features": 2,
+        "in_features": 3,
+        "k_block": 4,
+        "num_k_blocks": 5,
+        "row_block": 6,
+        "num_row_blocks": 7,
+        "nnz": 8,
+        "block_rows": 9,
     }
     weight = sparse_weight(24, 300, 0.9)
     info = ops.packed_info(ops.pack_linear(weight, k_block=128, row_block=8, block_rows=1))
-    assert info == ops.PackedInfo(version=3, out_features=24, in_features=300, k_block=128, num_k_blocks=3,
-                                  row_block=8, num_row_blocks=3, nnz=int(torch.count_nonzero(weight)),
-                                  block_rows=1)
+    assert info == ops.PackedInfo(
+        version=3,
+        out_features=24,
+        in_features=300,
+        k_block=128,
+        num_k_blocks=3,
+        row_block=8,
+        num_row_blocks=3,
+        nnz=int(torch.count_nonzero(weight)),
+        block_rows=1,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.nnz = 0
     with pytest.raises(TypeError, match="packed must be a torch.Tensor"):
@@ -93,8 +114,9 @@ def test_opcheck_linear_chain():
     weights = [sparse_weight(24, 16, 0.8), sparse_weight(8, 24, 0.5)]
     packed = [ops.pack_linear(w) for w in weights]
     for x in (torch.randn(5, 16), torch.randn(2, 3, 16), torch.randn(16, 9).t()):
-        torch.library.opcheck(torch.ops.sparsecpu.linear_chain.default,
-                              (x, weights, packed, [torch.randn(24), None], ["gelu", "none"]))
+        torch.library.opcheck(
+            torch.ops.sparsecpu.linear_chain.default, (x, weights, packed, [torch.randn(24), None], ["gelu", "none"])
+        )
 
 
 def test_profiler_names_the_op():
@@ -122,10 +144,18 @@ def test_gradients_match_dense(activation):
         assert_close_rel(leaf.grad, dense_leaf.grad, rel=1e-4, what=f"grad of {name}")
 
 
-@pytest.mark.parametrize("bias_given, wants", [
-    (False, ("input",)), (False, ("weight",)), (False, ("input", "weight")),
-    (True, ("input",)), (True, ("weight",)), (True, ("bias",)), (True, ("weight", "bias")),
-])
+@pytest.mark.parametrize(
+    "bias_given, wants",
+    [
+        (False, ("input",)),
+        (False, ("weight",)),
+        (False, ("input", "weight")),
+        (True, ("input",)),
+        (True, ("weight",)),
+        (True, ("bias",)),
+        (True, ("weight", "bias")),
+    ],
+)
 def test_gradients_of_some_leaves(bias_given, wants):
     """Only the leaves that require grad get one, with or without a bias: the autograd
     kernel indexes its inputs' edges, and a missing bias is not one of them."""

@@ -58,8 +58,7 @@ def test_rewrite_result_names_what_the_backend_keeps():
     model = ConvBnTiedLinear().eval()
     torch_sparsecpu.magnitude_prune_(model, 0.9, layer_types=(nn.Conv2d, nn.Linear))
     graph, static = dynamo_graph(model, torch.randn(2, 4, 6, 6))
-    result = rewrite_sparse_layers(graph, static, min_sparsity=0.6, fuse_activations=True,
-                                   fold_batch_norms=True)
+    result = rewrite_sparse_layers(graph, static, min_sparsity=0.6, fuse_activations=True, fold_batch_norms=True)
 
     assert [(d.name, d.kind, d.taken, d.activation, d.batch_norm_folded) for d in result.decisions] == [
         ("conv.weight", "conv2d", True, "relu", True),
@@ -68,11 +67,19 @@ def test_rewrite_result_names_what_the_backend_keeps():
     ]
     # The folded convolution gets its own packed weight, folded weight and bias; the
     # linear's weight is packed once for both calls.
-    assert list(result.attributes) == ["_sparsecpu_packed_0", "_sparsecpu_packed_0_weight",
-                                       "_sparsecpu_packed_0_bias", "_sparsecpu_packed_3"]
+    assert list(result.attributes) == [
+        "_sparsecpu_packed_0",
+        "_sparsecpu_packed_0_weight",
+        "_sparsecpu_packed_0_bias",
+        "_sparsecpu_packed_3",
+    ]
     assert {source_name(n): a for n, a in result.packed_attr_of.items()} == {"head.weight": "_sparsecpu_packed_3"}
-    assert sorted(map(source_name, result.rebuild_if_changed)) == ["conv.bias", "conv.weight", "norm.bias",
-                                                                   "norm.weight"]
+    assert sorted(map(source_name, result.rebuild_if_changed)) == [
+        "conv.bias",
+        "conv.weight",
+        "norm.bias",
+        "norm.weight",
+    ]
     assert [source_name(n) for n in result.compared_by_value] == ["norm.running_mean", "norm.running_var"]
     calls = targets(graph)
     assert calls.count(SPARSE.conv2d.default) == 1 and calls.count(SPARSE.linear.default) == 2
@@ -83,13 +90,11 @@ def test_layers_not_taken_leave_the_graph_as_it_was():
     model = ConvBnTiedLinear().eval()  # nothing pruned
     graph, static = dynamo_graph(model, torch.randn(2, 4, 6, 6))
     before = str(graph)
-    result = rewrite_sparse_layers(graph, static, min_sparsity=0.6, fuse_activations=True,
-                                   fold_batch_norms=True)
+    result = rewrite_sparse_layers(graph, static, min_sparsity=0.6, fuse_activations=True, fold_batch_norms=True)
     assert str(graph) == before
     assert [d.taken for d in result.decisions] == [False, False, False]
     assert all("below min_sparsity" in d.reason for d in result.decisions)
-    assert not (result.attributes or result.packed_attr_of or result.rebuild_if_changed
-                or result.compared_by_value)
+    assert not (result.attributes or result.packed_attr_of or result.rebuild_if_changed or result.compared_by_value)
 
 
 def test_chain_fusion_after_the_rewrite():

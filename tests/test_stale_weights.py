@@ -1,7 +1,8 @@
 """Weights edited after compiling: every kind of edit (in place, load_state_dict, .data,
 a new Parameter) is seen by the next call, whose ops then run a buffer packed from the
-weight as it is (csrc/ops/packed_weights.h), and stays on the sparse path. The eager API's SparseLinear is in test_eager_api.py,
-convolutions and their folded batch norms in test_conv.py."""
+weight as it is (csrc/ops/packed_weights.h), and stays on the sparse path. The eager
+API's SparseLinear is in test_eager_api.py, convolutions and their folded batch norms in
+test_conv.py."""
 
 from __future__ import annotations
 
@@ -14,12 +15,26 @@ import torch_sparsecpu
 from conftest import EAGER, assert_close_rel, compile_sparse, edit_weights, make_model, sparse_op_calls
 
 STALE_KINDS = [
-    "mul_", "zero_more", "second_layer_setitem", "bias_add_", "load_state_dict",
-    "load_state_dict_assign", "load_dense_state_dict", "data_assign", "new_parameter",
-    pytest.param("data_mul_", marks=pytest.mark.xfail(strict=True, reason=(
-        "limitation: staleness is detected with tensor._version and what the tensor reads; "
-        "an edit through .data (weight.data.mul_) changes neither, so the old packed weight is "
-        "used silently"))),
+    "mul_",
+    "zero_more",
+    "second_layer_setitem",
+    "bias_add_",
+    "load_state_dict",
+    "load_state_dict_assign",
+    "load_dense_state_dict",
+    "data_assign",
+    "new_parameter",
+    pytest.param(
+        "data_mul_",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason=(
+                "limitation: staleness is detected with tensor._version and what the tensor reads; "
+                "an edit through .data (weight.data.mul_) changes neither, so the old packed weight is "
+                "used silently"
+            ),
+        ),
+    ),
 ]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 import torch_sparsecpu
 import torch_sparsecpu.backend as backend
 
-from conftest import EAGER, SPARSITY, assert_close_rel, compile_sparse, edit_weights, make_model
+from conftest import EAGER, SPARSITY, assert_close_rel, compile_sparse, make_model
 
 
 def test_concurrent_calls_one_compiled_model():

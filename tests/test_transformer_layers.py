@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_passes import dynamo_graph, targets
 from torch import nn
 
 import torch_sparsecpu
@@ -16,7 +17,6 @@ from torch_sparsecpu.passes.static import source_name
 from torch_sparsecpu.passes.transformer import FAST_PATH, decompose_encoder_layers
 
 from conftest import assert_close_rel
-from test_passes import dynamo_graph, targets
 
 LINEARS = ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight")
 
@@ -24,14 +24,15 @@ LINEARS = ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.wei
 def encoder(norm_first=False, activation="relu", num_layers=2, sparsity=0.9) -> nn.TransformerEncoder:
     """A 90%-pruned encoder, every linear pruned (magnitude_prune_ prunes nn.Linear
     modules; the attention's in_proj_weight is a parameter of nn.MultiheadAttention)."""
-    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=256, batch_first=True,
-                                       norm_first=norm_first, activation=activation)
+    layer = nn.TransformerEncoderLayer(
+        d_model=64, nhead=4, dim_feedforward=256, batch_first=True, norm_first=norm_first, activation=activation
+    )
     model = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False).eval()
     torch_sparsecpu.magnitude_prune_(model, sparsity)
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if name.endswith("in_proj_weight"):
-                weight.view(-1)[weight.abs().flatten().argsort()[:int(sparsity * weight.numel())]] = 0.0
+                weight.view(-1)[weight.abs().flatten().argsort()[: int(sparsity * weight.numel())]] = 0.0
     return model
 
 
@@ -56,10 +57,25 @@ def test_pass_replaces_the_fast_path_by_plain_ops():
     linears = [n for n in graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
     # Each layer's linears read the model's own parameters (Dynamo's sources kept: they name the layers).
     assert [source_name(n.args[1]) for n in linears] == [f"layers.{i}.{w}" for i in range(2) for w in LINEARS]
-    ops = Counter(n.target if n.op == "call_method" else n.target.__name__
-                  for n in graph.nodes if n.op in ("call_function", "call_method"))
-    assert ops == Counter({"linear": 8, "layer_norm": 4, "scaled_dot_product_attention": 2, "gelu": 2, "add": 4,
-                           "chunk": 2, "getitem": 6, "unflatten": 6, "transpose": 8, "flatten": 2}), ops
+    ops = Counter(
+        n.target if n.op == "call_method" else n.target.__name__
+        for n in graph.nodes
+        if n.op in ("call_function", "call_method")
+    )
+    assert ops == Counter(
+        {
+            "linear": 8,
+            "layer_norm": 4,
+            "scaled_dot_product_attention": 2,
+            "gelu": 2,
+            "add": 4,
+            "chunk": 2,
+            "getitem": 6,
+            "unflatten": 6,
+            "transpose": 8,
+            "flatten": 2,
+        }
+    ), ops
     graph.lint()
 
 
@@ -104,8 +120,11 @@ def test_masked_encoder_goes_sparse_and_matches_eager(masks, inner):
         "padding": {"src_key_padding_mask": pad},
         # is_causal=True: without it TransformerEncoder calls .item() on the mask (a graph break).
         "causal": {"mask": nn.Transformer.generate_square_subsequent_mask(7), "is_causal": True},
-        "causal+padding": {"mask": nn.Transformer.generate_square_subsequent_mask(7), "is_causal": True,
-                           "src_key_padding_mask": torch.zeros(3, 7).masked_fill(pad, float("-inf"))},
+        "causal+padding": {
+            "mask": nn.Transformer.generate_square_subsequent_mask(7),
+            "is_causal": True,
+            "src_key_padding_mask": torch.zeros(3, 7).masked_fill(pad, float("-inf")),
+        },
         "float padding": {"src_key_padding_mask": torch.zeros(3, 7).masked_fill(pad, float("-inf"))},
     }[masks]
     compiled = torch.compile(model, backend="sparsecpu", options={"inner": inner})
@@ -148,10 +167,27 @@ class FusedCall(nn.Module):
     def forward(self, x, mask):
         layer, attention = self.layer, self.layer.self_attn
         return torch._transformer_encoder_layer_fwd(
-            x, 64, 4, attention.in_proj_weight, attention.in_proj_bias, attention.out_proj.weight,
-            attention.out_proj.bias, False, False, 1e-5, layer.norm1.weight, layer.norm1.bias,
-            layer.norm2.weight, layer.norm2.bias, layer.linear1.weight, layer.linear1.bias,
-            layer.linear2.weight, layer.linear2.bias, mask, self.mask_type)
+            x,
+            64,
+            4,
+            attention.in_proj_weight,
+            attention.in_proj_bias,
+            attention.out_proj.weight,
+            attention.out_proj.bias,
+            False,
+            False,
+            1e-5,
+            layer.norm1.weight,
+            layer.norm1.bias,
+            layer.norm2.weight,
+            layer.norm2.bias,
+            layer.linear1.weight,
+            layer.linear1.bias,
+            layer.linear2.weight,
+            layer.linear2.bias,
+            mask,
+            self.mask_type,
+        )
 
 
 @pytest.mark.parametrize("mask_type,shape", [(0, (6, 6)), (1, (2, 6)), (2, (2, 4, 6, 6))])
@@ -161,9 +197,9 @@ def test_mask_types_of_the_op(mask_type, shape):
     masks every nonzero position out, not only -inf)."""
     model = FusedCall(encoder(num_layers=1).layers[0], mask_type)
     x = torch.randn(2, 6, 64)
-    mask = torch.rand(shape) < 0.3
-    mask.view(-1, 6)[:, 0] = False  # no row masked out entirely
-    for mask in (mask, mask * -2.5):
+    bool_mask = torch.rand(shape) < 0.3
+    bool_mask.view(-1, 6)[:, 0] = False  # no row masked out entirely
+    for mask in (bool_mask, bool_mask * -2.5):
         torch._dynamo.reset()
         with torch.no_grad():
             assert_close_rel(torch.compile(model, backend="sparsecpu")(x, mask), model(x, mask), what=str(mask.dtype))
@@ -184,8 +220,9 @@ def test_fast_path_kept_says_why():
     mask = torch.rand(2, 4, 6, 6) < 0.3
     decisions = torch_sparsecpu.explain(model, x, mask)
     assert [d.name for d in decisions] == [f"layer.{w}" for w in LINEARS]
-    assert all(not d.taken and d.reason == f"{FAST_PATH} with a mask of type None and 4 dims stays dense"
-               for d in decisions), [str(d) for d in decisions]
+    assert all(
+        not d.taken and d.reason == f"{FAST_PATH} with a mask of type None and 4 dims stays dense" for d in decisions
+    ), [str(d) for d in decisions]
     with torch.no_grad():
         assert_close_rel(torch.compile(model, backend="sparsecpu")(x, mask), model(x, mask))
 
@@ -202,5 +239,8 @@ def test_dynamic_shapes():
             actual, ops = sparse_op_calls(compiled, x)
             assert_close_rel(actual, model(x), what=f"{batch} x {tokens}")
             assert ops == Counter({"sparsecpu::linear": 4, "sparsecpu::linear_chain": 2}), ops
-            assert_close_rel(compiled(x, src_key_padding_mask=mask), model(x, src_key_padding_mask=mask),
-                             what=f"{batch} x {tokens}, padded")
+            assert_close_rel(
+                compiled(x, src_key_padding_mask=mask),
+                model(x, src_key_padding_mask=mask),
+                what=f"{batch} x {tokens}, padded",
+            )

@@ -38,6 +38,8 @@ _forced = os.environ.get("TORCH_SPARSECPU_ISA")
 if _forced and _forced != _C.isa():
     log.warning(
         "TORCH_SPARSECPU_ISA=%r is not usable on this CPU (available: %s); using %s",
-        _forced, ", ".join(_C.available_isas()), _C.isa(),
+        _forced,
+        ", ".join(_C.available_isas()),
+        _C.isa(),
     )
 log.debug("sparse kernels: %s (available: %s)", _C.isa(), ", ".join(_C.available_isas()))

@@ -80,14 +80,13 @@ class SparseCPUOptions:
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in valid:
-                raise ValueError(
-                    f"unknown option {key!r} for backend 'sparsecpu'; valid options: {', '.join(valid)}"
-                )
+                raise ValueError(f"unknown option {key!r} for backend 'sparsecpu'; valid options: {', '.join(valid)}")
         return cls(**options)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
-                   mode: str | None) -> Callable:
+def _inner_compile(
+    gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions, mode: str | None
+) -> Callable:
     if options.inner == "eager":
         return gm
     from torch._inductor import list_mode_options
@@ -136,7 +135,7 @@ class _Snapshot:
     def is_stale(self, args: Sequence) -> bool:
         if not self.input_indices:
             return False
-        current = [t if i is None else args[i] for t, i in zip(self.tensors, self.input_indices)]
+        current = [t if i is None else args[i] for t, i in zip(self.tensors, self.input_indices, strict=True)]
         return not torch.equal(self.concatenated(current), self.values)
 
 
@@ -174,8 +173,14 @@ class SparseCompiledGraph:
     """The callable Dynamo runs: the rewritten graph, compiled, plus the check that
     what the build folded into the graph still matches its sources."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
-                 mode: str | None, decisions: list[LayerDecision] | None = None):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence,
+        options: SparseCPUOptions,
+        mode: str | None,
+        decisions: list[LayerDecision] | None = None,
+    ):
         self._source_gm = gm
         self._options = options
         self._mode = mode
@@ -212,9 +217,11 @@ class SparseCompiledGraph:
         # Inference-only rewrites (chains, folded batch norms) need grad mode off for the
         # whole graph: off when compiling, and not switched on inside (torch.enable_grad()).
         inference = not torch.is_grad_enabled() and not any(
-            n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes)
+            n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes
+        )
         rewritten = rewrite_sparse_layers(
-            graph, static,
+            graph,
+            static,
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
             fold_batch_norms=self._options.fold_batch_norm and inference,
@@ -228,18 +235,23 @@ class SparseCompiledGraph:
                 log.log(level, "%s", decision)
         # Fresh GraphModule: its root is a dict of every attribute the graph reads.
         packed = rewritten.attributes
-        root = {n.target: fetch_attr(self._source_gm, n.target) for n in graph.nodes
-                if n.op in ("get_attr", "call_module") and n.target not in packed}
+        root = {
+            n.target: fetch_attr(self._source_gm, n.target)
+            for n in graph.nodes
+            if n.op in ("get_attr", "call_module") and n.target not in packed
+        }
         root.update(packed)
         new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
         new_gm.meta.update(self._source_gm.meta)
         placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
-        watched = [_Watched(static[node], _identity(static[node]), placeholder_index.get(node))
-                   for node in rewritten.rebuild_if_changed]
+        watched = [
+            _Watched(static[node], _identity(static[node]), placeholder_index.get(node))
+            for node in rewritten.rebuild_if_changed
+        ]
         compared_by_value = rewritten.compared_by_value
         indices = [placeholder_index.get(node) for node in compared_by_value]
-        snapshot = _Snapshot([static[n] if i is None else None for n, i in zip(compared_by_value, indices)], indices,
-                             _Snapshot.concatenated([static[n] for n in compared_by_value]).clone())
+        baked = [static[n] if i is None else None for n, i in zip(compared_by_value, indices, strict=True)]
+        snapshot = _Snapshot(baked, indices, _Snapshot.concatenated([static[n] for n in compared_by_value]).clone())
         compiled = None
         if compile_if_dense or any(d.taken for d in decisions):
             compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
@@ -265,8 +277,13 @@ class SparseCompiledGraph:
         return build.compiled(*args)
 
 
-def compile_sparse(gm: fx.GraphModule, example_inputs: Sequence, options: SparseCPUOptions,
-                   mode: str | None = None, decisions: list[LayerDecision] | None = None) -> Callable:
+def compile_sparse(
+    gm: fx.GraphModule,
+    example_inputs: Sequence,
+    options: SparseCPUOptions,
+    mode: str | None = None,
+    decisions: list[LayerDecision] | None = None,
+) -> Callable:
     """The backend's work, with parsed options; ``decisions`` collects what it did."""
     compiled = SparseCompiledGraph(gm, example_inputs, options, mode, decisions)
     if compiled._build.compiled is None:

@@ -61,8 +61,9 @@ def force_isa(isa_name: str) -> contextlib.AbstractContextManager[None]:
     """Run the sparse ops with one ISA's kernels inside the ``with`` block (process-wide)."""
     _check_isa_name(isa_name)
     if isa_name not in available_isas():
-        raise ValueError(f"isa_name {isa_name!r} is not supported by this CPU "
-                         f"(available: {', '.join(available_isas())})")
+        raise ValueError(
+            f"isa_name {isa_name!r} is not supported by this CPU (available: {', '.join(available_isas())})"
+        )
     return _temporarily(_C.isa, _C.set_isa, isa_name)
 
 

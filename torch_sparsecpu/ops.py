@@ -92,7 +92,8 @@ def pack_linear(
             f"{tuple(weight.shape)} on {weight.device}"
         )
     for name, value, lowest, highest in (
-        ("k_block", k_block, 0, 65536), ("row_block", row_block, 1, 2**30),
+        ("k_block", k_block, 0, 65536),
+        ("row_block", row_block, 1, 2**30),
         ("block_rows", block_rows, 1, TALL_BLOCK_ROWS),
     ):
         if value is None and name != "row_block":
@@ -137,8 +138,10 @@ def packed_info(packed: Tensor) -> PackedInfo:
     if not isinstance(packed, Tensor):
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dtype != torch.int32 or packed.dim() != 1 or packed.numel() < _C.HEADER_WORDS:
-        raise ValueError(f"packed must be a 1-D int32 tensor of at least {_C.HEADER_WORDS} words made by "
-                         f"pack_linear, got {packed.dtype} of shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"packed must be a 1-D int32 tensor of at least {_C.HEADER_WORDS} words made by "
+            f"pack_linear, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
     header = packed[: _C.HEADER_WORDS].tolist()
     if header[HEADER_FIELDS["magic"]] != _C.PACKED_MAGIC:
         raise ValueError("packed is not a buffer made by pack_linear (bad magic number)")
@@ -183,13 +186,18 @@ def linear_chain(
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{name} must be a list, got {type(value).__name__}")
     if len({len(v) for v in lists.values()}) != 1 or not weights:
-        raise ValueError("weights, packed, biases and activations must have the same length >= 1, got "
-                         + ", ".join(str(len(v)) for v in lists.values()))
+        raise ValueError(
+            "weights, packed, biases and activations must have the same length >= 1, got "
+            + ", ".join(str(len(v)) for v in lists.values())
+        )
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    for name, accepted, what in (("weights", Tensor, "torch.Tensor"), ("packed", Tensor, "torch.Tensor"),
-                                 ("biases", (Tensor, type(None)), "torch.Tensor or None"),
-                                 ("activations", str, "str")):
+    for name, accepted, what in (
+        ("weights", Tensor, "torch.Tensor"),
+        ("packed", Tensor, "torch.Tensor"),
+        ("biases", (Tensor, type(None)), "torch.Tensor or None"),
+        ("activations", str, "str"),
+    ):
         for index, value in enumerate(lists[name]):
             if not isinstance(value, accepted):
                 raise TypeError(f"{name}[{index}] must be a {what}, got {type(value).__name__}")
@@ -201,8 +209,11 @@ def linear_chain(
 
 def _pair(name: str, value, lowest: int) -> list[int]:
     pair = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    if (
+        not isinstance(pair, (list, tuple))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    ):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < lowest:
         raise ValueError(f"{name} must be >= {lowest}, got {value!r}")
@@ -231,8 +242,16 @@ def conv2d(
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    return torch.ops.sparsecpu.conv2d(input, weight, packed, bias, _pair("stride", stride, 1),
-                                      _pair("padding", padding, 0), _pair("dilation", dilation, 1), activation)
+    return torch.ops.sparsecpu.conv2d(
+        input,
+        weight,
+        packed,
+        bias,
+        _pair("stride", stride, 1),
+        _pair("padding", padding, 0),
+        _pair("dilation", dilation, 1),
+        activation,
+    )
 
 
 # The fake kernels let torch.compile / torch.export trace the ops without running them.
@@ -256,19 +275,19 @@ def _linear_fake(input, weight, packed, bias=None, activation="none"):
 def _linear_chain_fake(input, weights, packed, biases, activations):
     torch._check(
         input.size(-1) == weights[0].size(1),
-        lambda: f"sparsecpu::linear_chain: input ends in {input.size(-1)} features, "
-        f"the first weight expects {weights[0].size(1)}",
+        lambda: (
+            f"sparsecpu::linear_chain: input ends in {input.size(-1)} features, "
+            f"the first weight expects {weights[0].size(1)}"
+        ),
     )
     return input.new_empty((*input.shape[:-1], weights[-1].size(0)))
 
 
 @torch.library.register_fake("sparsecpu::conv2d")
-def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                 activation="none"):
+def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), activation="none"):
     torch._check(
         input.dim() == 4 and input.size(1) == weight.size(1),
-        lambda: f"sparsecpu::conv2d: input must be [batch, {weight.size(1)}, height, width], "
-        f"got {tuple(input.shape)}",
+        lambda: f"sparsecpu::conv2d: input must be [batch, {weight.size(1)}, height, width], got {tuple(input.shape)}",
     )
     height, width = (
         (input.size(d) + 2 * padding[i] - dilation[i] * (weight.size(d) - 1) - 1) // stride[i] + 1
@@ -276,10 +295,13 @@ def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0)
     )
     # Channels-last in, channels-last out (the rule of conv.cpp's is_channels_last).
     channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
-    return torch.empty((input.size(0), weight.size(0), height, width), dtype=input.dtype, device=input.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.empty(
+        (input.size(0), weight.size(0), height, width),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
 
 
 # Autograd for sparsecpu::linear and sparsecpu::conv2d is registered in C++ (csrc/ops/autograd.cpp): the
 # gradients of the dense layer, without a Python call in grad mode.
-

@@ -40,7 +40,8 @@ def magnitude_prune_(
     if isinstance(layer_types, type):
         layer_types = (layer_types,)
     if not isinstance(layer_types, tuple) or not all(
-            isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
+        isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
+    ):
         raise TypeError(f"layer_types must be a tuple of nn.Module classes, got {layer_types!r}")
     with torch.no_grad():
         for name, layer in module.named_modules():
@@ -48,8 +49,10 @@ def magnitude_prune_(
                 continue
             weight = getattr(layer, "weight", None)
             if not isinstance(weight, torch.Tensor):
-                raise ValueError(f"layer_types includes {type(layer).__name__}, whose layer {name or 'module'!r} "
-                                 "has no weight tensor to prune")
+                raise ValueError(
+                    f"layer_types includes {type(layer).__name__}, whose layer {name or 'module'!r} "
+                    "has no weight tensor to prune"
+                )
             if weight.numel() == 0:
                 continue
             rows = block_rows if weight.size(0) % block_rows == 0 else 1

@@ -45,8 +45,10 @@ class SparseLinear(nn.Module):
         return ops.linear(input, self.weight, self.packed, self.bias, self.activation)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"nnz={ops.packed_info(self.packed).nnz}, activation={self.activation}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={ops.packed_info(self.packed).nnz}, activation={self.activation}"
+        )
 
 
 def sparsify(model: nn.Module, *, min_sparsity: float = 0.6) -> nn.Module:

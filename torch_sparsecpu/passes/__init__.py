@@ -16,6 +16,13 @@ from .static import fetch_attr, find_static_tensors
 from .transformer import decompose_encoder_layers
 
 __all__ = [
-    "LayerDecision", "RewriteResult", "decompose_encoder_layers", "fetch_attr", "find_static_tensors",
-    "fold_batch_norm", "fuse_sparse_chains", "pack_weight", "rewrite_sparse_layers",
+    "LayerDecision",
+    "RewriteResult",
+    "decompose_encoder_layers",
+    "fetch_attr",
+    "find_static_tensors",
+    "fold_batch_norm",
+    "fuse_sparse_chains",
+    "pack_weight",
+    "rewrite_sparse_layers",
 ]

@@ -25,8 +25,7 @@ class BatchNormFold:
     eps: float
 
 
-def batch_norm_after(conv: fx.Node, bias,
-                     static: dict[fx.Node, torch.Tensor]) -> BatchNormFold | None:
+def batch_norm_after(conv: fx.Node, bias, static: dict[fx.Node, torch.Tensor]) -> BatchNormFold | None:
     """The eval-mode ``F.batch_norm`` that is the only user of ``conv`` (whose bias is
     ``bias``), if it and its tensors can be folded: all static float32."""
     users = list(conv.users)
@@ -35,8 +34,8 @@ def batch_norm_after(conv: fx.Node, bias,
         return None
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
     defaults = (None, None, None, None, None, False, 0.1, 1e-5)
-    args = list(bn.args) + list(defaults[len(bn.args):])
-    _, mean, var, gamma, beta, training, _, eps = [bn.kwargs.get(n, a) for n, a in zip(names, args)]
+    args = list(bn.args) + list(defaults[len(bn.args) :])
+    _, mean, var, gamma, beta, training, _, eps = [bn.kwargs.get(n, a) for n, a in zip(names, args, strict=False)]
     tensors = [t for t in (mean, var, gamma, beta, bias) if t is not None]
     if training is not False or mean is None or var is None or not isinstance(eps, float):
         return None

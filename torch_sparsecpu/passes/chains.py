@@ -32,11 +32,18 @@ def fuse_sparse_chains(graph: fx.Graph) -> list[int]:
             chains.append(chain)
             in_a_chain.update(chain)
     for chain in chains:
-        args = [n.args + (None, "none")[len(n.args) - 3:] for n in chain]
+        args = [n.args + (None, "none")[len(n.args) - 3 :] for n in chain]
         with graph.inserting_before(chain[-1]):
-            fused = graph.call_function(torch.ops.sparsecpu.linear_chain.default, (
-                chain[0].args[0], [a[1] for a in args], [a[2] for a in args],
-                [a[3] for a in args], [a[4] for a in args]))
+            fused = graph.call_function(
+                torch.ops.sparsecpu.linear_chain.default,
+                (
+                    chain[0].args[0],
+                    [a[1] for a in args],
+                    [a[2] for a in args],
+                    [a[3] for a in args],
+                    [a[4] for a in args],
+                ),
+            )
         fused.meta = dict(chain[-1].meta)
         chain[-1].replace_all_uses_with(fused)
         for n in reversed(chain):

@@ -65,8 +65,7 @@ class LayerCall:
         dims = 2 if self.kind == "linear" else 4
         return self.weight_shape[:2] if len(self.weight_shape) == dims else (0, 0)
 
-    def decision(self, sparsity: float | None, taken: bool, reason: str = "",
-                 **fields) -> LayerDecision:
+    def decision(self, sparsity: float | None, taken: bool, reason: str = "", **fields) -> LayerDecision:
         return LayerDecision(self.name, *self.shape, sparsity, taken, reason, kind=self.kind, **fields)
 
 
@@ -95,8 +94,8 @@ def conv_args(node: fx.Node):
     """input, weight, bias, stride, padding, dilation, groups of a conv2d call."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = (None, None, None, 1, 0, 1, 1)
-    args = list(node.args) + list(defaults[len(node.args):])
-    return [node.kwargs.get(name, arg) for name, arg in zip(names, args)]
+    args = list(node.args) + list(defaults[len(node.args) :])
+    return [node.kwargs.get(name, arg) for name, arg in zip(names, args, strict=False)]
 
 
 def _pair(value) -> tuple | None:
@@ -135,13 +134,12 @@ def under_autocast(graph: fx.Graph) -> bool:
     so a change of it recompiles)."""
     if torch.is_autocast_enabled("cpu"):
         return True
-    return any(
-        n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in graph.nodes
-    )
+    return any(n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in graph.nodes)
 
 
-def skip_reason(call: LayerCall, static: dict[fx.Node, torch.Tensor], min_sparsity: float,
-                autocast: bool) -> tuple[str | None, float | None]:
+def skip_reason(
+    call: LayerCall, static: dict[fx.Node, torch.Tensor], min_sparsity: float, autocast: bool
+) -> tuple[str | None, float | None]:
     """Why ``call`` stays dense (None if it need not), and its weight's sparsity where known."""
     weight = static.get(call.weight) if isinstance(call.weight, fx.Node) else None
     if weight is None:
@@ -166,8 +164,10 @@ def skip_reason(call: LayerCall, static: dict[fx.Node, torch.Tensor], min_sparsi
         if bias_value is None or bias_value.dtype != torch.float32 or bias_value.dim() != 1:
             return "bias is not a 1-D float32 tensor", None
         if tuple(bias_value.shape) != (weight.shape[0],):  # eager broadcasts a bias of shape [1]
-            return (f"bias has shape {list(bias_value.shape)}, the sparse ops take [{weight.shape[0]}] "
-                    f"(one per output {'feature' if call.kind == 'linear' else 'channel'})"), None
+            return (
+                f"bias has shape {list(bias_value.shape)}, the sparse ops take [{weight.shape[0]}] "
+                f"(one per output {'feature' if call.kind == 'linear' else 'channel'})"
+            ), None
     with torch.no_grad():
         sparsity = 1.0 - torch.count_nonzero(weight).item() / max(weight.numel(), 1)
     if sparsity < min_sparsity:
@@ -191,8 +191,10 @@ def activation_of(node: fx.Node) -> str | None:
     if target in (F.hardswish, torch._C._nn.hardswish):
         return "hardswish"
     if target is F.hardtanh:  # nn.ReLU6 is hardtanh(x, 0, 6)
-        bounds = [node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
-                  for i, name, default in ((1, "min_val", -1.0), (2, "max_val", 1.0))]
+        bounds = [
+            node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+            for i, name, default in ((1, "min_val", -1.0), (2, "max_val", 1.0))
+        ]
         return "relu6" if bounds == [0, 6] else None
     if target in (F.gelu, torch._C._nn.gelu):
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")

@@ -13,7 +13,13 @@ import torch.fx as fx
 from .. import ops
 from .batch_norm import BatchNormFold, batch_norm_after, fold_batch_norm
 from .match import (
-    LayerCall, LayerDecision, conv_geometry, fusable_activation, match_layer, skip_reason, under_autocast,
+    LayerCall,
+    LayerDecision,
+    conv_geometry,
+    fusable_activation,
+    match_layer,
+    skip_reason,
+    under_autocast,
 )
 from .transformer import decompose_encoder_layers
 
@@ -86,16 +92,26 @@ def rewrite_sparse_layers(
         act_node, activation = fusable_activation(output) if fuse_activations else (None, "none")
         attr = _packed_attribute(result, static, call, fold, pack)
         _emit(graph, call, attr, fold, act_node, activation, geometry)
-        result.decisions.append(call.decision(sparsity, True, activation=activation,
-                                              block_rows=ops.packed_info(result.attributes[attr]).block_rows,
-                                              batch_norm_folded=fold is not None))
+        result.decisions.append(
+            call.decision(
+                sparsity,
+                True,
+                activation=activation,
+                block_rows=ops.packed_info(result.attributes[attr]).block_rows,
+                batch_norm_folded=fold is not None,
+            )
+        )
     graph.lint()
     return result
 
 
-def _packed_attribute(result: RewriteResult, static: dict[fx.Node, torch.Tensor], call: LayerCall,
-                      fold: BatchNormFold | None, pack: Callable[[torch.Tensor], torch.Tensor],
-                      ) -> str:
+def _packed_attribute(
+    result: RewriteResult,
+    static: dict[fx.Node, torch.Tensor],
+    call: LayerCall,
+    fold: BatchNormFold | None,
+    pack: Callable[[torch.Tensor], torch.Tensor],
+) -> str:
     """The attribute of ``call``'s packed weight: the one packed before for the same
     weight, or a new one (always for a folded batch norm, whose weight is the layer's own)."""
     if fold is None and call.weight in result.packed_attr_of:
@@ -113,8 +129,15 @@ def _packed_attribute(result: RewriteResult, static: dict[fx.Node, torch.Tensor]
     return attr
 
 
-def _emit(graph: fx.Graph, call: LayerCall, attr: str, fold: BatchNormFold | None,
-          act_node: fx.Node | None, activation: str, geometry: tuple | None) -> None:
+def _emit(
+    graph: fx.Graph,
+    call: LayerCall,
+    attr: str,
+    fold: BatchNormFold | None,
+    act_node: fx.Node | None,
+    activation: str,
+    geometry: tuple | None,
+) -> None:
     """Replaces ``call`` (+ its folded batch norm, + its fused activation) by one sparse op."""
     replaced = act_node or (call.node if fold is None else fold.node)
     weight, bias = call.weight, call.bias

@@ -23,7 +23,7 @@ def find_static_tensors(gm: fx.GraphModule, example_inputs: Sequence) -> dict[fx
     lifted to placeholders (their example inputs are the real tensors), and get_attr constants."""
     static: dict[fx.Node, torch.Tensor] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, example_inputs):
+    for node, value in zip(placeholders, example_inputs, strict=False):
         if not isinstance(value, torch.Tensor):
             continue
         marked = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type") is not None

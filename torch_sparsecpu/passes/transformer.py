@@ -35,20 +35,36 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from .match import LayerCall, LayerDecision, skip_reason
 from .static import example_value, source_name
 
-ENCODER_LAYER_TARGETS = (torch._transformer_encoder_layer_fwd,
-                         torch.ops.aten._transformer_encoder_layer_fwd.default)
+ENCODER_LAYER_TARGETS = (torch._transformer_encoder_layer_fwd, torch.ops.aten._transformer_encoder_layer_fwd.default)
 FAST_PATH = "nn.TransformerEncoderLayer fast path (_transformer_encoder_layer_fwd)"
 
 _SCHEMA = torch.ops.aten._transformer_encoder_layer_fwd.default._schema
 # The op's tensors (but the optional mask), and the arguments the decomposition takes as
 # inputs, in its order: those, the mask, and eps (a graph input when Dynamo makes module
 # floats dynamic).
-_TENSORS = ("src", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "norm_weight_1", "norm_bias_1",
-            "norm_weight_2", "norm_bias_2", "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2")
+_TENSORS = (
+    "src",
+    "qkv_weight",
+    "qkv_bias",
+    "proj_weight",
+    "proj_bias",
+    "norm_weight_1",
+    "norm_bias_1",
+    "norm_weight_2",
+    "norm_bias_2",
+    "ffn_weight_1",
+    "ffn_bias_1",
+    "ffn_weight_2",
+    "ffn_bias_2",
+)
 _INPUTS = _TENSORS + ("mask", "eps")
 # Its linears: (weight, bias) arguments.
-_LINEARS = (("qkv_weight", "qkv_bias"), ("proj_weight", "proj_bias"),
-            ("ffn_weight_1", "ffn_bias_1"), ("ffn_weight_2", "ffn_bias_2"))
+_LINEARS = (
+    ("qkv_weight", "qkv_bias"),
+    ("proj_weight", "proj_bias"),
+    ("ffn_weight_1", "ffn_bias_1"),
+    ("ffn_weight_2", "ffn_bias_2"),
+)
 # The mask's dims for each mask_type the fast path takes: 0 an attention mask [T, T],
 # 1 a key padding mask [B, T], 2 a mask of the scores' shape [B, heads, T, T].
 _MASK_DIMS = {0: 2, 1: 2, 2: 4}
@@ -57,7 +73,7 @@ _MASK_DIMS = {0: 2, 1: 2, 2: 4}
 def encoder_layer_arguments(node: fx.Node) -> dict[str, Any]:
     """The arguments of a ``_transformer_encoder_layer_fwd`` call, by their schema names."""
     arguments = {a.name: a.default_value if a.has_default_value() else None for a in _SCHEMA.arguments}
-    arguments.update(zip(arguments, node.args))
+    arguments.update(zip(arguments, node.args, strict=False))
     arguments.update(node.kwargs)
     return arguments
 
@@ -70,8 +86,17 @@ def _linear_calls(node: fx.Node, arguments: dict[str, Any]) -> list[LayerCall]:
         weight = arguments[weight_name]
         value = example_value(weight)
         name = source_name(weight) if isinstance(weight, fx.Node) else weight_name
-        calls.append(LayerCall(node, "linear", arguments["src"], weight, arguments[bias_name], name,
-                               tuple(value.shape) if value is not None else ()))
+        calls.append(
+            LayerCall(
+                node,
+                "linear",
+                arguments["src"],
+                weight,
+                arguments[bias_name],
+                name,
+                tuple(value.shape) if value is not None else (),
+            )
+        )
     return calls
 
 
@@ -86,9 +111,14 @@ def _why_not_decomposed(arguments: dict[str, Any]) -> str | None:
         return f"{FAST_PATH}: use_gelu or norm_first is not a constant"
     embed_dim, num_heads = arguments["embed_dim"], arguments["num_heads"]
     qkv_weight = example_value(arguments["qkv_weight"])
-    if (not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads <= 0
-            or embed_dim % num_heads or qkv_weight is None
-            or tuple(qkv_weight.shape) != (3 * embed_dim, embed_dim)):
+    if (
+        not isinstance(embed_dim, int)
+        or not isinstance(num_heads, int)
+        or num_heads <= 0
+        or embed_dim % num_heads
+        or qkv_weight is None
+        or tuple(qkv_weight.shape) != (3 * embed_dim, embed_dim)
+    ):
         return f"{FAST_PATH}: embed_dim {embed_dim} and {num_heads} heads do not fit its in_proj weight"
     mask = arguments["mask"]
     if mask is not None:
@@ -99,8 +129,9 @@ def _why_not_decomposed(arguments: dict[str, Any]) -> str | None:
     return None
 
 
-def decompose_encoder_layers(graph: fx.Graph, static: dict[fx.Node, torch.Tensor], *, min_sparsity: float,
-                             autocast: bool) -> dict[fx.Node, list[LayerDecision]]:
+def decompose_encoder_layers(
+    graph: fx.Graph, static: dict[fx.Node, torch.Tensor], *, min_sparsity: float, autocast: bool
+) -> dict[fx.Node, list[LayerDecision]]:
     """Replaces, in place, each ``_transformer_encoder_layer_fwd`` call of ``graph`` that
     has a linear which would take the sparse path by the layer in plain ops. Returns the
     calls left as they were, each with a decision per linear saying why it stays dense."""
@@ -116,8 +147,10 @@ def decompose_encoder_layers(graph: fx.Graph, static: dict[fx.Node, torch.Tensor
             _decompose(graph, node, arguments)
             continue
         # A linear that could not go sparse anyway says why; the others, why the layer could not.
-        kept[node] = [call.decision(sparsity, False, reason or why_not)
-                      for call, (reason, sparsity) in zip(calls, skips)]
+        kept[node] = [
+            call.decision(sparsity, False, reason or why_not)
+            for call, (reason, sparsity) in zip(calls, skips, strict=True)
+        ]
     return kept
 
 
@@ -125,9 +158,11 @@ def _decompose(graph: fx.Graph, node: fx.Node, arguments: dict[str, Any]) -> Non
     """Replaces the fast-path call ``node`` by the layer in plain ops, with the example
     values the matcher reads (propagated with Dynamo's fake tensors)."""
     mask_type = None if arguments["mask"] is None else arguments["mask_type"]
-    layer = fx.symbolic_trace(_encoder_layer(
-        arguments["embed_dim"], arguments["num_heads"], arguments["use_gelu"],
-        arguments["norm_first"], mask_type))
+    layer = fx.symbolic_trace(
+        _encoder_layer(
+            arguments["embed_dim"], arguments["num_heads"], arguments["use_gelu"], arguments["norm_first"], mask_type
+        )
+    )
     inputs = [arguments[name] for name in _INPUTS]
     values = [a.meta.get("example_value", a.meta.get("val")) if isinstance(a, fx.Node) else a for a in inputs]
     # Dynamo's example values, in Dynamo's own fake mode (the backend's tracing context
@@ -138,11 +173,13 @@ def _decompose(graph: fx.Graph, node: fx.Node, arguments: dict[str, Any]) -> Non
     else:
         FakeTensorProp(layer).propagate(*values)
     placeholders = [n for n in layer.graph.nodes if n.op == "placeholder"]
-    value_map: dict[fx.Node, Any] = dict(zip(placeholders, inputs))
+    value_map: dict[fx.Node, Any] = dict(zip(placeholders, inputs, strict=True))
     for new in layer.graph.nodes:
         if new.op not in ("placeholder", "output"):
-            new.meta = {"example_value": new.meta["val"],
-                        **{k: node.meta[k] for k in ("stack_trace", "nn_module_stack") if k in node.meta}}
+            new.meta = {
+                "example_value": new.meta["val"],
+                **{k: node.meta[k] for k in ("stack_trace", "nn_module_stack") if k in node.meta},
+            }
     with graph.inserting_before(node):
         output = graph.graph_copy(layer.graph, value_map)
     node.replace_all_uses_with(output)
@@ -168,8 +205,23 @@ def _encoder_layer(embed_dim: int, num_heads: int, use_gelu: bool, norm_first: b
         scores = torch.matmul(q / math.sqrt(head_dim), k.transpose(-2, -1))
         return torch.matmul(torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1), v)
 
-    def layer(src, qkv_weight, qkv_bias, proj_weight, proj_bias, norm_weight_1, norm_bias_1, norm_weight_2,
-              norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2, ffn_bias_2, mask, eps):
+    def layer(
+        src,
+        qkv_weight,
+        qkv_bias,
+        proj_weight,
+        proj_bias,
+        norm_weight_1,
+        norm_bias_1,
+        norm_weight_2,
+        norm_bias_2,
+        ffn_weight_1,
+        ffn_bias_1,
+        ffn_weight_2,
+        ffn_bias_2,
+        mask,
+        eps,
+    ):
         x = F.layer_norm(src, (embed_dim,), norm_weight_1, norm_bias_1, eps) if norm_first else src
         qkv = F.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1)
         context = attention(heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), mask)
