@@ -516,24 +516,17 @@ def add_sweep_arguments(
     rounds: int = 1,
 ) -> None:
     """The arguments both benchmarks take, with each script's defaults."""
-    parser.add_argument(
-        "--sparsities",
-        type=parse_int_list,
-        default=parse_int_list(sparsities),
-        help=f"percent of zero weights, comma-separated (default {sparsities})",
-    )
-    parser.add_argument(
-        "--tokens",
-        type=parse_int_list,
-        default=parse_int_list(tokens),
-        help=f"rows of the input, comma-separated (default {tokens})",
-    )
-    parser.add_argument(
-        "--threads",
-        type=parse_int_list,
-        default=parse_int_list(threads),
-        help=f"torch thread counts, comma-separated (default {threads})",
-    )
+    for flag, default, what in (
+        ("--sparsities", sparsities, "percent of zero weights"),
+        ("--tokens", tokens, "rows of the input"),
+        ("--threads", threads, "torch thread counts"),
+    ):
+        parser.add_argument(
+            flag,
+            type=parse_int_list,
+            default=parse_int_list(default),
+            help=f"{what}, comma-separated (default {default})",
+        )
     parser.add_argument(
         "--min-run-time",
         type=float,

@@ -21,13 +21,13 @@ import bench_packing  # noqa: E402
 import common  # noqa: E402
 
 
+def run_main(module, arguments: str) -> None:
+    """Runs a benchmark script's main() with ``arguments`` (split on spaces); it must succeed."""
+    assert module.main(arguments.split()) == 0
+
+
 def test_bench_linear_prints_one_row_per_case(capsys):
-    assert (
-        bench_linear.main(
-            ["--sparsities", "90", "--tokens", "9", "--threads", "1", "--min-run-time", "0.01", "--rounds", "2"]
-        )
-        == 0
-    )
+    run_main(bench_linear, "--sparsities 90 --tokens 9 --threads 1 --min-run-time 0.01 --rounds 2")
     out = capsys.readouterr().out
     assert "2 cases x 2 round(s)" in out
     assert "median over 2 interleaved round(s)" in out
@@ -60,7 +60,7 @@ def test_sweep_refuses_to_time_a_wrong_answer(monkeypatch):
 
 
 def test_bench_ffn_checks_then_times_four_versions(capsys):
-    assert bench_ffn.main(["--tokens", "9", "--threads", "1", "--rounds", "2", "--min-run-time", "0.01"]) == 0
+    run_main(bench_ffn, "--tokens 9 --threads 1 --rounds 2 --min-run-time 0.01")
     out = capsys.readouterr().out
     for name in ("eager dense", "compiled", "linear_chain", "two linear ops"):
         assert name in out
@@ -94,33 +94,12 @@ def test_random_sparse_weight_zeros_exact_blocks(block_rows):
 
 
 def test_bench_linear_block_rows_4_reported(capsys):
-    assert (
-        bench_linear.main(
-            ["--sparsities", "90", "--tokens", "9", "--threads", "1", "--min-run-time", "0.01", "--block-rows", "4"]
-        )
-        == 0
-    )
+    run_main(bench_linear, "--sparsities 90 --tokens 9 --threads 1 --min-run-time 0.01 --block-rows 4")
     assert "zeros in random 4x1 blocks" in capsys.readouterr().out
 
 
 def test_bench_packing_checks_then_times_each_packing(capsys):
-    assert (
-        bench_packing.main(
-            [
-                "--shape",
-                "bert.output",
-                "--tokens",
-                "9",
-                "--rounds",
-                "2",
-                "--min-run-time",
-                "0.01",
-                "--packings",
-                "auto/32,0/128",
-            ]
-        )
-        == 0
-    )
+    run_main(bench_packing, "--shape bert.output --tokens 9 --rounds 2 --min-run-time 0.01 --packings auto/32,0/128")
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [row[0] for row in rows] == ["dense", "auto/32", "0/128"]
@@ -128,27 +107,8 @@ def test_bench_packing_checks_then_times_each_packing(capsys):
 
 
 def test_bench_packing_partly_filled_blocks_both_ways(capsys):
-    assert (
-        bench_packing.main(
-            [
-                "--shape",
-                "bert.output",
-                "--tokens",
-                "9",
-                "--rounds",
-                "1",
-                "--min-run-time",
-                "0.01",
-                "--block-rows",
-                "4",
-                "--fill",
-                "0.5",
-                "--packings",
-                "auto/128/1,auto/128/4",
-            ]
-        )
-        == 0
-    )
+    blocks = "--block-rows 4 --fill 0.5 --packings auto/128/1,auto/128/4"
+    run_main(bench_packing, f"--shape bert.output --tokens 9 --rounds 1 --min-run-time 0.01 {blocks}")
     out = capsys.readouterr().out
     assert "in 4x1 blocks filled 50%" in out
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["dense", "auto/128/1", "auto/128/4"]
@@ -171,12 +131,7 @@ def test_check_then_time_refuses_a_wrong_candidate(monkeypatch):
 
 def test_bench_conv_times_each_distinct_convolution(capsys):
     pytest.importorskip("transformers")
-    assert (
-        bench_conv.main(
-            ["--model", "mobilenetv2", "--image", "32", "--threads", "1", "--rounds", "1", "--min-run-time", "0.01"]
-        )
-        == 0
-    )
+    run_main(bench_conv, "--model mobilenetv2 --image 32 --threads 1 --rounds 1 --min-run-time 0.01")
     out = capsys.readouterr().out
     # MobileNetV2's 35 ungrouped convolutions (its 17 depthwise ones stay out).
     assert "all 35 ungrouped convolutions" in out
