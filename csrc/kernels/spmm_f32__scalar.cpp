@@ -32,15 +32,18 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_beg
                            const float* panel, int64_t panel_width, const float* bias, Activation act,
                            float* tile) {
   const int64_t rows = w.rows_in_block(rb), groups = w.segments_in_block(rb);
+  // Segments and offsets bounded as in the SIMD kernels (PackedLinearView in spmm.h).
+  const uint32_t last_row = static_cast<uint32_t>(rows - w.block_rows);
   if (kb_begin == 0) fill_tile_with_bias(w, rb, bias, panel_width, tile);
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const float* panel_kb = panel + kb * w.k_block * panel_width;  // this K-block's features
     for (int64_t s = w.segment(rb, kb, 0); s < w.segment(rb, kb, 0) + groups; ++s) {
+      const int32_t begin = clamp_index(w.seg_ptr[s], w.blocks), end = clamp_index(w.seg_ptr[s + 1], w.blocks);
       for (int64_t m = 0; m < w.block_rows; ++m) {  // each row of the segment's row group
-        float* out = tile + (w.seg_rows[s] + m) * panel_width;
-        for (int32_t j = w.seg_ptr[s]; j < w.seg_ptr[s + 1]; ++j) {
+        float* out = tile + (clamp_index(w.seg_rows[s], last_row) + m) * panel_width;
+        for (int32_t j = begin; j < end; ++j) {
           const float value = w.values[j * w.block_rows + m];
-          const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * panel_width;
+          const float* x = panel_kb + (w.offsets[j] & w.offset_mask) * panel_width;
           for (int64_t t = 0; t < panel_width; ++t) out[t] += value * x[t];
         }
       }
