@@ -52,6 +52,20 @@ def test_isas_listed():
         assert kernels.kernel_names(isa), isa
 
 
+def test_vec16_runs_everywhere_with_the_avx512_tiles_but_is_never_the_default():
+    """vec16 (portable 16-lane vectors) is there so every test of an ISA runs the width-16
+    kernel logic of the AVX-512 table on any CPU: same tiles, same panel width."""
+    assert "vec16" in ISAS
+    assert kernels.max_panel_width("vec16") == kernels.max_panel_width("avx512") == 128
+    assert [n.replace("__vec16", "") for n in kernels.kernel_names("vec16")] == \
+        [n.replace("__avx512", "") for n in kernels.kernel_names("avx512")]
+    # The default, chosen at import without TORCH_SPARSECPU_ISA: the last real ISA available.
+    out = run_child("import os; os.environ.pop('TORCH_SPARSECPU_ISA', None)\n"
+                    "import torch_sparsecpu as t; print(t.isa(), ','.join(t.available_isas()))")
+    default, available = out.split()
+    assert default == [isa for isa in available.split(",") if isa != "vec16"][-1], out
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("in_features,out_features", list(itertools.product(FEATURES, FEATURES)))
 def test_linear_sweep(isa, in_features, out_features):

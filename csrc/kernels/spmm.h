@@ -209,8 +209,15 @@ void pack_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_
 void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
                       float* y, int64_t y_stride);
 
+// The scalar panel copies (plain loops, spmm_f32__scalar.cpp), which the portable vec16
+// table uses too. Signatures as in SpmmKernels.
+void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                       int64_t feature_stride, int64_t panel_width, float* panel);
+void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
+                        float* y, int64_t y_stride);
+
 // Kernel tables, one per ISA of lists.h (defined in spmm_f32__<isa>.cpp).
-#define SPARSECPU_DECLARE_TABLE(name, table, cpu_has) extern const SpmmKernels table;
+#define SPARSECPU_DECLARE_TABLE(name, table, cpu_has, may_default) extern const SpmmKernels table;
 SPARSECPU_FOR_EACH_ISA(SPARSECPU_DECLARE_TABLE)
 #undef SPARSECPU_DECLARE_TABLE
 
@@ -224,8 +231,9 @@ const SpmmKernels* kernels_named(const std::string& isa);
 // "a, b, c": a list's names for an error message.
 std::string joined(const char* const* names, size_t count);
 
-// Run-time ISA choice: the best the CPU supports, unless TORCH_SPARSECPU_ISA
-// (a name of lists.h's ISAs) or set_isa() forces one.
+// Run-time ISA choice: the best the CPU supports (the last of lists.h's ISAs that may be
+// the default), unless TORCH_SPARSECPU_ISA (any name of lists.h's ISAs) or set_isa()
+// forces one.
 bool cpu_supports(const std::string& isa);
 std::vector<std::string> available_isas();
 const SpmmKernels& active_kernels();

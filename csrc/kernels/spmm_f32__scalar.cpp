@@ -54,6 +54,8 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_beg
   }
 }
 
+}  // namespace
+
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                        int64_t feature_stride, int64_t panel_width, float* panel) {
   for (int64_t i = 0; i < in_features; ++i) {
@@ -69,8 +71,6 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
     for (int64_t o = 0; o < rows; ++o) y[t * y_stride + o] = tile[o * panel_width + t];
   }
 }
-
-}  // namespace
 
 const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
                                  &spmm_row_block_scalar, &unpack_tile_scalar};
