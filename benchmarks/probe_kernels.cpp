@@ -8,7 +8,8 @@
 // minimum is the least disturbed run):
 //   - the FMA peak of this core (a register-only loop of independent FMAs);
 //   - the microkernel's ceiling: one row of 64 nonzeros over a 16 KiB panel that stays
-//     in L1, the same inner loop as spmm_f32_1x64 (1 broadcast, 8 loads, 8 FMAs each);
+//     in L1, the same inner loop as spmm_f32_1x64 (1 broadcast, 8 loads, 8 FMAs each,
+//     the offset masked as the kernel masks it);
 //   - one real layer: pack_panel, spmm_row_block over every row block (row block by row
 //     block, all K-blocks each), unpack_tile of the whole tile, each timed alone, in
 //     GFLOP/s over nonzeros;
@@ -83,7 +84,7 @@ __attribute__((target("avx2,fma"), noinline)) void ceiling_loop(const float* val
 #pragma GCC unroll 2
     for (int j = 0; j < count; ++j) {
       const __m256 value = _mm256_set1_ps(values[j]);
-      const float* x = panel + offsets[j] * kWidth;
+      const float* x = panel + (offsets[j] & 63u) * kWidth;
       for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(value, _mm256_loadu_ps(x + v * 8), acc[v]);
     }
     for (int v = 0; v < 8; ++v) _mm256_storeu_ps(out + v * 8, acc[v]);
@@ -147,7 +148,8 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  AlignedFloats x(static_cast<size_t>(kWidth) * in), panel(static_cast<size_t>(kWidth) * in),
+  // The panel has the rows the kernel may read (PackedLinearView::panel_rows in spmm.h).
+  AlignedFloats x(static_cast<size_t>(kWidth) * in), panel(static_cast<size_t>(kWidth) * w.panel_rows(false)),
       tile(static_cast<size_t>(w.num_row_blocks) * w.row_block * kWidth + 8), y(static_cast<size_t>(kWidth) * out);
   for (float& v : x) v = value(rng);
   AlignedFloats ceiling_panel(64 * kWidth, 1.0f), ceiling_out(kWidth, 0.0f);

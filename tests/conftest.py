@@ -66,8 +66,9 @@ def tall_weight(out_features: int, in_features: int, block_sparsity: float, *, f
     return (torch.randn(out_features // 4, 4, in_features) * (blocks & kept)).reshape(out_features, in_features)
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "",
-                     scale: float | None = None):
+def assert_close_rel(
+    actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "", scale: float | None = None
+):
     """The correctness contract: max |actual - expected| <= rel * max |expected| (plus a
     tiny floor for all-zero outputs). Sum order differs from dense, nothing more.
 
@@ -90,8 +91,9 @@ EAGER = {"inner": "eager"}
 SPARSITY = 0.9
 
 
-def make_model(act: nn.Module | None = None, *, seed: int = 0, sparsity: float = SPARSITY,
-               dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def make_model(
+    act: nn.Module | None = None, *, seed: int = 0, sparsity: float = SPARSITY, dtype: torch.dtype = torch.float32
+) -> nn.Sequential:
     """64 -> 128 -> act (default ReLU) -> 32, magnitude-pruned to ``sparsity``."""
     gen = torch.Generator().manual_seed(seed)
     first, second = nn.Linear(64, 128), nn.Linear(128, 32)
@@ -159,8 +161,10 @@ _PACKAGE_ROOT = str(Path(torch_sparsecpu.__file__).resolve().parent.parent)
 
 def run_child(code: str, *argv: str) -> str:
     """Runs ``python -c code argv...``; returns its stdout, failing if it did not exit 0."""
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
-                          cwd=_PACKAGE_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=_PACKAGE_ROOT
+    )
     assert proc.returncode == 0, (
-        f"child died with return code {proc.returncode} after:\n{proc.stdout}\n{proc.stderr[-500:]}")
+        f"child died with return code {proc.returncode} after:\n{proc.stdout}\n{proc.stderr[-500:]}"
+    )
     return proc.stdout

@@ -40,6 +40,8 @@ def stored_values(weight: torch.Tensor, packed: torch.Tensor) -> int:
     if ops.packed_info(packed).block_rows == 1:
         return int(torch.count_nonzero(weight))
     return 4 * int(weight.reshape(-1, 4, weight.size(1)).ne(0).any(1).sum())
+
+
 STRUCTURES = ("random", "blocks_4x1", "blocks_1x4", "zero_rows", "zero_cols", "all_zero", "dense")
 LAYOUTS = ("contiguous", "transposed", "feature_stride", "token_slice", "offset_view", "broadcast")
 
@@ -50,8 +52,9 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return ACTIVATION_REFERENCE[act](y).float()
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, term_scale: torch.Tensor,
-                        rel: float, what: str) -> None:
+def assert_close_scaled(
+    actual: torch.Tensor, expected: torch.Tensor, term_scale: torch.Tensor, rel: float, what: str
+) -> None:
     """assert_close_rel with ``rel`` of the largest output, widened where the outputs
     cancel to ``rel`` of the largest sum of |terms| (module docstring)."""
     largest = expected.abs().max().item() if expected.numel() else 0.0
@@ -105,7 +108,8 @@ def make_input(lead: tuple[int, ...], in_f: int, layout: str, gen: torch.Generat
         return torch.randn((3 * lead[0] + 1, *lead[1:], in_f), generator=gen)[1::3]
     if layout == "offset_view":  # a window that starts inside a bigger buffer
         return torch.randn((*[d + 1 for d in lead], in_f + 5), generator=gen)[
-            tuple(slice(1, None) for _ in lead) + (slice(3, 3 + in_f),)]
+            tuple(slice(1, None) for _ in lead) + (slice(3, 3 + in_f),)
+        ]
     if layout == "broadcast":  # stride 0 over the tokens
         return torch.randn(in_f, generator=gen).expand(shape)
     raise AssertionError(layout)
@@ -127,7 +131,9 @@ def cases(draw):
     else:
         lead = (2, draw(st.integers(0, 3)), max(tokens // 8, 0))
     return dict(
-        in_f=in_f, out_f=out_f, lead=lead,
+        in_f=in_f,
+        out_f=out_f,
+        lead=lead,
         sparsity=draw(st.floats(0.0, 1.0)),
         structure=draw(st.sampled_from(STRUCTURES)),
         layout=draw(st.sampled_from(LAYOUTS)),
@@ -158,8 +164,9 @@ def test_sparse_linear_matches_dense(case):
         y = ops.linear(x, weight, packed, bias, case["act"])
     expected = reference(x, weight, bias, case["act"])
     assert y.is_contiguous(), "outputs are contiguous"
-    assert_close_scaled(y, expected, term_scale(x, weight, bias), rel=1e-5,
-                        what=str({k: v for k, v in case.items() if k != "seed"}))
+    assert_close_scaled(
+        y, expected, term_scale(x, weight, bias), rel=1e-5, what=str({k: v for k, v in case.items() if k != "seed"})
+    )
 
 
 def test_every_isa_covered():
@@ -201,8 +208,9 @@ def test_sparse_linear_chain_matches_dense(case):
         weight = make_weight(widths[i + 1], widths[i], case["sparsities"][i], case["structures"][i], gen)
         weights.append(weight)
         block_rows = valid_block_rows(case["block_rows"], widths[i + 1], case["row_block"])
-        packed.append(ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"],
-                                      block_rows=block_rows))
+        packed.append(
+            ops.pack_linear(weight, k_block=case["k_block"], row_block=case["row_block"], block_rows=block_rows)
+        )
         biases.append(torch.randn(widths[i + 1], generator=gen) if case["biases"][i] else None)
     x = make_input(case["lead"], widths[0], case["layout"], gen)
 
@@ -215,8 +223,9 @@ def test_sparse_linear_chain_matches_dense(case):
     expected = expected.float()
     assert y.is_contiguous()
     # Each layer's rounding is carried into the next: allow it once per layer.
-    assert_close_scaled(y, expected, scale, rel=1e-5 * (len(widths) - 1),
-                        what=str({k: v for k, v in case.items() if k != "seed"}))
+    assert_close_scaled(
+        y, expected, scale, rel=1e-5 * (len(widths) - 1), what=str({k: v for k, v in case.items() if k != "seed"})
+    )
 
 
 @st.composite
@@ -229,11 +238,21 @@ def conv_cases(draw):
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     size = [draw(st.integers(max(1, dilation[i] * (kernel[i] - 1) + 1 - 2 * padding[i]), 12)) for i in range(2)]
     return dict(
-        batch=draw(st.integers(0, 3)), in_c=draw(st.integers(1, 20)), out_c=draw(st.integers(1, 40)),
-        size=size, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-        sparsity=draw(st.sampled_from((0.0, 0.5, 0.9, 1.0))), k_block=draw(st.sampled_from(K_BLOCKS)),
-        row_block=draw(st.sampled_from(ROW_BLOCKS)), channels_last=draw(st.booleans()),
-        bias=draw(st.booleans()), act=draw(st.sampled_from(ops.ACTIVATIONS)), isa=draw(st.sampled_from(ISAS)),
+        batch=draw(st.integers(0, 3)),
+        in_c=draw(st.integers(1, 20)),
+        out_c=draw(st.integers(1, 40)),
+        size=size,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        sparsity=draw(st.sampled_from((0.0, 0.5, 0.9, 1.0))),
+        k_block=draw(st.sampled_from(K_BLOCKS)),
+        row_block=draw(st.sampled_from(ROW_BLOCKS)),
+        channels_last=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        act=draw(st.sampled_from(ops.ACTIVATIONS)),
+        isa=draw(st.sampled_from(ISAS)),
     )
 
 

@@ -40,9 +40,12 @@ def check_linear(x, weight, bias, activation, *, isa, what, **pack_args):
     expected = reference(x, weight, bias, activation)
     with torch_sparsecpu.force_isa(isa):
         actual = ops.linear(x, weight, packed, bias, activation)
-    assert_close_rel(actual, expected, what=f"{what} isa={isa} act={activation}",
-                     scale=max(pre_activation_scale(x, weight, bias),
-                               expected.abs().max().item() if expected.numel() else 0))
+    assert_close_rel(
+        actual,
+        expected,
+        what=f"{what} isa={isa} act={activation}",
+        scale=max(pre_activation_scale(x, weight, bias), expected.abs().max().item() if expected.numel() else 0),
+    )
 
 
 def test_isas_listed():
@@ -50,6 +53,23 @@ def test_isas_listed():
     assert kernels.isa() in ISAS
     for isa in ISAS:
         assert kernels.kernel_names(isa), isa
+
+
+def test_vec16_runs_everywhere_with_the_avx512_tiles_but_is_never_the_default():
+    """vec16 (portable 16-lane vectors) is there so every test of an ISA runs the width-16
+    kernel logic of the AVX-512 table on any CPU: same tiles, same panel width."""
+    assert "vec16" in ISAS
+    assert kernels.max_panel_width("vec16") == kernels.max_panel_width("avx512") == 128
+    assert [n.replace("__vec16", "") for n in kernels.kernel_names("vec16")] == [
+        n.replace("__avx512", "") for n in kernels.kernel_names("avx512")
+    ]
+    # The default, chosen at import without TORCH_SPARSECPU_ISA: the last real ISA available.
+    out = run_child(
+        "import os; os.environ.pop('TORCH_SPARSECPU_ISA', None)\n"
+        "import torch_sparsecpu as t; print(t.isa(), ','.join(t.available_isas()))"
+    )
+    default, available = out.split()
+    assert default == [isa for isa in available.split(",") if isa != "vec16"][-1], out
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -70,9 +90,15 @@ def test_linear_sweep(isa, in_features, out_features):
                 with torch_sparsecpu.force_isa(isa):
                     actual = ops.linear(x, weight, packed, b, activation)
                 scale = pre.abs().max().item() if pre.numel() else 0.0
-                assert_close_rel(actual, expected, scale=scale, what=(
-                    f"[{out_features}x{in_features}] sparsity={sparsity} tokens={tokens} "
-                    f"bias={b is not None} act={activation} isa={isa}"))
+                assert_close_rel(
+                    actual,
+                    expected,
+                    scale=scale,
+                    what=(
+                        f"[{out_features}x{in_features}] sparsity={sparsity} tokens={tokens} "
+                        f"bias={b is not None} act={activation} isa={isa}"
+                    ),
+                )
 
 
 def _tile_widths(isa):
@@ -94,8 +120,17 @@ def check_every_tile_and_edge(isa, weights, blockings, **pack_args):
         x = torch.randn(tokens, weight.shape[1])
         bias = torch.randn(weight.shape[0])
         for k_block, row_block in blockings:
-            check_linear(x, weight, bias, "gelu", isa=isa, k_block=k_block, row_block=row_block, **pack_args,
-                         what=f"{label} tokens={tokens} k_block={k_block} row_block={row_block} {pack_args}")
+            check_linear(
+                x,
+                weight,
+                bias,
+                "gelu",
+                isa=isa,
+                k_block=k_block,
+                row_block=row_block,
+                **pack_args,
+                what=f"{label} tokens={tokens} k_block={k_block} row_block={row_block} {pack_args}",
+            )
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -167,8 +202,9 @@ def test_input_layouts(isa):
         with torch_sparsecpu.force_isa(isa):
             actual = ops.linear(x, weight, packed, bias, "relu")
         assert actual.is_contiguous(), label
-        assert_close_rel(actual, reference(x, weight, bias, "relu"), what=label,
-                         scale=pre_activation_scale(x, weight, bias))
+        assert_close_rel(
+            actual, reference(x, weight, bias, "relu"), what=label, scale=pre_activation_scale(x, weight, bias)
+        )
 
 
 def test_packed_header():
@@ -176,12 +212,20 @@ def test_packed_header():
     packed = ops.pack_linear(weight, k_block=128, row_block=32)
     nnz = int(torch.count_nonzero(weight))
     assert ops.packed_info(packed) == ops.PackedInfo(
-        version=3, out_features=70, in_features=300, k_block=128, num_k_blocks=3, row_block=32,
-        num_row_blocks=3, nnz=nnz, block_rows=1)
+        version=3,
+        out_features=70,
+        in_features=300,
+        k_block=128,
+        num_k_blocks=3,
+        row_block=32,
+        num_row_blocks=3,
+        nnz=nnz,
+        block_rows=1,
+    )
     segments = 70 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + nnz + (nnz + 1) // 2
     # The values of the packed buffer are exactly the nonzeros of the weight.
-    values = packed[16 + 2 * segments + 1: 16 + 2 * segments + 1 + nnz].view(torch.float32)
+    values = packed[16 + 2 * segments + 1 : 16 + 2 * segments + 1 + nnz].view(torch.float32)
     assert torch.equal(values.sort().values, weight[weight != 0].sort().values)
 
 
@@ -192,13 +236,21 @@ def test_packed_header_tall_blocks():
     packed = ops.pack_linear(weight, k_block=128, row_block=32, block_rows=4)
     blocks = int(weight.reshape(18, 4, 300).ne(0).any(1).sum())
     assert ops.packed_info(packed) == ops.PackedInfo(
-        version=3, out_features=72, in_features=300, k_block=128, num_k_blocks=3, row_block=32,
-        num_row_blocks=3, nnz=4 * blocks, block_rows=4)
+        version=3,
+        out_features=72,
+        in_features=300,
+        k_block=128,
+        num_k_blocks=3,
+        row_block=32,
+        num_row_blocks=3,
+        nnz=4 * blocks,
+        block_rows=4,
+    )
     segments = 72 // 4 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + 4 * blocks + (blocks + 1) // 2
-    seg_rows = packed[16 + segments + 1: 16 + 2 * segments + 1]
+    seg_rows = packed[16 + segments + 1 : 16 + 2 * segments + 1]
     assert bool((seg_rows % 4 == 0).all()) and bool((seg_rows < 32).all())
-    values = packed[16 + 2 * segments + 1: 16 + 2 * segments + 1 + 4 * blocks].view(torch.float32)
+    values = packed[16 + 2 * segments + 1 : 16 + 2 * segments + 1 + 4 * blocks].view(torch.float32)
     assert int((values == 0).sum()) == 4 * blocks - int(torch.count_nonzero(weight))
     assert torch.equal(values[values != 0].sort().values, weight[weight != 0].sort().values)
 
@@ -224,8 +276,16 @@ def test_large_panels_packed_per_slice(isa, layout):
         x = torch.randn(tokens, 1300) if layout == "contiguous" else torch.randn(1300, tokens).T
         for threads in (1, 2):
             with torch_threads(threads):
-                check_linear(x, weight, bias, "relu", isa=isa, k_block=96, row_block=16,
-                             what=f"{layout} tokens={tokens} threads={threads}")
+                check_linear(
+                    x,
+                    weight,
+                    bias,
+                    "relu",
+                    isa=isa,
+                    k_block=96,
+                    row_block=16,
+                    what=f"{layout} tokens={tokens} threads={threads}",
+                )
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -239,9 +299,11 @@ def test_linear_chain_pipelined_pair(isa, second_k_block):
     weights = [sparse_weight(o, i, 0.8) for i, o in zip(features, features[1:], strict=False)]
     biases = [torch.randn(w.shape[0]) for w in weights]
     acts = ["gelu", "relu", "none"]
-    packed = [ops.pack_linear(weights[0], k_block=32, row_block=16),
-              ops.pack_linear(weights[1], k_block=second_k_block, row_block=16),
-              ops.pack_linear(weights[2])]
+    packed = [
+        ops.pack_linear(weights[0], k_block=32, row_block=16),
+        ops.pack_linear(weights[1], k_block=second_k_block, row_block=16),
+        ops.pack_linear(weights[2]),
+    ]
     for tokens in (5, 64, 130):  # a GEMV panel (not pipelined), one panel, panels on both threads
         x = torch.randn(tokens, features[0])
         expected = x.double()
@@ -249,8 +311,13 @@ def test_linear_chain_pipelined_pair(isa, second_k_block):
             expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), b.double()))
         with torch_sparsecpu.force_isa(isa):
             actual = ops.linear_chain(x, weights, packed, biases, acts)
-        assert_close_rel(actual, expected.float(), rel=1e-5, what=f"pipelined chain tokens={tokens}",
-                         scale=max(expected.abs().max().item(), 1.0))
+        assert_close_rel(
+            actual,
+            expected.float(),
+            rel=1e-5,
+            what=f"pipelined chain tokens={tokens}",
+            scale=max(expected.abs().max().item(), 1.0),
+        )
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -262,8 +329,9 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
     activations = ["gelu", "relu", "silu", "gelu_tanh", "none"]
     with torch_threads(threads):
         for features in shapes:
-            weights = [sparse_weight(o, i, s)
-                       for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99), strict=False)]
+            weights = [
+                sparse_weight(o, i, s) for i, o, s in zip(features, features[1:], (0.9, 0.5, 0.99), strict=False)
+            ]
             biases = [torch.randn(w.shape[0]) if n % 2 == 0 else None for n, w in enumerate(weights)]
             acts = activations[: len(weights)]
             packed = [ops.pack_linear(w, k_block=32, row_block=16) for w in weights]
@@ -272,11 +340,17 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
                 expected = x.double()
                 for w, b, a in zip(weights, biases, acts, strict=True):
                     expected = ACTIVATION_REFERENCE[a](
-                        F.linear(expected, w.double(), None if b is None else b.double()))
+                        F.linear(expected, w.double(), None if b is None else b.double())
+                    )
                 with torch_sparsecpu.force_isa(isa):
                     actual = ops.linear_chain(x, weights, packed, biases, acts)
-                assert_close_rel(actual, expected.float(), rel=1e-5, what=f"chain {features} tokens={tokens}",
-                                 scale=max(expected.abs().max().item(), 1.0))
+                assert_close_rel(
+                    actual,
+                    expected.float(),
+                    rel=1e-5,
+                    what=f"chain {features} tokens={tokens}",
+                    scale=max(expected.abs().max().item(), 1.0),
+                )
 
 
 # Long chains (6 to 8 layers through the op, 8 through torch.compile) run in a child

@@ -1,6 +1,7 @@
 """Which ISA's kernels run: chosen once at load time (the best this CPU has),
-forced by ``TORCH_SPARSECPU_ISA=scalar|avx2|avx512`` or by :func:`force_isa`; and on how
-many threads (:func:`torch_threads`)."""
+forced by ``TORCH_SPARSECPU_ISA=scalar|vec16|avx2|avx512`` or by :func:`force_isa`; and on
+how many threads (:func:`torch_threads`). ``vec16`` (the 16-lane kernels on portable
+vectors, for the tests) runs on every CPU but is never chosen by default."""
 
 from __future__ import annotations
 

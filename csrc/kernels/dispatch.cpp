@@ -10,11 +10,12 @@ namespace kernels {
 
 namespace {
 
-// The last ISA of lists.h this CPU supports.
+// The last ISA of lists.h this CPU supports among those that may be the default
+// (never vec16, which is there for the tests).
 const SpmmKernels* best_kernels() {
   const SpmmKernels* best = nullptr;
-#define SPARSECPU_IF_SUPPORTED(name, table, cpu_has) \
-  if (cpu_supports(#name)) best = &table;
+#define SPARSECPU_IF_SUPPORTED(name, table, cpu_has, may_default) \
+  if (may_default && cpu_supports(#name)) best = &table;
   SPARSECPU_FOR_EACH_ISA(SPARSECPU_IF_SUPPORTED)
 #undef SPARSECPU_IF_SUPPORTED
   return best;
@@ -34,7 +35,7 @@ std::atomic<const SpmmKernels*>& active() {
 }  // namespace
 
 const SpmmKernels* kernels_named(const std::string& isa) {
-#define SPARSECPU_IF_NAMED(name, table, cpu_has) \
+#define SPARSECPU_IF_NAMED(name, table, cpu_has, may_default) \
   if (isa == #name) return &table;
   SPARSECPU_FOR_EACH_ISA(SPARSECPU_IF_NAMED)
 #undef SPARSECPU_IF_NAMED
@@ -49,7 +50,7 @@ std::string joined(const char* const* names, size_t count) {
 
 bool cpu_supports(const std::string& isa) {
   __builtin_cpu_init();
-#define SPARSECPU_IF_NAMED(name, table, cpu_has) \
+#define SPARSECPU_IF_NAMED(name, table, cpu_has, may_default) \
   if (isa == #name) return cpu_has;
   SPARSECPU_FOR_EACH_ISA(SPARSECPU_IF_NAMED)
 #undef SPARSECPU_IF_NAMED

@@ -38,22 +38,36 @@ constexpr const char* kActivationNames[] = {
 };
 constexpr size_t kNumActivations = sizeof(kActivationNames) / sizeof(kActivationNames[0]);
 
+// `return activate_<name>(x);` for the activation `act`: the body of every ISA's
+// activate(), which the scalar and SIMD kernels each define over their own type (its
+// argument must be named x).
+#define SPARSECPU_CASE_RETURN_ACTIVATE(e, name) \
+  case Activation::e:                           \
+    return activate_##name(x);
+#define SPARSECPU_RETURN_ACTIVATED(act, x)                             \
+  switch (act) { SPARSECPU_FOR_EACH_ACTIVATION(SPARSECPU_CASE_RETURN_ACTIVATE) } \
+  return x
+
 // ---- ISAs --------------------------------------------------------------------------
-// X(name, table, cpu_has): the kernel table `table` (a SpmmKernels defined in
-// spmm_f32__<name>.cpp) runs where the expression `cpu_has` is true (evaluated after
-// __builtin_cpu_init, in dispatch.cpp). Listed from the least capable to the most:
-// the last one the CPU supports is the default. The features must match the file's
-// `#pragma GCC target`.
+// X(name, table, cpu_has, may_default): the kernel table `table` (a SpmmKernels defined
+// in spmm_f32__<name>.cpp) runs where the expression `cpu_has` is true (evaluated after
+// __builtin_cpu_init, in dispatch.cpp). Listed from the least capable to the most: the
+// default is the last one the CPU supports whose `may_default` is true. The features
+// must match the file's `#pragma GCC target`. vec16 (16-lane generic vectors, no
+// target) runs everywhere but is never the default: it is there so the tests run the
+// width-16 kernel logic on CPUs without AVX-512 (force_isa / TORCH_SPARSECPU_ISA).
 #define SPARSECPU_CPU_HAS(feature) __builtin_cpu_supports(feature)
 #define SPARSECPU_FOR_EACH_ISA(X)                                                          \
-  X(scalar, kSpmmScalar, true)                                                             \
-  X(avx2, kSpmmAvx2, SPARSECPU_CPU_HAS("avx2") && SPARSECPU_CPU_HAS("fma"))                \
+  X(scalar, kSpmmScalar, true, true)                                                       \
+  X(vec16, kSpmmVec16, true, false)                                                        \
+  X(avx2, kSpmmAvx2, SPARSECPU_CPU_HAS("avx2") && SPARSECPU_CPU_HAS("fma"), true)          \
   X(avx512, kSpmmAvx512,                                                                   \
     SPARSECPU_CPU_HAS("avx512f") && SPARSECPU_CPU_HAS("avx512dq") &&                       \
-        SPARSECPU_CPU_HAS("avx512bw") && SPARSECPU_CPU_HAS("avx512vl") && SPARSECPU_CPU_HAS("fma"))
+        SPARSECPU_CPU_HAS("avx512bw") && SPARSECPU_CPU_HAS("avx512vl") && SPARSECPU_CPU_HAS("fma"), \
+    true)
 
 constexpr const char* kIsaNames[] = {
-#define SPARSECPU_NAME(name, table, cpu_has) #name,
+#define SPARSECPU_NAME(name, table, cpu_has, may_default) #name,
     SPARSECPU_FOR_EACH_ISA(SPARSECPU_NAME)
 #undef SPARSECPU_NAME
 };

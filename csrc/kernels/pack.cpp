@@ -122,6 +122,9 @@ bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
     *error = "inconsistent header or buffer size";
     return false;
   }
+  v.blocks = static_cast<int32_t>(blocks);
+  v.offset_mask = 0;
+  while (v.offset_mask + 1 < v.k_block) v.offset_mask = v.offset_mask * 2 + 1;
   v.seg_ptr = data + kHeaderWords;
   if (v.seg_ptr[0] != 0 || v.seg_ptr[segments] != blocks) {
     *error = "segment pointers do not cover the nonzeros";

@@ -76,7 +76,26 @@ constexpr const char* kHeaderFieldNames[] = {
 #undef SPARSECPU_NAME
 };
 
+// v clamped into [0, hi] with one compare: a negative v reads as a huge unsigned. Unsigned,
+// so that widening it to an index costs nothing.
+inline uint32_t clamp_index(int32_t v, uint32_t hi) {
+  return static_cast<uint32_t>(v) <= hi ? static_cast<uint32_t>(v) : hi;
+}
+
 // Read-only view of a packed buffer; pointers into it.
+//
+// The kernels trust only the header (checked on every call, and copied into the view)
+// and the sizes it implies, never the contents (checked once per buffer, see
+// view_packed_linear), so that a buffer edited after its check without a version bump
+// cannot make them read or write out of bounds: per segment they clamp its end
+// (seg_ptr) into [0, blocks] and start it where the previous one ended (an inverted
+// range runs nothing), and clamp its seg_rows entry into the row block. An offset
+// (at most 65535) stays inside the panel because the panel has panel_rows(gemv) rows:
+// the panel kernels (spmm_row_block) mask every offset with offset_mask, one AND per
+// nonzero, so their panels need offset_mask + 1 rows from the last K-block's first
+// feature; the GEMV kernels (spmv_row_block), whose panels are at most kMaxGemvTokens
+// wide, take kMaxKBlock rows there instead and mask nothing (cheaper, measured in
+// docs/packed_format.md). For a buffer that passed the check none of this changes a value.
 struct PackedLinearView {
   int64_t out_features = 0;
   int64_t in_features = 0;
@@ -86,6 +105,8 @@ struct PackedLinearView {
   int64_t num_row_blocks = 0;
   int64_t nnz = 0;         // stored values: blocks * block_rows
   int64_t block_rows = 1;  // rows per nonzero block (1 or kTallBlockRows)
+  int32_t blocks = 0;      // nonzero blocks: nnz / block_rows
+  int64_t offset_mask = 0;  // pow2ceil(k_block) - 1: every valid offset is below k_block
   const int32_t* seg_ptr = nullptr;
   const int32_t* seg_rows = nullptr;
   const float* values = nullptr;
@@ -105,7 +126,15 @@ struct PackedLinearView {
   int64_t block_nnz(int64_t rb) const {
     const int64_t first = segment(rb, 0, 0);
     const int64_t end = first + segments_in_block(rb) * num_k_blocks;
-    return (seg_ptr[end] - seg_ptr[first]) * block_rows;
+    const int64_t count = int64_t{clamp_index(seg_ptr[end], blocks)} - clamp_index(seg_ptr[first], blocks);
+    return (count > 0 ? count : 0) * block_rows;
+  }
+  // Rows an activation panel for this weight must have, for the panel kernels or the
+  // GEMV kernels (gemv): the kernels may read them all. K-block kb's offsets reach row
+  // kb * k_block + offset_mask once masked, kb * k_block + 65535 unmasked. Rows past
+  // in_features are read only for a corrupted buffer; their contents do not matter.
+  int64_t panel_rows(bool gemv) const {
+    return (num_k_blocks - 1) * k_block + (gemv ? kMaxKBlock : offset_mask + 1);
   }
 };
 
@@ -139,7 +168,8 @@ void fill_tile_with_bias(const PackedLinearView& w, int64_t rb, const float* bia
 
 // An activation panel holds up to `max_panel_width` tokens of the input,
 // feature-major: panel[i * panel_width + t] is feature i of token t.
-// panel_width is a multiple of `vector_width`; padding tokens are zero.
+// panel_width is a multiple of `vector_width`; padding tokens are zero. The kernels
+// may read w.panel_rows(gemv) >= in_features rows of it (allocate them; PackedLinearView).
 struct SpmmKernels {
   const char* isa;
   int64_t vector_width;     // floats per SIMD register (1 for scalar)
@@ -179,8 +209,15 @@ void pack_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_
 void unpack_tile_avx2(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
                       float* y, int64_t y_stride);
 
+// The scalar panel copies (plain loops, spmm_f32__scalar.cpp), which the portable vec16
+// table uses too. Signatures as in SpmmKernels.
+void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                       int64_t feature_stride, int64_t panel_width, float* panel);
+void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
+                        float* y, int64_t y_stride);
+
 // Kernel tables, one per ISA of lists.h (defined in spmm_f32__<isa>.cpp).
-#define SPARSECPU_DECLARE_TABLE(name, table, cpu_has) extern const SpmmKernels table;
+#define SPARSECPU_DECLARE_TABLE(name, table, cpu_has, may_default) extern const SpmmKernels table;
 SPARSECPU_FOR_EACH_ISA(SPARSECPU_DECLARE_TABLE)
 #undef SPARSECPU_DECLARE_TABLE
 
@@ -194,8 +231,9 @@ const SpmmKernels* kernels_named(const std::string& isa);
 // "a, b, c": a list's names for an error message.
 std::string joined(const char* const* names, size_t count);
 
-// Run-time ISA choice: the best the CPU supports, unless TORCH_SPARSECPU_ISA
-// (a name of lists.h's ISAs) or set_isa() forces one.
+// Run-time ISA choice: the best the CPU supports (the last of lists.h's ISAs that may be
+// the default), unless TORCH_SPARSECPU_ISA (any name of lists.h's ISAs) or set_isa()
+// forces one.
 bool cpu_supports(const std::string& isa);
 std::vector<std::string> available_isas();
 const SpmmKernels& active_kernels();

@@ -20,29 +20,25 @@ float activate_relu6(float x) { return x < 0.0f ? 0.0f : (x > 6.0f ? 6.0f : x); 
 float activate_hardswish(float x) { return x * std::min(std::max(x + 3.0f, 0.0f), 6.0f) / 6.0f; }
 
 float activate_scalar(float x, Activation act) {
-  switch (act) {
-#define SPARSECPU_ACTIVATION_CASE(e, name) \
-  case Activation::e:                      \
-    return activate_##name(x);
-    SPARSECPU_FOR_EACH_ACTIVATION(SPARSECPU_ACTIVATION_CASE)
-#undef SPARSECPU_ACTIVATION_CASE
-  }
-  return x;
+  SPARSECPU_RETURN_ACTIVATED(act, x);
 }
 
 void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                            const float* panel, int64_t panel_width, const float* bias, Activation act,
                            float* tile) {
   const int64_t rows = w.rows_in_block(rb), groups = w.segments_in_block(rb);
+  // Segments and offsets bounded as in the SIMD kernels (PackedLinearView in spmm.h).
+  const uint32_t last_row = static_cast<uint32_t>(rows - w.block_rows);
   if (kb_begin == 0) fill_tile_with_bias(w, rb, bias, panel_width, tile);
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const float* panel_kb = panel + kb * w.k_block * panel_width;  // this K-block's features
     for (int64_t s = w.segment(rb, kb, 0); s < w.segment(rb, kb, 0) + groups; ++s) {
+      const int32_t begin = clamp_index(w.seg_ptr[s], w.blocks), end = clamp_index(w.seg_ptr[s + 1], w.blocks);
       for (int64_t m = 0; m < w.block_rows; ++m) {  // each row of the segment's row group
-        float* out = tile + (w.seg_rows[s] + m) * panel_width;
-        for (int32_t j = w.seg_ptr[s]; j < w.seg_ptr[s + 1]; ++j) {
+        float* out = tile + (clamp_index(w.seg_rows[s], last_row) + m) * panel_width;
+        for (int32_t j = begin; j < end; ++j) {
           const float value = w.values[j * w.block_rows + m];
-          const float* x = panel_kb + static_cast<int64_t>(w.offsets[j]) * panel_width;
+          const float* x = panel_kb + (w.offsets[j] & w.offset_mask) * panel_width;
           for (int64_t t = 0; t < panel_width; ++t) out[t] += value * x[t];
         }
       }
@@ -52,6 +48,8 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_beg
     for (int64_t i = 0; i < rows * panel_width; ++i) tile[i] = activate_scalar(tile[i], act);
   }
 }
+
+}  // namespace
 
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                        int64_t feature_stride, int64_t panel_width, float* panel) {
@@ -68,8 +66,6 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
     for (int64_t o = 0; o < rows; ++o) y[t * y_stride + o] = tile[o * panel_width + t];
   }
 }
-
-}  // namespace
 
 const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
                                  &spmm_row_block_scalar, &unpack_tile_scalar};

@@ -63,14 +63,16 @@ void sparse_linear_chain_2d(const kernels::SpmmKernels& k, const std::vector<Pac
   const int64_t threads = at::get_num_threads();
   const int64_t per_thread = ceil_div(ceil_div(tokens, threads), k.vector_width) * k.vector_width;
   const PanelPlan plan{k, tokens, std::max(k.vector_width, std::min(k.max_panel_width, per_thread))};
-  int64_t max_features = layers.front().in_features;
+  // Each of the three buffers holds a layer's panel (PanelPlan::panel_floats) or its
+  // output tile, which is the next layer's panel.
+  int64_t max_floats = 0;
   for (const PackedLinearView& w : layers) {
-    max_features = std::max(max_features, w.num_row_blocks * w.row_block);
+    max_floats = std::max({max_floats, plan.panel_floats(w), w.num_row_blocks * w.row_block * plan.max_width});
   }
   const PackedLinearView& last = layers.back();
   const size_t n = layers.size();
   at::parallel_for(0, plan.num_panels(), 1, [&](int64_t begin, int64_t end) {
-    const size_t buffer_floats = static_cast<size_t>(max_features * plan.max_width + k.vector_width);
+    const size_t buffer_floats = static_cast<size_t>(max_floats + k.vector_width);
     thread_local ScratchBuffer buffers[3];
     float* panels[3];
     for (int b = 0; b < 3; ++b) panels[b] = buffers[b].get(buffer_floats);

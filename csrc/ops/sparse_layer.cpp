@@ -76,7 +76,7 @@ void sparse_linear_2d(const kernels::SpmmKernels& k, const PackedLinearView& w, 
                       int64_t tokens, const float* bias, Activation act, float* y, OutputLayout out) {
   const PanelPlan plan{k, tokens, balanced_panel_width(k, tokens)};
   const int64_t num_panels = plan.num_panels();
-  const int64_t panel_floats = w.in_features * plan.max_width;
+  const int64_t panel_floats = plan.panel_floats(w);
   const auto pack_features = [&](int64_t p, int64_t first, int64_t count, float* panel) {
     const int64_t width = plan.width_of(p);
     source(p * plan.max_width, plan.tokens_in(p), first, count, width, panel + first * width);

@@ -117,6 +117,13 @@ struct PanelPlan {
   int64_t width_of(int64_t p) const {
     return is_gemv(p) ? tokens_in(p) : ceil_div(tokens_in(p), k.vector_width) * k.vector_width;
   }
+  // Floats of a buffer that holds any panel of the plan as the input of layer w: the
+  // rows the kernels may read whatever w's buffer holds (PackedLinearView::panel_rows,
+  // more than in_features) times the width. Every panel but the last is full.
+  int64_t panel_floats(const kernels::PackedLinearView& w) const {
+    const int64_t last = num_panels() - 1;
+    return std::max(w.panel_rows(is_gemv(0)) * width_of(0), w.panel_rows(is_gemv(last)) * width_of(last));
+  }
 };
 
 // Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
