@@ -133,12 +133,7 @@ def stable_seed(*parts: object) -> int:
 
 
 def random_sparse_weight(
-    out_features: int,
-    in_features: int,
-    sparsity_pct: int,
-    seed: int,
-    block_rows: int = 1,
-    fill: float = 1.0,
+    out_features: int, in_features: int, sparsity_pct: int, seed: int, block_rows: int = 1, fill: float = 1.0
 ) -> Tensor:
     """A float32 ``[out, in]`` weight with exactly ``round(sparsity * blocks)`` zero blocks
     at uniformly random positions, nonzeros drawn from N(0, 1/in_features). Blocks are
@@ -507,13 +502,7 @@ def parse_int_list(text: str) -> list[int]:
 
 
 def add_sweep_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    sparsities: str,
-    tokens: str,
-    threads: str,
-    min_run_time: float = 0.2,
-    rounds: int = 1,
+    parser: argparse.ArgumentParser, *, sparsities: str, tokens: str, threads: str, min_run_time=0.2, rounds=1
 ) -> None:
     """The arguments both benchmarks take, with each script's defaults."""
     for flag, default, what in (

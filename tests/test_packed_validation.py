@@ -41,7 +41,15 @@ def packed_layout(packed):
 _CHILD_PRELUDE = (
     "import sys, torch\nfrom torch_sparsecpu import ops\n"
     f"HEADER_WORDS = {HEADER_WORDS}\n" + inspect.getsource(packed_layout)
-)
+) + textwrap.dedent("""
+    def report(name, call):  # one line per case: refused with a ValueError, or accepted
+        try:
+            call()
+        except ValueError as exc:
+            print(name, "REFUSED:", exc, flush=True)
+        else:
+            print(name, "ACCEPTED", flush=True)
+""")
 
 
 def _set_field(name, value):
@@ -105,12 +113,7 @@ _CORRUPT_CHILD = _CHILD_PRELUDE + textwrap.dedent("""
                  "seg_ptr_huge": seg_ptr + 5, "seg_ptr_decreasing": seg_ptr + 5,
                  "seg_rows_huge": seg_rows + 2}[corruption]
         packed[where] = {"offset_negative": -(1 << 28), "seg_ptr_decreasing": -1}.get(corruption, 1 << 28)
-        try:
-            ops.linear(x, weight, packed)
-        except ValueError as exc:
-            print(corruption, "REFUSED:", exc, flush=True)
-        else:
-            print(corruption, "ACCEPTED", flush=True)
+        report(corruption, lambda: ops.linear(x, weight, packed))
 """)
 
 CONTENT_CORRUPTIONS = ["offset_huge", "offset_negative", "seg_ptr_huge", "seg_ptr_decreasing", "seg_rows_huge"]
@@ -143,12 +146,7 @@ _EDIT_AFTER_CHECK_CHILD = _CHILD_PRELUDE + textwrap.dedent("""
                 packed.data[where] = 1 << 28
             else:
                 packed[where] = 1 << 28
-            try:
-                ops.linear(x, weight, packed)
-            except ValueError as exc:
-                print(mode, "REFUSED:", exc, flush=True)
-            else:
-                print(mode, "ACCEPTED", flush=True)
+            report(mode, lambda: ops.linear(x, weight, packed))
 """)
 
 NO_VERSION_BUMP = ["numpy", "data", "inference_mode"]
@@ -202,7 +200,8 @@ _SCRAMBLE_CHILD = _CHILD_PRELUDE + textwrap.dedent("""
         p1 = pack1()
         yield "linear", lambda p1=p1: ops.linear(x, w1, p1), [p1]
         p1, p2 = pack1(), pack2()
-        yield "chain", lambda p1=p1, p2=p2: ops.linear_chain(x, [w1, w2], [p1, p2], [None, None], ["relu", "none"]), [p1, p2]
+        chain = lambda p1=p1, p2=p2: ops.linear_chain(x, [w1, w2], [p1, p2], [None, None], ["relu", "none"])
+        yield "chain", chain, [p1, p2]
         p1, conv = pack1(), w1.reshape(96, 8, 3, 3)
         image = torch.randn(1, 8, 1, tokens + 2, generator=gen)  # `tokens` output pixels
         yield "conv", lambda p1=p1: ops.conv2d(image, conv, p1, padding=(1, 0)), [p1]
