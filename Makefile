@@ -35,7 +35,7 @@ test: $(BUILD_STAMP)
 lint: $(BUILD_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(MAKE) lint-cpp
+	$(MAKE) --no-print-directory -j $(shell nproc) lint-cpp
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_linear.py
@@ -55,18 +55,21 @@ probe: $(PROBE)
 # (-fsyntax-only: no code is generated, a few seconds per file), with setup.py's -std and
 # -fopenmp and the defines torch's build adds. Torch's and Python's headers come in with
 # -isystem, so only warnings in csrc/ count. Needs torch installed in $(PY).
+# Each source is checked once and again only when it or a header changes (a stamp per
+# file under build/lint; a fresh clone checks them all), in parallel.
+LINT_DIR := build/lint
+CPP_SOURCES := $(sort $(wildcard csrc/*/*.cpp))
+LINT_STAMPS := $(CPP_SOURCES:%.cpp=$(LINT_DIR)/%.ok)
+LINT_CXXFLAGS = -std=c++17 -fopenmp -fno-math-errno -Wall -Wextra -Werror -fsyntax-only \
+  -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
+  $(shell $(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem ' + p for p in include_paths()))") \
+  -isystem $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 .PHONY: lint-cpp
-lint-cpp:
-	@flags="-std=c++17 -fopenmp -fno-math-errno -Wall -Wextra -Werror -fsyntax-only \
-	  -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
-	  $$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem ' + p for p in include_paths()))") \
-	  -isystem $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")"; \
-	status=0; \
-	for source in $$(find csrc -name '*.cpp' | sort); do \
-	  echo "g++ -Wall -Wextra -Werror -fsyntax-only $$source"; \
-	  g++ $$flags $$source || status=1; \
-	done; \
-	exit $$status
+lint-cpp: $(LINT_STAMPS)
+$(LINT_DIR)/%.ok: %.cpp $(wildcard csrc/*/*.h) | $(BUILD_STAMP)
+	@echo "g++ -Wall -Wextra -Werror -fsyntax-only $<"
+	@g++ $(LINT_CXXFLAGS) $<
+	@mkdir -p $(dir $@) && touch $@
 
 # The kernel/op tests under AddressSanitizer + UBSan. The instrumented extension is built
 # into build/sanitize (never over the in-place torch_sparsecpu/_C*.so) next to a copy of
