@@ -270,6 +270,14 @@ def test_large_panels_packed_per_slice(isa, layout):
                 )
 
 
+def _chain_reference(x, weights, biases, activations):
+    """The layers of a chain one after the other in float64."""
+    y = x.double()
+    for w, b, a in zip(weights, biases, activations, strict=True):
+        y = ACTIVATION_REFERENCE[a](F.linear(y, w.double(), None if b is None else b.double()))
+    return y
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("second_k_block", [32, 100, 0])
 def test_linear_chain_pipelined_pair(isa, second_k_block):
@@ -288,9 +296,7 @@ def test_linear_chain_pipelined_pair(isa, second_k_block):
     ]
     for tokens in (5, 64, 130):  # a GEMV panel (not pipelined), one panel, panels on both threads
         x = torch.randn(tokens, features[0])
-        expected = x.double()
-        for w, b, a in zip(weights, biases, acts, strict=True):
-            expected = ACTIVATION_REFERENCE[a](F.linear(expected, w.double(), b.double()))
+        expected = _chain_reference(x, weights, biases, acts)
         with torch_sparsecpu.force_isa(isa):
             actual = ops.linear_chain(x, weights, packed, biases, acts)
         assert_close_rel(
@@ -319,11 +325,7 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
             packed = [ops.pack_linear(w, k_block=32, row_block=16) for w in weights]
             for tokens in (1, 3, 7, 8, 9, 33, 64, 65, 130):
                 x = torch.randn(tokens, features[0])
-                expected = x.double()
-                for w, b, a in zip(weights, biases, acts, strict=True):
-                    expected = ACTIVATION_REFERENCE[a](
-                        F.linear(expected, w.double(), None if b is None else b.double())
-                    )
+                expected = _chain_reference(x, weights, biases, acts)
                 with torch_sparsecpu.force_isa(isa):
                     actual = ops.linear_chain(x, weights, packed, biases, acts)
                 assert_close_rel(
