@@ -12,7 +12,7 @@ from torch import nn
 
 import torch_sparsecpu
 
-from conftest import EAGER, assert_close_rel, compile_sparse, edit_weights, make_model, sparse_op_calls
+from conftest import EAGER, assert_close_rel, compile_sparse, edit_weights, make_model, run_child, sparse_op_calls
 
 STALE_KINDS = [
     "mul_",
@@ -110,3 +110,27 @@ def test_weight_data_swapped_to_another_view_of_the_same_storage(inner):
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
         layer.weight.data = bank[1]
         torch.testing.assert_close(compiled(x), x @ bank[1].T + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_buffer_stays_bound_to_its_freed_weight_when_the_tables_are_swept():
+    """``weight.data = ...`` frees the weight a buffer was first used with; the tables'
+    sweep (as they grow past 64 entries) must not then forget that use, or the next call
+    trusts the buffer for the new weight. A fresh process, so the sweep's threshold is
+    known."""
+    code = """
+import torch
+from torch_sparsecpu import ops
+weight = torch.nn.Parameter(torch.randn(32, 64) * (torch.rand(32, 64) > 0.8), requires_grad=False)
+packed = ops.pack_linear(weight)
+x = torch.randn(4, 64)
+ops.linear(x, weight, packed)
+weight.data = weight.data * 3
+expected = x @ weight.T
+for _ in range(2):  # the first call repacks; the second is the one a lost binding would break
+    torch.testing.assert_close(ops.linear(x, weight, packed), expected, rtol=1e-5, atol=1e-5)
+    for _ in range(100):  # new buffers, each remembered and dropped: the tables are swept
+        other = torch.randn(8, 64)
+        ops.linear(x, other, ops.pack_linear(other))
+print("ok")
+"""
+    assert run_child(code).strip() == "ok"

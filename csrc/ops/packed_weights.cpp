@@ -58,7 +58,7 @@ bool identify(const at::Tensor& t, TensorIdentity* id) {
 //   does not run the buffer;
 // - buffers packed here for such weights (keyed by what the weight reads), valid
 //   while the weight's version is the one they were packed at.
-// Entries whose weight (or buffer) storage has died are swept as the tables grow.
+// As the tables grow, first uses of dead buffers and repacks of dead weights are swept.
 class PackedWeights {
  public:
   at::Tensor packed_for(const at::Tensor& weight, const at::Tensor& packed) {
@@ -136,9 +136,11 @@ class PackedWeights {
 
   void sweep_if_grown() {
     if (first_weight_.size() + repacked_.size() < sweep_at_) return;
+    // A buffer's first use is forgotten only with the buffer: while it lives it stays
+    // bound to its weight, even a weight since freed (`weight.data = ...`), or the
+    // next call would trust it for whatever weight comes.
     for (auto it = first_weight_.begin(); it != first_weight_.end();) {
-      const bool dead = it->second.packed_storage.expired() || it->second.weight_storage.expired();
-      it = dead ? first_weight_.erase(it) : std::next(it);
+      it = it->second.packed_storage.expired() ? first_weight_.erase(it) : std::next(it);
     }
     for (auto it = repacked_.begin(); it != repacked_.end();) {
       it = it->second.weight_storage.expired() ? repacked_.erase(it) : std::next(it);
