@@ -1,11 +1,17 @@
 """What the backend leaves behind in Dynamo's state: explain() must not spend the
 user's recompile budget, and blocks compiled one by one (regional compilation, where
 Dynamo shares one graph between the instances of a class) must each keep their own
-packed weights instead of repacking on every call."""
+packed weights, and builds of what was folded from their tensors, instead of repacking
+or rebuilding on every call."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
+import pytest
 import torch
+import torch.nn.utils.prune as prune
 from torch import nn
 
 import torch_sparsecpu
@@ -30,9 +36,6 @@ def test_explain_leaves_the_recompile_budget_alone():
 
 
 def test_explain_keeps_no_compiled_graph_alive():
-    import gc
-    import weakref
-
     from torch_sparsecpu import backend
 
     graphs = []
@@ -62,6 +65,38 @@ class _Block(nn.Module):
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
+class _ConvBlock(nn.Module):
+    """A convolution whose batch norm the backend folds into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        with torch.no_grad():
+            self.norm.running_mean.normal_()
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
+def _prune_hooked_block(sparsity: float) -> nn.Module:
+    """A block whose weights torch.nn.utils.prune's hook computes on every call."""
+    block = _Block().eval()
+    for layer in (block.fc1, block.fc2):
+        prune.l1_unstructured(layer, "weight", amount=sparsity)
+    return block
+
+
+# How each kind of block is made at a given sparsity, and its input.
+BLOCKS = {
+    "magnitude_pruned": (lambda sparsity: torch_sparsecpu.magnitude_prune_(_Block().eval(), sparsity), (8, 96)),
+    "prune_hooks": (_prune_hooked_block, (8, 96)),
+    "folded_batch_norm": (
+        lambda sparsity: torch_sparsecpu.magnitude_prune_(_ConvBlock().eval(), sparsity, layer_types=(nn.Conv2d,)),
+        (2, 8, 6, 6),
+    ),
+}
+
+
 def _counting(function, calls: list):
     def counted(*args, **kwargs):
         calls.append(args)
@@ -70,15 +105,19 @@ def _counting(function, calls: list):
     return counted
 
 
-def test_regional_compilation_keeps_each_instances_packed_weights(monkeypatch):
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_regional_compilation_keeps_each_instances_packed_weights(kind, monkeypatch):
     """Blocks compiled one by one: Dynamo runs one graph for both instances, and
-    neither may rebuild or repack on every call (a 100x slowdown before)."""
+    neither may rebuild or repack on every call (a 100x slowdown before), also where a
+    build folds an instance's tensors into the graph (a batch norm, a weight computed
+    by a pruning hook). A build keeps no instance alive."""
     from torch_sparsecpu import backend, ops
 
-    blocks = [torch_sparsecpu.magnitude_prune_(_Block().eval(), sparsity) for sparsity in (0.9, 0.85)]
+    make_block, input_shape = BLOCKS[kind]
+    blocks = [make_block(sparsity) for sparsity in (0.9, 0.85)]
     for block in blocks:
         block.compile(backend="sparsecpu", options={"inner": "eager"})
-    x = torch.randn(8, 96)
+    x = torch.randn(input_shape)
     builds, packs = [], []
     monkeypatch.setattr(
         backend.SparseCompiledGraph, "_make_build", _counting(backend.SparseCompiledGraph._make_build, builds)
@@ -94,3 +133,7 @@ def test_regional_compilation_keeps_each_instances_packed_weights(monkeypatch):
                 torch.testing.assert_close(block(x), block.forward(x), rtol=1e-5, atol=1e-5)
     assert not builds and not packs, f"{len(builds)} rebuilds and {len(packs)} repacks in 6 alternating calls"
     assert torch_sparsecpu._C.repacked_weights() == repacked, "the ops repacked a weight that had not changed"
+    second_instance = weakref.ref(blocks.pop())
+    del block
+    gc.collect()
+    assert second_instance() is None, "a compiled graph keeps the second instance alive"

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -105,16 +106,24 @@ def _identity(tensor: torch.Tensor) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class _Watched:
     """A tensor a build baked into the graph (a convolution's weight or bias, or a
-    parameter of the batch norm folded into it): any change of it needs a rebuild.
-    Packed weights are not watched here: the ops check them on every call
-    (csrc/ops/packed_weights.h) and run a buffer packed from the weight as it is."""
+    parameter of the batch norm folded into it; a computed weight's sources, and the
+    constant it became): any change of it needs a rebuild. Packed weights are not
+    watched here: the ops check them on every call (csrc/ops/packed_weights.h) and run a
+    buffer packed from the weight as it is."""
 
-    tensor: torch.Tensor
+    constant: torch.Tensor | None  # a get_attr constant, else None
+    graph_input: weakref.ref | None  # a placeholder's tensor, held weakly: a build keeps no instance alive
     identity: tuple
     input_index: int | None  # its placeholder, or None for a get_attr constant
 
     def is_stale(self, args: Sequence) -> bool:
-        return _identity(self.tensor if self.input_index is None else args[self.input_index]) != self.identity
+        if self.input_index is None:
+            return _identity(self.constant) != self.identity
+        # A dead tensor's address may hold another by now: its identity proves nothing.
+        return self.is_dead() or _identity(args[self.input_index]) != self.identity
+
+    def is_dead(self) -> bool:
+        return self.graph_input is not None and self.graph_input() is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +161,16 @@ class _Build:
 
     def is_stale(self, args: Sequence) -> bool:
         return any(w.is_stale(args) for w in self.watched) or self.snapshot.is_stale(args)
+
+    def is_dead(self) -> bool:
+        """Whether a tensor it was built from is gone (its module instance, say)."""
+        return any(w.is_dead() for w in self.watched)
+
+
+def _watch(tensor: torch.Tensor, input_index: int | None) -> _Watched:
+    if input_index is None:
+        return _Watched(tensor, None, _identity(tensor), None)
+    return _Watched(None, weakref.ref(tensor), _identity(tensor), input_index)
 
 
 def _input_spec(value):
@@ -193,6 +212,10 @@ class SparseCompiledGraph:
         static_nodes = find_static_tensors(gm, example_inputs)
         self._static_input_indices = [i for i, node in enumerate(placeholders) if node in static_nodes]
         self._build = self._make_build(example_inputs, compile_if_dense=False)
+        # One build per set of static inputs (parameters and buffers, by object): under
+        # regional compilation the instances of a module class share this graph, and each
+        # keeps the build folded from its own tensors rather than rebuilding at every switch.
+        self._builds = {self._static_inputs_key(example_inputs): self._build}
         if decisions is not None:
             decisions.extend(self._build.decisions)
 
@@ -214,8 +237,8 @@ class SparseCompiledGraph:
                 new._dynamo_source = old._dynamo_source
         static_source = find_static_tensors(self._source_gm, inputs)
         static = {value_map[node]: value for node, value in static_source.items()}
-        # Inference-only rewrites (chains, folded batch norms) need grad mode off for the
-        # whole graph: off when compiling, and not switched on inside (torch.enable_grad()).
+        # Inference-only rewrites (chains, folded batch norms, computed weights) need grad mode
+        # off for the whole graph: off when compiling, and not switched on inside (torch.enable_grad()).
         inference = not torch.is_grad_enabled() and not any(
             n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes
         )
@@ -225,6 +248,7 @@ class SparseCompiledGraph:
             min_sparsity=self._options.min_sparsity,
             fuse_activations=self._options.fuse_activations,
             fold_batch_norms=self._options.fold_batch_norm and inference,
+            fold_computed_weights=inference,
         )
         if self._options.fuse_layers and inference:
             fuse_sparse_chains(graph)
@@ -244,10 +268,7 @@ class SparseCompiledGraph:
         new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
         new_gm.meta.update(self._source_gm.meta)
         placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
-        watched = [
-            _Watched(static[node], _identity(static[node]), placeholder_index.get(node))
-            for node in rewritten.rebuild_if_changed
-        ]
+        watched = [_watch(static[node], placeholder_index.get(node)) for node in rewritten.rebuild_if_changed]
         compared_by_value = rewritten.compared_by_value
         indices = [placeholder_index.get(node) for node in compared_by_value]
         baked = [static[n] if i is None else None for n, i in zip(compared_by_value, indices, strict=True)]
@@ -267,13 +288,28 @@ class SparseCompiledGraph:
         with torch._guards.tracing(context) if context is not None else contextlib.nullcontext():
             return self._make_build(inputs)
 
+    def _static_inputs_key(self, args: Sequence) -> tuple[int, ...]:
+        return tuple(id(args[i]) for i in self._static_input_indices)
+
+    def _build_for(self, args: Sequence) -> _Build:
+        """The build for the call's static tensors as they are now: the one made from
+        the same tensors before, unless they changed since, else a new one (which
+        replaces it; builds whose tensors died are dropped)."""
+        key = self._static_inputs_key(args)
+        with self._lock:
+            build = self._builds.get(key)
+            if build is None or build.is_stale(args):
+                build = self._rebuilt(args)
+                for dead in [k for k, b in self._builds.items() if b.is_dead()]:
+                    del self._builds[dead]
+                self._builds[key] = build
+            self._build = build
+        return build
+
     def __call__(self, *args):
         build = self._build
         if build.is_stale(args):
-            with self._lock:
-                build = self._build
-                if build.is_stale(args):
-                    build = self._build = self._rebuilt(args)
+            build = self._build_for(args)
         return build.compiled(*args)
 
 

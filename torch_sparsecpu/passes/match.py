@@ -37,12 +37,16 @@ class LayerDecision:
     block_rows: int = 1  # the packed format's nonzero blocks: 1 x 1, or 4 x 1 (ops.default_block_rows)
     kind: str = "linear"  # or "conv2d"
     batch_norm_folded: bool = False  # the eval-mode batch norm after a convolution, folded into it
+    weight_origin: str = ""  # for a weight the graph computes: how ('pruned via torch.nn.utils.prune', ...)
 
     def __str__(self) -> str:
         sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
         blocks = f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
         blocks += "batch norm folded, " if self.batch_norm_folded else ""
-        what = f"sparse, {blocks}activation {self.activation}" if self.taken else f"dense: {self.reason}"
+        origin = f"{self.weight_origin}, " if self.weight_origin else ""
+        what = (
+            f"sparse, {origin}{blocks}activation {self.activation}" if self.taken else f"dense: {origin}{self.reason}"
+        )
         return f"{self.name:<48} {self.kind:<6} [{self.out_features:>5} x {self.in_features:>5}] {sparsity}  {what}"
 
 

@@ -1,17 +1,21 @@
 """Rewrite the linear and conv2d calls that qualify (see match.py), with the batch norm
 and activation that follow, into ``sparsecpu::linear`` / ``sparsecpu::conv2d`` calls that
-read their packed weights with get_attr. Everything else is left exactly as it was."""
+read their packed weights with get_attr. A weight the graph computes from static tensors
+(a pruning mask applied by torch.nn.utils.prune or parametrize, see computed.py) becomes
+a constant first, in inference graphs. Everything else is left exactly as it was."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx as fx
 
 from .. import ops
 from .batch_norm import BatchNormFold, batch_norm_after, fold_batch_norm
+from .computed import ComputedWeight, computed_weight
 from .match import (
     LayerCall,
     LayerDecision,
@@ -21,6 +25,7 @@ from .match import (
     skip_reason,
     under_autocast,
 )
+from .static import example_value
 from .transformer import decompose_encoder_layers
 
 
@@ -37,7 +42,8 @@ class RewriteResult:
     packed_attr_of: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
     # Nodes whose change needs a rebuild: a convolution's weight and bias and its folded
     # batch norm's weight and bias (the op runs a folded copy, so its own check that a
-    # packed buffer matches its weight cannot see them change).
+    # packed buffer matches its weight cannot see them change); a computed weight's
+    # sources and its constant (which Dynamo may hand out as the pruned module's weight).
     rebuild_if_changed: list[fx.Node] = dataclasses.field(default_factory=list)
     # The running statistics of folded batch norms, to compare by value: a training-mode
     # batch norm updates them in place without bumping their version.
@@ -45,6 +51,9 @@ class RewriteResult:
     # One per linear or conv2d call of the graph, in graph order (four for a fused
     # nn.TransformerEncoderLayer call left as it was: its linears).
     decisions: list[LayerDecision] = dataclasses.field(default_factory=list)
+    # The constants that replaced computed weights (get_attr nodes) -> what they were
+    # computed from (its steps are erased from the graph where nothing else read them).
+    computed_weights: dict[fx.Node, ComputedWeight] = dataclasses.field(default_factory=dict)
 
 
 def pack_weight(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear):
@@ -59,15 +68,18 @@ def rewrite_sparse_layers(
     min_sparsity: float,
     fuse_activations: bool,
     fold_batch_norms: bool = False,
+    fold_computed_weights: bool = False,
     pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
 ) -> RewriteResult:
     """Rewrites ``graph`` in place: each linear or conv2d call whose weight is a static
     tensor of ``static`` at least ``min_sparsity`` zeros becomes a sparse op, with the
     activation after it when ``fuse_activations``. ``fold_batch_norms`` (only for graphs
     that need no gradients) folds an eval-mode batch norm that follows a sparse
-    convolution into its weight and bias. A weight used by several calls is packed once.
-    ``nn.TransformerEncoderLayer``'s fused fast path is first opened up into plain ops
-    where its linears could go sparse (transformer.py)."""
+    convolution into its weight and bias. ``fold_computed_weights`` (likewise) evaluates
+    a weight computed from static tensors alone once and, if the layer qualifies with it,
+    reads it as a constant instead (added to ``static``). A weight used by several calls
+    is packed once. ``nn.TransformerEncoderLayer``'s fused fast path is first opened up
+    into plain ops where its linears could go sparse (transformer.py)."""
     result = RewriteResult()
     autocast = under_autocast(graph)
     fast_paths_kept = decompose_encoder_layers(graph, static, min_sparsity=min_sparsity, autocast=autocast)
@@ -78,13 +90,22 @@ def rewrite_sparse_layers(
         call = match_layer(node)
         if call is None:
             continue
-        reason, sparsity = skip_reason(call, static, min_sparsity, autocast)
+        computed = result.computed_weights.get(call.weight) or computed_weight(call.weight, static)
+        origin = "" if computed is None else computed.origin
+        if computed is not None:
+            call = dataclasses.replace(call, name=computed.name)
+        weights = _with_computed_value(static, call.weight, computed) if fold_computed_weights else static
+        reason, sparsity = skip_reason(call, weights, min_sparsity, autocast)
         geometry = None
         if reason is None and call.kind == "conv2d":
             geometry, reason = conv_geometry(node, call.weight_shape)
         if reason is not None:
-            result.decisions.append(call.decision(sparsity, False, reason))
+            if computed is not None and not fold_computed_weights:
+                reason = "weight is computed on every call; only graphs compiled with grad mode off fold it"
+            result.decisions.append(call.decision(sparsity, False, reason, weight_origin=origin))
             continue
+        if call.weight not in static:
+            call = _fold_computed_weight(graph, call, computed, weights[call.weight], static, result)
         fold = None
         if call.kind == "conv2d" and fold_batch_norms:
             fold = batch_norm_after(node, call.bias, static)
@@ -99,10 +120,45 @@ def rewrite_sparse_layers(
                 activation=activation,
                 block_rows=ops.packed_info(result.attributes[attr]).block_rows,
                 batch_norm_folded=fold is not None,
+                weight_origin=origin,
             )
         )
     graph.lint()
     return result
+
+
+def _with_computed_value(static: dict[fx.Node, torch.Tensor], weight, computed: ComputedWeight | None) -> Mapping:
+    """``static`` with the value of ``weight`` added if it is computed (unless an earlier
+    call of the same weight made it a constant already, or it evaluates to no tensor)."""
+    value = None if computed is None or weight in static else computed.evaluate(static)
+    return static if value is None else collections.ChainMap({weight: value}, static)
+
+
+def _fold_computed_weight(
+    graph: fx.Graph,
+    call: LayerCall,
+    computed: ComputedWeight,
+    value: torch.Tensor,
+    static: dict[fx.Node, torch.Tensor],
+    result: RewriteResult,
+) -> LayerCall:
+    """``call`` with its computed weight replaced by a constant holding ``value``: every
+    reader of the weight reads the constant (also Dynamo's output that sets a pruned
+    module's ``weight`` attribute, so the mask is not applied again on every call), and
+    the steps nothing else reads are erased. The constant and the sources are watched."""
+    attr = f"_sparsecpu_computed_{len(result.attributes)}"
+    result.attributes[attr] = value
+    with graph.inserting_before(computed.node):
+        constant = graph.get_attr(attr)
+    constant.meta["example_value"] = example_value(computed.node)
+    computed.node.replace_all_uses_with(constant)
+    for step in reversed(computed.steps):
+        if not step.users:
+            graph.erase_node(step)
+    static[constant] = value
+    result.computed_weights[constant] = computed
+    result.rebuild_if_changed += [constant, *computed.sources]
+    return dataclasses.replace(call, weight=constant)
 
 
 def _packed_attribute(
