@@ -3,6 +3,7 @@
 static.py      which nodes are parameters, buffers or constants; layer names
 match.py       which linear / conv2d calls qualify, why others stay dense, activations
 batch_norm.py  eval-mode batch norms after a convolution, and folding them
+computed.py    weights computed from parameters and buffers alone (pruning masks)
 transformer.py nn.TransformerEncoderLayer's fused fast path, opened up into plain ops
 rewrite.py     the rewrite into sparsecpu::linear / conv2d (RewriteResult, pack_weight)
 chains.py      runs of sparse linears fused into sparsecpu::linear_chain
