@@ -255,7 +255,8 @@ def _first_call(fn: Callable[[], object]) -> tuple[object, float, float]:
 
 
 def _sparse_layers(model: BenchModel, path: BenchPath) -> str | None:
-    """ "taken/total" layers sparse under a sparsecpu path, from torch_sparsecpu.explain."""
+    """How many layers run sparse under a sparsecpu path, as "taken/total" (from
+    torch_sparsecpu.explain); None for other paths."""
     if path.backend != "sparsecpu":
         return None
     decisions = torch_sparsecpu.explain(model.module, *model.inputs, **dict(path.options or {}))
@@ -266,7 +267,7 @@ def run_forward(model: BenchModel, names: Sequence[str], repeats: int, warmup: i
     """Checks, then times one forward call per path; returns (first calls, samples in ms)."""
     calls = {name: functools.partial(PATHS[name].prepare(model.module), *model.inputs) for name in names}
     first: dict[str, FirstCall] = {}
-    expected = None
+    expected = None  # eager's output: names[0] is eager
     for name in _progress(names, "first calls (compiling) and checks"):
         result, compile_s, peak = _first_call(calls[name])
         output = model.output(result)
@@ -353,7 +354,7 @@ def run_decode(model: BenchModel, names: Sequence[str], repeats: int, warmup: in
         for name in names
     }
     first: dict[str, FirstCall] = {}
-    expected = None
+    expected = None  # eager's tokens: names[0] is eager
     for name in _progress(names, "first generate() calls (compiling) and checks"):
         timing, compile_s, peak = _first_call(calls[name])
         expected = timing.tokens if expected is None else expected
