@@ -18,7 +18,7 @@ from torch import nn
 
 from torch_sparsecpu.bench import cli
 from torch_sparsecpu.bench.measure import percentile, relative_error
-from torch_sparsecpu.bench.models import IMAGE, build_model, is_causal_lm_type, resolve_model
+from torch_sparsecpu.bench.models import IMAGE, ConfigFieldError, build_model, is_causal_lm_type, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 # A small mlp: 64 -> 256 -> GELU -> 64 on 8 rows, so compiling and timing take seconds.
@@ -63,6 +63,19 @@ def test_bad_argument_exits_2_with_one_line_naming_it(arguments, named, capsys):
     lines = captured.err.splitlines()
     assert len(lines) == 1 and named in lines[0], captured.err
     assert captured.out == ""
+
+
+def test_plot_without_matplotlib_is_an_argument_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--plot", str(tmp_path / "bench.png")])
+    assert exited.value.code == 2 and "--plot: needs matplotlib" in capsys.readouterr().err
+
+
+def test_no_progress_bars_without_tqdm(monkeypatch):
+    rounds = range(3)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert cli._progress(rounds, "timing") is rounds
 
 
 def test_block_error_says_which_blocks_exist(capsys):
@@ -177,6 +190,13 @@ def test_named_models_prune_only_their_recipe_layers():
     assert (model.module.lm_head.weight != 0).all()
     assert spec.causal_lm and is_causal_lm_type("gpt2") and not is_causal_lm_type("bert")
     assert resolve_model("vit").input_kind == IMAGE
+
+
+def test_config_field_errors_suggest_the_field_meant():
+    with pytest.raises(ConfigFieldError, match="no field 'hidden_siz'; did you mean hidden_size"):
+        resolve_model("gpt2", {"hidden_siz": 64})  # an alias of GPT2Config's n_embd
+    with pytest.raises(ConfigFieldError, match="did you mean intermediate_size"):
+        resolve_model("mlp", {"intermediate": 64})
 
 
 def test_percentile_interpolates_like_torch_quantile():

@@ -174,7 +174,7 @@ def resolve_model(name: str, overrides: Mapping[str, object] | None = None) -> M
         else:
             model_class = getattr(_transformers(), recipe.model_class)
             input_kind = _input_kind(model_class, name)
-        fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config.to_dict()
+        fields = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
         return ModelSpec(
             name=name,
             description=recipe.description.format(**fields),
@@ -201,11 +201,10 @@ def _resolve_hf_model_type(model_type: str, overrides: dict[str, object]) -> Mod
     from transformers.models.auto import configuration_auto, modeling_auto
 
     if model_type not in configuration_auto.CONFIG_MAPPING_NAMES:
-        close = difflib.get_close_matches(model_type, [*NAMED_MODELS, *configuration_auto.CONFIG_MAPPING_NAMES], n=3)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ValueError(
             f"unknown model {model_type!r}: give one of {', '.join(NAMED_MODELS)} or a Hugging Face model type "
-            f"(gpt2, llama, vit, ...: transformers.AutoConfig.for_model){hint}"
+            "(gpt2, llama, vit, ...: transformers.AutoConfig.for_model)"
+            + _did_you_mean(model_type, [*NAMED_MODELS, *configuration_auto.CONFIG_MAPPING_NAMES])
         )
     config = _configured(functools.partial(transformers.AutoConfig.for_model, model_type), overrides, model_type)
     causal_lm = is_causal_lm_type(model_type)
@@ -218,7 +217,9 @@ def _resolve_hf_model_type(model_type: str, overrides: dict[str, object]) -> Mod
 
     return ModelSpec(
         name=model_type,
-        description=f"HF {model_class.__name__}, default {type(config).__name__}, linears and convolutions pruned"
+        description=f"HF {model_class.__name__} from {type(config).__name__}"
+        + "".join(f", {key}={value!r}" for key, value in overrides.items())
+        + ", linears and convolutions pruned"
         + (" (LM head dense)" if causal_lm else ""),
         config=config,
         model_class=model_class,
@@ -236,19 +237,22 @@ def _configured(make_config: Callable[..., object], overrides: Mapping[str, obje
     the constructor, rather than setting them after, keeps derived fields (a Llama's
     head_dim) consistent."""
     default = make_config()
-    if dataclasses.is_dataclass(default):
-        fields = [f.name for f in dataclasses.fields(default)]
-    else:  # a transformers config: its attributes and their aliases (GPT-2's hidden_size is n_embd)
-        fields = [*vars(default), *getattr(default, "attribute_map", {})]
+    # its public attributes, and the aliases of a transformers config (GPT-2's hidden_size is n_embd)
+    fields = [key for key in [*vars(default), *getattr(default, "attribute_map", {})] if not key.startswith("_")]
     for key in overrides:
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigFieldError(f"{name}'s {type(default).__name__} has no field {key!r}{hint}")
+            raise ConfigFieldError(
+                f"{name}'s {type(default).__name__} has no field {key!r}" + _did_you_mean(key, fields)
+            )
     try:
         return make_config(**overrides)
     except (TypeError, ValueError) as error:
         raise ConfigFieldError(f"{name}'s {type(default).__name__} refuses {dict(overrides)}: {error}") from None
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def _input_kind(model_class: type[nn.Module], name: str) -> str:
