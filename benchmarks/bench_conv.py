@@ -27,23 +27,18 @@ from torch import nn
 
 import torch_sparsecpu
 from torch_sparsecpu import ops
+from torch_sparsecpu.bench.models import build_model, resolve_model
 
 from common import check_then_time
 
-MODELS = {
-    "resnet50": ("ResNetModel", "ResNetConfig"),
-    "mobilenetv2": ("MobileNetV2Model", "MobileNetV2Config"),
-}
+# --model choice: its name in torch_sparsecpu.bench.models
+MODELS = {"resnet50": "resnet50", "mobilenetv2": "mobilenet-v2"}
 
 
 def conv_layers(model_name: str, sparsity: float, image: int) -> list[tuple[nn.Conv2d, tuple[int, ...], int]]:
     """(layer, input shape, how many layers share both) for each distinct ungrouped
     convolution of the model, pruned, in the order the forward runs them."""
-    import transformers
-
-    model_class, config_class = (getattr(transformers, name) for name in MODELS[model_name])
-    model = model_class(config_class()).eval()
-    torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,))
+    model = build_model(resolve_model(MODELS[model_name]), sparsity=sparsity).module
     seen: dict[tuple, list] = {}
 
     def record(layer, inputs, _output):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_sparsecpu
+from torch_sparsecpu.bench.models import build_model, resolve_model
 
 from common import check_then_time
 
@@ -102,11 +103,7 @@ def two_blocks(threads: int, rounds: int, min_run_time: float) -> None:
 
 
 def bert_layer_by_layer(threads: int, rounds: int, min_run_time: float) -> None:
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False).eval()
-    torch_sparsecpu.magnitude_prune_(model, 0.9, name_filter=lambda name: name.startswith("encoder."))
+    model = build_model(resolve_model("bert-base"), sparsity=0.9).module
     layered = copy.deepcopy(model)
     for layer in layered.encoder.layer:
         layer.compile(backend="sparsecpu")

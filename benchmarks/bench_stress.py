@@ -21,6 +21,7 @@ import time
 import torch
 
 import torch_sparsecpu
+from torch_sparsecpu.bench.models import build_model, resolve_model
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -28,15 +29,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE / 2**20
-
-
-def bert_base(sparsity: float):
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False).eval()
-    torch_sparsecpu.magnitude_prune_(model, sparsity, name_filter=lambda name: name.startswith("encoder."))
-    return model
 
 
 def main() -> int:
@@ -56,7 +48,7 @@ def main() -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    model = bert_base(args.sparsity)
+    model = build_model(resolve_model("bert-base"), sparsity=args.sparsity).module
     compiled = torch.compile(model, backend="sparsecpu")
     inputs = [
         torch.randint(0, 30522, (1, args.tokens), generator=torch.Generator().manual_seed(i))

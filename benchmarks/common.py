@@ -10,7 +10,7 @@ One place for each idea:
 - the correctness check every implementation passes before it is timed (a benchmark that
   could print a wrong-answer speed-up is a bug);
 - median timing with ``torch.utils.benchmark``, in rounds that interleave the three
-  implementations;
+  implementations (``torch_sparsecpu.bench.measure.interleaved_rounds``);
 - the sweep over shapes x sparsities x tokens x threads, its runtime estimate, and
   plain-text / markdown tables of the results.
 """
@@ -18,6 +18,7 @@ One place for each idea:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
 import torch_sparsecpu
+from torch_sparsecpu.bench.measure import cpu_model_name, interleaved_rounds, relative_error
 from torch_sparsecpu.kernels import torch_threads
 
 SHAPES_FILE = Path(__file__).with_name("shapes.json")
@@ -260,14 +262,12 @@ def check_then_time(
     with torch_threads(threads):
         expected = candidates[reference]()
         for name, fn in candidates.items():
-            error = (fn() - expected).abs().nan_to_num(nan=float("inf")).max().item()
-            if not error <= tolerance * expected.abs().max().item():
-                sys.exit(f"error: {name}: wrong result (max error {error:.3g}), no timings reported")
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            times[name].append(median_ms(fn, threads, min_run_time))
-    return times
+            error = relative_error(fn(), expected)
+            if not error <= tolerance:
+                sys.exit(f"error: {name}: wrong result (max error {error:.3g} relative), no timings reported")
+    return interleaved_rounds(
+        candidates, rounds, functools.partial(median_ms, threads=threads, min_run_time=min_run_time)
+    )
 
 
 # --------------------------------------------------------------------------- results
@@ -402,10 +402,8 @@ def run_sweep(
                     with torch_threads(case.threads):
                         for name in ("csr", "sparsecpu"):
                             check_against_reference(name, candidates[name](), reference, case)
-                    times: dict[str, list[float]] = {name: [] for name in candidates}
-                    for _ in range(rounds):
-                        for name, fn in candidates.items():
-                            times[name].append(median_ms(fn, case.threads, min_run_time))
+                    measure = functools.partial(median_ms, threads=case.threads, min_run_time=min_run_time)
+                    times = interleaved_rounds(candidates, rounds, measure)
                     results.append(
                         CaseResult(
                             case=case,
@@ -577,16 +575,6 @@ def validate_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     cpus = os.cpu_count() or 1
     if max(args.threads) > cpus:
         print(f"warning: --threads {max(args.threads)} is more than this machine's {cpus} CPUs", file=sys.stderr)
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1, block_rows: int = 1) -> dict:

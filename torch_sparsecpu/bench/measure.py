@@ -1,0 +1,94 @@
+"""What the benchmarks measure and how: interleaved timing rounds, percentiles, the
+relative error a compiled path is checked by, peak resident memory, the CPU's name."""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+import resource
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+
+def interleaved_rounds(
+    candidates: Mapping[str, Callable[[], object]],
+    rounds: int,
+    measure: Callable[[Callable[[], object]], float],
+    progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+) -> dict[str, list[float]]:
+    """``measure(fn)`` of every candidate once per round, the candidates in turn, for
+    ``rounds`` rounds; returns the samples per candidate in round order. Timing the
+    candidates one after another, rather than each for a while, makes a slow spell of a
+    noisy machine hit all of them alike: compare medians over rounds. ``progress`` wraps
+    the rounds (a progress bar)."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in progress(range(rounds)):
+        for name, fn in candidates.items():
+            samples[name].append(measure(fn))
+    return samples
+
+
+def call_ms(fn: Callable[[], object]) -> float:
+    """Wall time of one ``fn()`` call in milliseconds (a whole model call: long enough
+    that the clock's resolution does not matter)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples``, interpolating between the two
+    nearest ranks (numpy's default): 50 is the median."""
+    ordered = sorted(samples)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the correctness contract's measure. A NaN
+    counts as infinitely wrong, so does another shape; two all-zero results agree."""
+    if actual.shape != expected.shape:
+        return math.inf
+    difference = (actual.double() - expected.double()).abs().nan_to_num(nan=math.inf)
+    error = difference.max().item() if difference.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return error / scale if scale else (0.0 if error == 0 else math.inf)
+
+
+# Linux resets the peak resident set size (VmHWM) of a process that writes "5" here.
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Starts a new peak for :func:`peak_rss_mb`; False where the OS does not allow it
+    (the peak is then the process's since it started)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MiB since :func:`reset_peak_rss` (or since
+    the process started)."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
