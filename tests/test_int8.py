@@ -285,3 +285,62 @@ def test_opcheck_int8():
     for tokens in (3, 17):
         args = (torch.randn(tokens, 20), weight, packed, torch.randn(9), "gelu")
         torch.library.opcheck(torch.ops.sparsecpu.linear.default, args)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_chain_int8(isa):
+    """A chain of int8 layers equals the same layers run one by one (bitwise: exact sums,
+    the same epilogue whatever the panel width); with an fp32 layer in it, within that
+    layer's rounding."""
+    widths = [70, 96, 40, 24]
+    weights = [wide_weight(widths[i + 1], widths[i], 0.6) for i in range(3)]
+    biases = [torch.randn(n) for n in widths[1:]]
+    acts = ["gelu", "relu", "none"]
+    for quantized in ([True, True, True], [True, False, True], [False, True, False]):
+        packed = [ops.pack_linear(w, quantize="int8" if q else None) for w, q in zip(weights, quantized, strict=True)]
+        for tokens in (1, 5, 8, 37, 133):
+            x = torch.randn(tokens, widths[0])
+            with torch_sparsecpu.force_isa(isa):
+                y = ops.linear_chain(x, weights, packed, biases, acts)
+                expected = x
+                for w, p, b, a in zip(weights, packed, biases, acts, strict=True):
+                    expected = ops.linear(expected, w, p, b, a)
+            what = f"isa={isa} int8 layers={quantized} tokens={tokens}"
+            if all(quantized):
+                assert torch.equal(y, expected), what
+            else:
+                assert (y - expected).abs().max() <= 1e-4 * expected.abs().max(), what
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv2d_int8(isa):
+    """A convolution with an int8 buffer: each output pixel's features (channel, kernel
+    row, kernel column, zero padding included) quantized as one token, for the 1 x 1
+    (strided, channels-last) and k x k paths."""
+    torch.manual_seed(3)
+    geometries = ((1, 1, 0, False), (1, 2, 0, True), (3, 1, 1, False), (3, 2, 1, True))
+    for kernel, stride, padding, channels_last in geometries:
+        weight = torch.randn(24, 8, kernel, kernel) * (torch.rand(24, 8, kernel, kernel) > 0.5)
+        packed = ops.pack_linear(weight.flatten(1), quantize="int8", block_cols=4)
+        x = torch.randn(2, 8, 9, 7)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch_sparsecpu.force_isa(isa):
+            y = ops.conv2d(x, weight, packed, stride=stride, padding=padding)
+        columns = F.unfold(x, kernel, padding=padding, stride=stride)  # [batch, features, pixels]
+        expected = int8_reference(columns.transpose(1, 2), weight.flatten(1)).transpose(1, 2).reshape(y.shape)
+        assert torch.equal(y.contiguous(), expected), f"isa={isa} kernel={kernel} stride={stride} {channels_last=}"
+
+
+def test_autograd_of_an_int8_buffer_is_the_fp32_layers():
+    """Gradients flow through the fp32 weight, as for an fp32 buffer: grad_input = grad @ W,
+    grad_weight = grad^T x (the forward is the int8 one)."""
+    weight = wide_weight(16, 32, 0.5).requires_grad_()
+    packed = ops.pack_linear(weight.detach(), quantize="int8")
+    x = torch.randn(5, 32, requires_grad=True)
+    grad = torch.randn(5, 16)
+    y = ops.linear(x, weight, packed)
+    assert torch.equal(y.detach(), int8_reference(x.detach(), weight.detach()))
+    y.backward(grad)
+    assert torch.allclose(x.grad, grad @ weight.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(weight.grad, grad.T @ x.detach(), rtol=1e-5, atol=1e-6)
