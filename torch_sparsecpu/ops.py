@@ -31,8 +31,10 @@ WIDE_BLOCK_COLS = _C.WIDE_BLOCK_COLS  # features of an int8 1 x 4 block (kWideBl
 # int8 1 x 4 blocks are chosen when this fraction of their stored values is nonzero (see
 # default_block_cols).
 WIDE_BLOCK_MIN_FILL = 0.5
-# int8 K-blocks are this many times wider than fp32's (see default_k_block).
+# int8 K-blocks are this many times wider than fp32's, those of 1 x 1 blocks at most
+# INT8_1X1_MAX_K_BLOCK features (see default_k_block).
 INT8_K_BLOCK_FACTOR = 4
+INT8_1X1_MAX_K_BLOCK = 256
 # int8 buffers take at most this many input features (int32 sums; kMaxInt8InFeatures).
 INT8_MAX_IN_FEATURES = 131072
 
@@ -92,7 +94,9 @@ def default_k_block(weight: Tensor, block_rows: int = 1, *, quantize: str | None
     128 and at most 65536 (one block for inputs narrower than that). With ``block_rows``
     4 (``block_cols`` 4) the density is that of the 4 x 1 (1 x 4) blocks. An int8 buffer
     (``quantize="int8"``) gets K-blocks ``INT8_K_BLOCK_FACTOR`` times wider: its panel is a
-    quarter of fp32's bytes, so as many of them stay in L1.
+    quarter of fp32's bytes, so as many of them stay in L1; with 1 x 1 blocks at most 256,
+    so that the 1-token kernel of AVX-512 VBMI CPUs holds a K-block in four registers
+    (docs/kernels.md#int8-gemv).
 
     A K-block of 128 features is 32 KiB of a 64-token panel: it stays in L1. But each row
     pays a fixed cost per K-block (its partial sums go to and from the tile), so at high
@@ -108,7 +112,7 @@ def default_k_block(weight: Tensor, block_rows: int = 1, *, quantize: str | None
     while k_block < 16 / density and k_block < 65536:
         k_block *= 2
     if quantize is not None:
-        k_block = min(k_block * INT8_K_BLOCK_FACTOR, 65536)
+        k_block = min(k_block * INT8_K_BLOCK_FACTOR, 65536 if block_cols != 1 else INT8_1X1_MAX_K_BLOCK)
     return k_block
 
 

@@ -266,7 +266,8 @@ float activate_scalar(float x, Activation act);
 // feature 4q + c of token t at quads[(q * panel_width + t) * 4 + c]: one SIMD load of
 // 4 * kWidth bytes is 4 features of kWidth tokens, the operand of a 4-way int8 dot product
 // per token. Tokens past the real ones and features past in_features are 0 (a padding
-// token has scale 0). The kernels may read w.panel_rows(gemv) / 4 quads (allocate them).
+// token has scale 0). The kernels may read w.panel_rows(gemv) / 4 quads and, for a
+// 1-token GEMV panel, 3 bytes past them (allocate them).
 struct QuantizedPanel {
   uint8_t* quads;
   float* scales;         // [panel_width]: each token's scale; NaN for a token with a non-finite value

@@ -34,6 +34,19 @@ struct IVec {
   static T dot4(T acc, T x, T w) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
   }
+  static int32_t sum(T v) {
+    const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    const __m128i quarter = _mm_add_epi32(half, _mm_unpackhi_epi64(half, half));
+    return _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 1)));
+  }
+  static T widen_bytes(const int8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static T gather(const uint8_t* base, const uint16_t* offsets, uint32_t mask) {
+    const __m256i lanes = _mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets))),
+                                           _mm256_set1_epi32(static_cast<int32_t>(mask)));
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), lanes, 1);
+  }
 };
 
 #include "spmm_qd8_simd-inl.h"

@@ -5,7 +5,10 @@
 // switched on its ISA (`#pragma GCC target`) and defined `Vec` (the float operations of
 // spmm_f32_simd-inl.h) and `IVec`, its int32 register of kWidth tokens:
 //   IVec::T, IVec::kWidth (== Vec::kWidth), zero, set1, load, store (unaligned, any
-//   pointer), load_first(p, Vec::Mask) (masked, as Vec::load_first), sub, mullo, to_float;
+//   pointer), load_first(p, Vec::Mask) (masked, as Vec::load_first), add, sub, mullo,
+//   to_float, sum (of the lanes, modulo 2^32); widen_bytes(p): kWidth int8 values, each
+//   zero-extended into its lane; gather(base, offsets, mask): lane i the 4 bytes at
+//   base + (offsets[i] & mask), for kWidth uint16 offsets;
 //   dot4(acc, x, w): acc plus, in each int32 lane, the 4 products of x's unsigned bytes
 //   and w's signed bytes (exact for x <= 127: vpmaddubsw cannot saturate, see
 //   docs/kernels.md#int8-kernels).
@@ -112,6 +115,21 @@ inline void add_first_int_lanes(IVec::T lanes, int n, float* out) {
   for (int i = 0; i < n; ++i) sums[i] += static_cast<uint32_t>(values[i]);
 }
 
+// After a GEMV tile's last K-block: each row's `tokens` sums (the first lanes of one
+// register) dequantized and activated in place; the neighbouring row block's partial
+// sums may follow the tile: masked.
+inline void finish_gemv_tile(const PackedLinearView& w, int64_t rb, const QuantizedPanel& panel, int64_t tokens,
+                             const float* bias, Activation act, float* tile) {
+  const Vec::Mask lanes = Vec::first(static_cast<int>(tokens));
+  const IVec::T zero_points = IVec::load_first(panel.zero_points, lanes);
+  const Vec::T scales = Vec::load_first(panel.scales, lanes);
+  for (int64_t r = 0; r < w.rows_in_block(rb); ++r) {
+    float* at = tile + r * tokens;
+    const RowDequantization row(w, rb * w.row_block + r, bias);
+    Vec::store_first(at, activate(row.apply(IVec::load_first(at, lanes), zero_points, scales), act), lanes);
+  }
+}
+
 // spmv_qd8_f32_qc8w_1x<kBlockCols>x<kTokens>: few tokens (as spmv_register_tile in
 // spmm_f32_simd-inl.h). The panel is [quads][kTokens][4] and the tile [rows][kTokens],
 // unpadded: a quad's kTokens x 4 bytes are the first kTokens int32 lanes of one masked
@@ -123,7 +141,7 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_qd8_register_
     const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end, const QuantizedPanel& panel,
     const float* bias, Activation act, float* tile) {
   static_assert(kTokens <= IVec::kWidth, "a quad's tokens fill one register at most");
-  const int64_t rows = w.rows_in_block(rb), groups = w.segments_in_block(rb), first_row = rb * w.row_block;
+  const int64_t rows = w.rows_in_block(rb), groups = w.segments_in_block(rb);
   if (kb_begin == 0) __builtin_memset(tile, 0, static_cast<size_t>(rows * kTokens) * sizeof(float));
   const Vec::Mask tokens = Vec::first(kTokens);
   const uint32_t last_row = static_cast<uint32_t>(rows - 1), blocks = w.blocks;
@@ -139,27 +157,27 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_qd8_register_
       const int32_t end = clamp_index(seg[s + 1], blocks);
       next = end;
       if (kTokens == 1) {
-        // One token: its quad is 4 consecutive bytes, feature f at quads_kb[f].
-        uint32_t acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
-        if (kBlockCols == 4) {
-          for (; j < end; ++j) {
-            const uint8_t* x = quads_kb + (w.offsets[j] & ~3u);
-            const int8_t* value = w.int8_values + static_cast<int64_t>(j) * 4;
-            acc0 += static_cast<uint32_t>(value[0] * x[0]);
-            acc1 += static_cast<uint32_t>(value[1] * x[1]);
-            acc2 += static_cast<uint32_t>(value[2] * x[2]);
-            acc3 += static_cast<uint32_t>(value[3] * x[3]);
+        // One token: its quad is 4 consecutive bytes, feature f at quads_kb[f]. kWidth
+        // blocks at a time: their quads gathered (one dword per lane, the lane's block's
+        // quad; a 1 x 1 block's feature in byte 0 of a dword that starts at it) against
+        // their weights (a 1 x 4 block's 4 bytes; a 1 x 1 block's byte, zero-extended:
+        // the other 3 bytes of its dword count 0), two accumulators for dot4's latency.
+        IVec::T acc[2] = {IVec::zero(), IVec::zero()};
+        const uint32_t quad = kBlockCols == 4 ? ~3u : ~0u;
+        for (; j + 2 * IVec::kWidth <= end; j += 2 * IVec::kWidth) {
+          for (int q = 0; q < 2; ++q) {
+            const int32_t i = j + q * static_cast<int32_t>(IVec::kWidth);
+            const IVec::T weights = kBlockCols == 4 ? IVec::load(w.int8_values + static_cast<int64_t>(i) * 4)
+                                                    : IVec::widen_bytes(w.int8_values + i);
+            acc[q] = IVec::dot4(acc[q], IVec::gather(quads_kb, w.offsets + i, quad), weights);
           }
-        } else {
-          for (; j + 4 <= end; j += 4) {
-            acc0 += static_cast<uint32_t>(w.int8_values[j] * quads_kb[w.offsets[j]]);
-            acc1 += static_cast<uint32_t>(w.int8_values[j + 1] * quads_kb[w.offsets[j + 1]]);
-            acc2 += static_cast<uint32_t>(w.int8_values[j + 2] * quads_kb[w.offsets[j + 2]]);
-            acc3 += static_cast<uint32_t>(w.int8_values[j + 3] * quads_kb[w.offsets[j + 3]]);
-          }
-          for (; j < end; ++j) acc0 += static_cast<uint32_t>(w.int8_values[j] * quads_kb[w.offsets[j]]);
         }
-        *reinterpret_cast<uint32_t*>(out) += (acc0 + acc1) + (acc2 + acc3);
+        uint32_t rest = 0;
+        for (; j < end; ++j) {
+          const uint8_t* x = quads_kb + (w.offsets[j] & quad);
+          for (int c = 0; c < kBlockCols; ++c) rest += static_cast<uint32_t>(w.int8_values[j * kBlockCols + c] * x[c]);
+        }
+        *reinterpret_cast<uint32_t*>(out) += rest + static_cast<uint32_t>(IVec::sum(IVec::add(acc[0], acc[1])));
         continue;
       }
       IVec::T acc[4] = {IVec::zero(), IVec::zero(), IVec::zero(), IVec::zero()};
@@ -175,16 +193,7 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void spmv_qd8_register_
       add_first_int_lanes(IVec::add(IVec::add(acc[0], acc[1]), IVec::add(acc[2], acc[3])), kTokens, out);
     }
   }
-  if (kb_end != w.num_k_blocks) return;
-  // Each row's kTokens sums (the first lanes of one register) dequantized and activated
-  // in place; the neighbouring row block's partial sums may follow the tile: masked.
-  const IVec::T zero_points = IVec::load_first(panel.zero_points, tokens);
-  const Vec::T scales = Vec::load_first(panel.scales, tokens);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* at = tile + r * kTokens;
-    const RowDequantization row(w, first_row + r, bias);
-    Vec::store_first(at, activate(row.apply(IVec::load_first(at, tokens), zero_points, scales), act), tokens);
-  }
+  if (kb_end == w.num_k_blocks) finish_gemv_tile(w, rb, panel, kTokens, bias, act, tile);
 }
 
 // `case N:` running tile_fn<1 or 4, N> for the buffer's block shape (1 x 1 or 1 x 4).

@@ -129,13 +129,15 @@ class ScratchBuffer {
 };
 
 // The quantized panel (kernels::QuantizedPanel) of an int8 layer w in a scratch buffer:
-// w.panel_rows(gemv) x width bytes of quads, then the tokens' scales and zero points.
+// w.panel_rows(gemv) x width bytes of quads and one spare word (a 1-token GEMV kernel
+// gathers whole dwords, 3 bytes past its last feature), then the tokens' scales and
+// zero points.
 inline int64_t quantized_panel_floats(const kernels::PackedLinearView& w, bool gemv, int64_t width) {
-  return ceil_div(w.panel_rows(gemv) * width, 4) + 2 * width;
+  return ceil_div(w.panel_rows(gemv) * width, 4) + 1 + 2 * width;
 }
 inline kernels::QuantizedPanel quantized_panel_at(float* buffer, const kernels::PackedLinearView& w, bool gemv,
                                                  int64_t width) {
-  float* scales = buffer + ceil_div(w.panel_rows(gemv) * width, 4);
+  float* scales = buffer + ceil_div(w.panel_rows(gemv) * width, 4) + 1;
   return {reinterpret_cast<uint8_t*>(buffer), scales, reinterpret_cast<int32_t*>(scales + width)};
 }
 
