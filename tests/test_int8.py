@@ -228,7 +228,9 @@ def test_default_block_cols_and_k_block():
     assert ops.default_block_cols(wide_weight(64, 128, 0.9)) == 4
     assert ops.default_block_cols(sparse_weight(64, 128, 0.9)) == 1
     weight = wide_weight(64, 1024, 0.9)
-    assert ops.default_k_block(weight, quantize="int8", block_cols=4) == 4 * ops.default_k_block(weight, block_cols=4)
+    wider = ops.INT8_K_BLOCK_FACTOR * ops.default_k_block(weight, block_cols=4)
+    assert ops.default_k_block(weight, quantize="int8", block_cols=4) == wider
+    assert ops.default_k_block(sparse_weight(64, 4096, 0.99), quantize="int8", block_cols=1) == 256
     assert ops.packed_info(ops.pack_linear(weight, quantize="int8")).block_cols == 4
 
 

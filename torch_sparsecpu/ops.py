@@ -33,7 +33,7 @@ WIDE_BLOCK_COLS = _C.WIDE_BLOCK_COLS  # features of an int8 1 x 4 block (kWideBl
 WIDE_BLOCK_MIN_FILL = 0.5
 # int8 K-blocks are this many times wider than fp32's, those of 1 x 1 blocks at most
 # INT8_1X1_MAX_K_BLOCK features (see default_k_block).
-INT8_K_BLOCK_FACTOR = 4
+INT8_K_BLOCK_FACTOR = 2
 INT8_1X1_MAX_K_BLOCK = 256
 # int8 buffers take at most this many input features (int32 sums; kMaxInt8InFeatures).
 INT8_MAX_IN_FEATURES = 131072
