@@ -346,3 +346,26 @@ def test_autograd_of_an_int8_buffer_is_the_fp32_layers():
     y.backward(grad)
     assert torch.allclose(x.grad, grad @ weight.detach(), rtol=1e-5, atol=1e-6)
     assert torch.allclose(weight.grad, grad.T @ x.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_magnitude_prune_in_1x4_blocks():
+    """block_cols=4: the sparsity fraction of 1 x 4 blocks (4 consecutive input features of
+    a row) with the smallest L2 norm become zero, whole; a layer whose input count is not a
+    multiple of 4 is pruned weight by weight; the result packs as 1 x 4 int8 blocks."""
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(64, 6), torch.nn.Linear(6, 8))
+    before = [layer.weight.detach().clone() for layer in model]
+    torch_sparsecpu.magnitude_prune_(model, 0.75, block_cols=4)
+    for layer, original in zip(model, before, strict=True):
+        cols = 4 if original.size(1) % 4 == 0 else 1
+        norms = original.reshape(original.size(0), -1, cols).norm(dim=2)
+        zero = layer.weight.detach().reshape(original.size(0), -1, cols).eq(0).all(dim=2)
+        assert int(zero.sum()) == round(0.75 * zero.numel())
+        assert norms[zero].max() <= norms[~zero].min()
+    assert ops.default_block_cols(model[0].weight.detach()) == 4
+    assert ops.packed_info(ops.pack_linear(model[0].weight.detach(), quantize="int8")).block_cols == 4
+    with pytest.raises(ValueError, match="block_cols"):
+        torch_sparsecpu.magnitude_prune_(model, 0.5, block_cols=2)
+    with pytest.raises(ValueError, match="one block shape"):
+        torch_sparsecpu.magnitude_prune_(model, 0.5, block_rows=4, block_cols=4)
+    with pytest.raises(TypeError, match="block_cols"):
+        torch_sparsecpu.magnitude_prune_(model, 0.5, block_cols=4.0)
