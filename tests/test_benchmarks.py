@@ -35,6 +35,29 @@ def test_bench_linear_prints_one_row_per_case(capsys):
     assert len(rows) == 2 and all(" 90 " in row and " 9 " in row for row in rows)
 
 
+def test_bench_linear_quantize_int8_adds_the_int8_columns(capsys):
+    run_main(bench_linear, "--sparsities 90 --tokens 9 --threads 1 --min-run-time 0.01 --block-cols 4 --quantize int8")
+    out = capsys.readouterr().out
+    assert "zeros in random 1x4 blocks" in out and "int8 x fp32" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("bert.")]
+    assert len(rows) == 2 and all(len(row) == 15 and float(row[-3]) > 0 for row in rows)
+
+
+def test_sweep_refuses_a_wrong_int8_answer(monkeypatch):
+    real = common.implementations
+
+    def wrong_int8(layer, x):
+        candidates = real(layer, x)
+        right = candidates["sparsecpu_int8"]
+        candidates["sparsecpu_int8"] = lambda: right() * (1 + 1e-3)  # within int8's error of dense, not exact
+        return candidates
+
+    monkeypatch.setattr(common, "implementations", wrong_int8)
+    shape = common.LayerShape(name="tiny", model="test", out_features=16, in_features=24)
+    with pytest.raises(common.ResultMismatch, match="int8 differs"):
+        common.run_sweep(common.enumerate_cases([shape], [50], [5], [1]), 0.01, "test", quantize="int8")
+
+
 def test_sweep_times_every_implementation_each_round(monkeypatch):
     calls = []
     monkeypatch.setattr(common, "median_ms", lambda fn, threads, min_run_time: calls.append(fn) or 1.0)

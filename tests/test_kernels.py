@@ -212,8 +212,8 @@ def test_packed_header():
     weight = sparse_weight(70, 300, 0.9)
     packed = ops.pack_linear(weight, k_block=128, row_block=32)
     nnz = int(torch.count_nonzero(weight))
-    # version, out, in, k_block, K-blocks, row_block, row blocks, nnz, block_rows
-    assert dataclasses.astuple(ops.packed_info(packed)) == (3, 70, 300, 128, 3, 32, 3, nnz, 1)
+    # version, out, in, k_block, K-blocks, row_block, row blocks, nnz, block_rows, datatype, block_cols
+    assert dataclasses.astuple(ops.packed_info(packed)) == (4, 70, 300, 128, 3, 32, 3, nnz, 1, "f32", 1)
     segments = 70 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + nnz + (nnz + 1) // 2
     # The values of the packed buffer are exactly the nonzeros of the weight.
@@ -227,7 +227,7 @@ def test_packed_header_tall_blocks():
     weight = tall_weight(72, 300, 0.8, fill=0.75)
     packed = ops.pack_linear(weight, k_block=128, row_block=32, block_rows=4)
     blocks = int(weight.reshape(18, 4, 300).ne(0).any(1).sum())
-    assert dataclasses.astuple(ops.packed_info(packed)) == (3, 72, 300, 128, 3, 32, 3, 4 * blocks, 4)
+    assert dataclasses.astuple(ops.packed_info(packed)) == (4, 72, 300, 128, 3, 32, 3, 4 * blocks, 4, "f32", 1)
     segments = 72 // 4 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + 4 * blocks + (blocks + 1) // 2
     seg_rows = packed[16 + segments + 1 : 16 + 2 * segments + 1]

@@ -85,10 +85,12 @@ def test_packed_info():
         "num_row_blocks": 7,
         "nnz": 8,
         "block_rows": 9,
+        "datatype": 10,
+        "block_cols": 11,
     }
     weight = sparse_weight(24, 300, 0.9)
     info = ops.packed_info(ops.pack_linear(weight, k_block=128, row_block=8, block_rows=1))
-    assert info == ops.PackedInfo(3, 24, 300, 128, 3, 8, 3, int(torch.count_nonzero(weight)), 1)
+    assert info == ops.PackedInfo(4, 24, 300, 128, 3, 8, 3, int(torch.count_nonzero(weight)), 1, "f32", 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.nnz = 0
     with pytest.raises(TypeError, match="packed must be a torch.Tensor"):

@@ -28,24 +28,33 @@ pybind11::tuple names(const char* const* names, size_t count) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("isa", [] { return std::string(kernels::active_kernels().isa); },
-        "The ISA whose kernels the ops run now.");
+  m.def("isa", [] { return std::string(kernels::active_isa()); }, "The ISA whose kernels the ops run now.");
   m.def("set_isa", [](const std::string& isa) {
         std::string error;
         if (!kernels::set_isa(isa, &error)) throw std::invalid_argument(error);
       }, "Forces the kernels of one ISA (a name of ISAS) for every later call.");
   m.def("available_isas", &kernels::available_isas, "ISAs this CPU can run.");
   m.def("cpu_supports", &kernels::cpu_supports);
-  m.def("kernel_names", [](const std::string& isa) {
-        return kernels::spmm_kernel_names(kernels_named(isa));
-      }, "Names of the register tiles the ISA's kernel table instantiates.");
+  m.def("kernel_names", [](const std::string& isa, const std::string& datatype) {
+        kernels_named(isa);  // an unknown ISA throws
+        for (size_t i = 0; i < kernels::kNumDatatypes; ++i) {
+          if (datatype == kernels::kDatatypeNames[i]) {
+            return kernels::spmm_kernel_names(isa, static_cast<kernels::Datatype>(i));
+          }
+        }
+        throw std::invalid_argument("unknown datatype '" + datatype + "'; expected one of " +
+                                    kernels::joined(kernels::kDatatypeNames, kernels::kNumDatatypes));
+      }, "Names of the register tiles the ISA's kernels instantiate for one datatype on this CPU.");
   m.def("max_panel_width", [](const std::string& isa) { return kernels_named(isa).max_panel_width; });
   m.def("repacked_weights", &sparsecpu::repacked_weights,
         "Buffers the ops have packed for weights edited or swapped since their packing (see packed_weights.h).");
   m.attr("TALL_BLOCK_ROWS") = kernels::kTallBlockRows;  // block_rows of 4 x 1 blocks
-  // The lists of csrc/kernels/lists.h, in list order: what ops.ACTIVATIONS and kernels.ISAS read.
+  m.attr("WIDE_BLOCK_COLS") = kernels::kWideBlockCols;  // block_cols of int8 1 x 4 blocks
+  // The lists of csrc/kernels/lists.h, in list order: what ops.ACTIVATIONS, ops.DATATYPES and
+  // kernels.ISAS read.
   m.attr("ACTIVATIONS") = names(kernels::kActivationNames, kernels::kNumActivations);
   m.attr("ISAS") = names(kernels::kIsaNames, kernels::kNumIsas);
+  m.attr("DATATYPES") = names(kernels::kDatatypeNames, kernels::kNumDatatypes);  // by header word `datatype`
   // The packed buffer's header (spmm.h): what ops.HEADER_FIELDS and ops.packed_info read.
   m.def("header_fields", [] {
         pybind11::dict fields;

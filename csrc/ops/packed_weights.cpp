@@ -113,7 +113,8 @@ class PackedWeights {
   };
 
   // `weight` (2-D, or a convolution's 4-D weight as [out, in x kernel]) packed with
-  // the block sizes of `packed`; undefined when the shapes or dtype do not fit.
+  // the block sizes, block shape and datatype of `packed` (an int8 buffer is
+  // quantized again); undefined when the shapes or dtype do not fit.
   static at::Tensor repack_like(const at::Tensor& weight, const at::Tensor& packed) {
     if (packed.scalar_type() != at::kInt || packed.dim() != 1 || !packed.is_contiguous()) return {};
     kernels::PackedLinearView view;
@@ -127,8 +128,11 @@ class PackedWeights {
     }
     const at::Tensor matrix = weight.detach().flatten(1).contiguous();
     if (matrix.size(0) != view.out_features || matrix.size(1) != view.in_features) return {};
-    std::vector<int32_t> words = kernels::pack_linear_f32(matrix.data_ptr<float>(), matrix.size(0), matrix.size(1),
-                                                          matrix.size(1), view.k_block, view.row_block, view.block_rows);
+    TORCH_CHECK_VALUE(view.datatype != kernels::Datatype::kInt8 || at::isfinite(matrix).all().item<bool>(),
+                      "sparsecpu: the weight of an int8 packed buffer was edited to hold a NaN or an infinity, "
+                      "which int8 cannot quantize");
+    std::vector<int32_t> words = kernels::pack_linear(matrix.data_ptr<float>(), matrix.size(0), matrix.size(1),
+                                                      matrix.size(1), kernels::pack_options_of(view));
     at::Tensor fresh = at::empty({static_cast<int64_t>(words.size())}, packed.options());
     std::copy(words.begin(), words.end(), fresh.data_ptr<int32_t>());
     return fresh;
