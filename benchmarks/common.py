@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from itertools import groupby
@@ -262,17 +262,20 @@ def check_against_reference(
         )
 
 
-def median_ms(fn: Callable[[], Tensor], threads: int, min_run_time: float) -> float:
-    """Median wall time of one ``fn()`` call in milliseconds, from
+def median_ms(
+    fn: Callable[[], Tensor], threads: int, min_run_time: float, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Median time of one ``fn()`` call in milliseconds by ``clock`` (wall time; with
+    ``time.process_time`` the CPU time of all the process's threads), from
     ``Timer.blocked_autorange``; calls slower than ``min_run_time`` get timed again by
     hand until there are MIN_SAMPLES samples (``Timer.timeit`` would add warm-up calls)."""
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=clock)
     times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
     with torch_threads(threads):
         while len(times) < MIN_SAMPLES:
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times) * 1e3
 
 
@@ -283,19 +286,24 @@ def check_then_time(
     rounds: int,
     min_run_time: float,
     tolerance: float = RELATIVE_TOLERANCE,
+    expected_results: Mapping[str, Tensor] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Checks every candidate against ``candidates[reference]`` (max |difference| <=
-    ``tolerance`` * max |reference|; a wrong one exits, reporting no timings), then times
-    them all in ``rounds`` interleaved rounds: per candidate, one :func:`median_ms` per
-    round, so a slow spell of the machine hits every candidate alike."""
+    ``tolerance`` * max |reference|; a wrong one exits, reporting no timings), or against
+    its entry of ``expected_results`` when it has one (a candidate that computes something
+    else, timed alongside), then times them all in ``rounds`` interleaved rounds: per
+    candidate, one :func:`median_ms` per round (by ``clock``), so a slow spell of the
+    machine hits every candidate alike."""
+    expected_results = expected_results or {}
     with torch_threads(threads):
         expected = candidates[reference]()
         for name, fn in candidates.items():
-            error = relative_error(fn(), expected)
+            error = relative_error(fn(), expected_results.get(name, expected))
             if not error <= tolerance:
                 sys.exit(f"error: {name}: wrong result (max error {error:.3g} relative), no timings reported")
     return interleaved_rounds(
-        candidates, rounds, functools.partial(median_ms, threads=threads, min_run_time=min_run_time)
+        candidates, rounds, functools.partial(median_ms, threads=threads, min_run_time=min_run_time, clock=clock)
     )
 
 

@@ -91,13 +91,29 @@ def test_bench_ffn_checks_then_times_four_versions(capsys):
     assert "compiled / linear_chain, per round:" in out
 
 
+def test_bench_ffn_three_layers_with_overhead(capsys, monkeypatch):
+    """The 3-layer MLP, with the zero-weight versions checked against their own result
+    (every token's output is the last layer's activated bias) and the bound printed, timed
+    by CPU time; CPU time on several threads is refused unless OpenMP threads sleep."""
+    run_main(bench_ffn, "--layers 3 --overhead --cpu-time --tokens 9 --threads 1 --rounds 2 --min-run-time 0.01")
+    out = capsys.readouterr().out
+    assert "MLP 768->3072 GELU ->3072 ReLU ->768" in out and "CPU time of all threads" in out
+    for name in ("three linear ops", "chain, zero weights", "ops, zero weights"):
+        assert name in out
+    assert "linear_chain / three linear ops, per round:" in out
+    assert "three linear ops / chain if fusion removed only the overhead, per round:" in out
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        bench_ffn.main("--cpu-time --threads 2".split())
+
+
 def test_bench_ffn_compiled_block_runs_one_chain():
     """The compiled candidate is what the must-show figure claims: both layers sparse, as
     one linear_chain (inference mode), with the benchmark's own weights."""
     w1 = common.random_sparse_weight(3072, 768, 90, seed=1)
     w2 = common.random_sparse_weight(768, 3072, 90, seed=2)
     b1, b2 = torch.randn(3072), torch.randn(768)
-    model = bench_ffn.compiled_ffn(w1, b1, w2, b2)
+    model = bench_ffn.compiled_mlp([w1, w2], [b1, b2], ["gelu", "none"])
     assert torch.equal(model[0].weight, w1) and torch.equal(model[2].bias, b2)
     decisions = torch_sparsecpu.explain(model, torch.randn(4, 768))
     assert [d.taken for d in decisions] == [True, True]
@@ -142,7 +158,7 @@ def test_bench_packing_partly_filled_blocks_both_ways(capsys):
 def test_check_then_time_refuses_a_wrong_candidate(monkeypatch):
     x = torch.randn(5, 3)
     timed = []
-    monkeypatch.setattr(common, "median_ms", lambda fn, threads, min_run_time: timed.append(fn) or 1.0)
+    monkeypatch.setattr(common, "median_ms", lambda fn, threads, min_run_time, clock: timed.append(fn) or 1.0)
     times = common.check_then_time({"ref": lambda: x, "same": lambda: x.clone()}, "ref", 1, 2, 0.01)
     assert times == {"ref": [1.0, 1.0], "same": [1.0, 1.0]} and len(timed) == 4
     with pytest.raises(SystemExit, match="wrong: wrong result"):

@@ -18,6 +18,12 @@ namespace {
 using kernels::Activation;
 using kernels::PackedLinearView;
 
+// Tokens per chain panel at most, whatever the ISA's full panel: on the AVX-512 machine
+// (1 MiB L2), 128-token panels ran the 3-layer MLP 768 -> 3072 -> 3072 -> 768 at 90%
+// 1.01-1.32x slower than 64-token ones, and were never faster at 70-95%, in 1 x 1 or 4 x 1
+// blocks (docs/tile_planner.md#panel-width-of-a-chain). AVX2's panels are 64 tokens already.
+constexpr int64_t kMaxChainPanelTokens = 64;
+
 // A pair of chained layers whose second layer reads a panel larger than L2 but
 // writes a tile that fits in one tile group runs as a pipeline (run_layer_pair):
 // the intermediate then never makes a round trip through L3.
@@ -56,7 +62,8 @@ void run_layer_pair(const kernels::SpmmKernels& k, const PackedLinearView& first
 // so intermediate activations never leave the thread's caches as a whole tensor and
 // never change layout: a layer's output tile is already the next layer's input panel
 // (an int8 layer quantizes it first, into a buffer of its own). Threads take whole
-// panels; panels shrink (down to one register) when there are fewer panels than threads.
+// panels of at most kMaxChainPanelTokens tokens; panels shrink (down to one register)
+// when there are fewer panels than threads.
 void sparse_linear_chain_2d(const kernels::SpmmKernels& k, const kernels::Qd8Kernels& qk,
                             const std::vector<PackedLinearView>& layers, const float* x, int64_t tokens,
                             int64_t token_stride, int64_t feature_stride, const std::vector<const float*>& biases,
@@ -68,7 +75,8 @@ void sparse_linear_chain_2d(const kernels::SpmmKernels& k, const kernels::Qd8Ker
   const int64_t max_panel_width = any_int8 ? std::min(k.max_panel_width, qk.max_panel_width) : k.max_panel_width;
   const int64_t threads = at::get_num_threads();
   const int64_t per_thread = ceil_div(ceil_div(tokens, threads), vector_width) * vector_width;
-  const PanelPlan plan{vector_width, tokens, std::max(vector_width, std::min(max_panel_width, per_thread))};
+  const int64_t max_width = std::min(max_panel_width, kMaxChainPanelTokens);
+  const PanelPlan plan{vector_width, tokens, std::max(vector_width, std::min(max_width, per_thread))};
   // Each of the three buffers holds a layer's float panel (PanelPlan::panel_floats) or its
   // output tile, which is the next layer's panel; the fourth an int8 layer's quantized panel.
   int64_t max_floats = 0, max_quantized_floats = 0;
