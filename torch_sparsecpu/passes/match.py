@@ -37,10 +37,12 @@ class LayerDecision:
     block_rows: int = 1  # the packed format's nonzero blocks: 1 x 1, or 4 x 1 (ops.default_block_rows)
     kind: str = "linear"  # or "conv2d"
     batch_norm_folded: bool = False  # the eval-mode batch norm after a convolution, folded into it
+    datatype: str = "f32"  # the packed values: "f32", or "int8" (options={"quantize": "int8"}, ops.int8_pays)
 
     def __str__(self) -> str:
         sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
-        blocks = f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
+        blocks = "int8, " if self.datatype != "f32" else ""
+        blocks += f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
         blocks += "batch norm folded, " if self.batch_norm_folded else ""
         what = f"sparse, {blocks}activation {self.activation}" if self.taken else f"dense: {self.reason}"
         return f"{self.name:<48} {self.kind:<6} [{self.out_features:>5} x {self.in_features:>5}] {sparsity}  {what}"

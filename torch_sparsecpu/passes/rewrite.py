@@ -5,6 +5,7 @@ read their packed weights with get_attr. Everything else is left exactly as it w
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,7 @@ from .match import (
     skip_reason,
     under_autocast,
 )
+from .static import example_value
 from .transformer import decompose_encoder_layers
 
 
@@ -60,12 +62,16 @@ def rewrite_sparse_layers(
     fuse_activations: bool,
     fold_batch_norms: bool = False,
     pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
+    quantize: str | None = None,
 ) -> RewriteResult:
     """Rewrites ``graph`` in place: each linear or conv2d call whose weight is a static
     tensor of ``static`` at least ``min_sparsity`` zeros becomes a sparse op, with the
     activation after it when ``fuse_activations``. ``fold_batch_norms`` (only for graphs
     that need no gradients) folds an eval-mode batch norm that follows a sparse
     convolution into its weight and bias. A weight used by several calls is packed once.
+    ``quantize`` ("int8") packs a linear's weight so where ``ops.int8_pays`` for it and
+    the call's token count (known when the graph's shapes are static); convolutions and
+    the other linears stay fp32.
     ``nn.TransformerEncoderLayer``'s fused fast path is first opened up into plain ops
     where its linears could go sparse (transformer.py)."""
     result = RewriteResult()
@@ -90,19 +96,38 @@ def rewrite_sparse_layers(
             fold = batch_norm_after(node, call.bias, static)
         output = node if fold is None else fold.node
         act_node, activation = fusable_activation(output) if fuse_activations else (None, "none")
-        attr = _packed_attribute(result, static, call, fold, pack)
+        layer_pack = pack if quantize is None or call.kind != "linear" else _quantized_pack(call, quantize, pack)
+        attr = _packed_attribute(result, static, call, fold, layer_pack)
         _emit(graph, call, attr, fold, act_node, activation, geometry)
+        info = ops.packed_info(result.attributes[attr])
         result.decisions.append(
             call.decision(
                 sparsity,
                 True,
                 activation=activation,
-                block_rows=ops.packed_info(result.attributes[attr]).block_rows,
+                block_rows=info.block_rows,
                 batch_norm_folded=fold is not None,
+                datatype=info.datatype,
             )
         )
     graph.lint()
     return result
+
+
+def _quantized_pack(
+    call: LayerCall, quantize: str, pack: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``pack`` for a linear under ``quantize``: the weight packed as ``quantize`` where
+    ``ops.int8_pays`` for it at the call's token count (its input's static sizes but the
+    last), else as ``pack`` packs it."""
+    value = example_value(call.x) if isinstance(call.x, fx.Node) else None
+    sizes = tuple(value.shape[:-1]) if value is not None and value.dim() >= 1 else None
+    tokens = math.prod(sizes) if sizes is not None and all(isinstance(s, int) for s in sizes) else None
+
+    def quantized_or_not(weight: torch.Tensor) -> torch.Tensor:
+        return ops.pack_linear(weight, quantize=quantize) if ops.int8_pays(weight, tokens) else pack(weight)
+
+    return quantized_or_not
 
 
 def _packed_attribute(
