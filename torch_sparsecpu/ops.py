@@ -37,6 +37,8 @@ INT8_K_BLOCK_FACTOR = 2
 INT8_1X1_MAX_K_BLOCK = 256
 # int8 buffers take at most this many input features (int32 sums; kMaxInt8InFeatures).
 INT8_MAX_IN_FEATURES = 131072
+# Calls of at most this many tokens run the GEMV kernels (kMaxGemvTokens in lists.h).
+MAX_GEMV_TOKENS = _C.MAX_GEMV_TOKENS
 
 # Output rows per row block (the op schema's default too). 128 rows x 64 tokens make a
 # 32 KiB tile, and more rows share each K-block's activations while they are in L1 than
@@ -87,6 +89,21 @@ def default_block_cols(weight: Tensor) -> int:
     blocks = int(_wide_blocks(weight).sum())
     nnz = int(torch.count_nonzero(weight))
     return WIDE_BLOCK_COLS if blocks and nnz >= WIDE_BLOCK_MIN_FILL * WIDE_BLOCK_COLS * blocks else 1
+
+
+def int8_pays(weight: Tensor, tokens: int | None = None) -> bool:
+    """The per-layer rule of the backend's ``options={"quantize": "int8"}``: whether this
+    2-D weight runs faster packed as int8 than as fp32, for calls of ``tokens`` tokens
+    (None: unknown, any count). True when its nonzeros come in 1 x 4 blocks at least half
+    filled (:func:`default_block_cols` is 4), where the int8 kernels ran 2.5-3.7x the fp32
+    ones at every token count; or, for zeros anywhere, when every call has at most
+    MAX_GEMV_TOKENS tokens (batch-1 decoding), where int8's 3 bytes per nonzero against 6
+    decide. With zeros anywhere and more tokens the int8 kernels do one 4-way dot product
+    per nonzero for one useful product and ran 0.6-1.4x the fp32 ones: such layers stay
+    fp32 (docs/kernels.md#int8-kernels)."""
+    if default_block_cols(weight) == WIDE_BLOCK_COLS:
+        return True
+    return tokens is not None and 0 < tokens <= MAX_GEMV_TOKENS
 
 
 def default_k_block(weight: Tensor, block_rows: int = 1, *, quantize: str | None = None, block_cols: int = 1) -> int:

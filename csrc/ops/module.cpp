@@ -50,6 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Buffers the ops have packed for weights edited or swapped since their packing (see packed_weights.h).");
   m.attr("TALL_BLOCK_ROWS") = kernels::kTallBlockRows;  // block_rows of 4 x 1 blocks
   m.attr("WIDE_BLOCK_COLS") = kernels::kWideBlockCols;  // block_cols of int8 1 x 4 blocks
+  m.attr("MAX_GEMV_TOKENS") = kernels::kMaxGemvTokens;  // panels this narrow run the GEMV kernels
   // The lists of csrc/kernels/lists.h, in list order: what ops.ACTIVATIONS, ops.DATATYPES and
   // kernels.ISAS read.
   m.attr("ACTIVATIONS") = names(kernels::kActivationNames, kernels::kNumActivations);

@@ -38,10 +38,12 @@ class LayerDecision:
     kind: str = "linear"  # or "conv2d"
     batch_norm_folded: bool = False  # the eval-mode batch norm after a convolution, folded into it
     weight_origin: str = ""  # for a weight the graph computes: how ('pruned via torch.nn.utils.prune', ...)
+    datatype: str = "f32"  # the packed values: "f32", or "int8" (options={"quantize": "int8"}, ops.int8_pays)
 
     def __str__(self) -> str:
         sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
-        blocks = f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
+        blocks = "int8, " if self.datatype != "f32" else ""
+        blocks += f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
         blocks += "batch norm folded, " if self.batch_norm_folded else ""
         origin = f"{self.weight_origin}, " if self.weight_origin else ""
         what = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -70,6 +71,7 @@ def rewrite_sparse_layers(
     fold_batch_norms: bool = False,
     fold_computed_weights: bool = False,
     pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
+    quantize: str | None = None,
 ) -> RewriteResult:
     """Rewrites ``graph`` in place: each linear or conv2d call whose weight is a static
     tensor of ``static`` at least ``min_sparsity`` zeros becomes a sparse op, with the
@@ -78,8 +80,11 @@ def rewrite_sparse_layers(
     convolution into its weight and bias. ``fold_computed_weights`` (likewise) evaluates
     a weight computed from static tensors alone once and, if the layer qualifies with it,
     reads it as a constant instead (added to ``static``). A weight used by several calls
-    is packed once. ``nn.TransformerEncoderLayer``'s fused fast path is first opened up
-    into plain ops where its linears could go sparse (transformer.py)."""
+    is packed once. ``quantize`` ("int8") packs a linear's weight so where
+    ``ops.int8_pays`` for it and the call's token count (known when the graph's shapes
+    are static); convolutions and the other linears stay fp32.
+    ``nn.TransformerEncoderLayer``'s fused fast path is first opened up into plain ops
+    where its linears could go sparse (transformer.py)."""
     result = RewriteResult()
     autocast = under_autocast(graph)
     fast_paths_kept = decompose_encoder_layers(graph, static, min_sparsity=min_sparsity, autocast=autocast)
@@ -111,16 +116,19 @@ def rewrite_sparse_layers(
             fold = batch_norm_after(node, call.bias, static)
         output = node if fold is None else fold.node
         act_node, activation = fusable_activation(output) if fuse_activations else (None, "none")
-        attr = _packed_attribute(result, static, call, fold, pack)
+        layer_pack = pack if quantize is None or call.kind != "linear" else _quantized_pack(call, quantize, pack)
+        attr = _packed_attribute(result, static, call, fold, layer_pack)
         _emit(graph, call, attr, fold, act_node, activation, geometry)
+        info = ops.packed_info(result.attributes[attr])
         result.decisions.append(
             call.decision(
                 sparsity,
                 True,
                 activation=activation,
-                block_rows=ops.packed_info(result.attributes[attr]).block_rows,
+                block_rows=info.block_rows,
                 batch_norm_folded=fold is not None,
                 weight_origin=origin,
+                datatype=info.datatype,
             )
         )
     graph.lint()
@@ -159,6 +167,22 @@ def _fold_computed_weight(
     result.computed_weights[constant] = computed
     result.rebuild_if_changed += [constant, *computed.sources]
     return dataclasses.replace(call, weight=constant)
+
+
+def _quantized_pack(
+    call: LayerCall, quantize: str, pack: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``pack`` for a linear under ``quantize``: the weight packed as ``quantize`` where
+    ``ops.int8_pays`` for it at the call's token count (its input's static sizes but the
+    last), else as ``pack`` packs it."""
+    value = example_value(call.x) if isinstance(call.x, fx.Node) else None
+    sizes = tuple(value.shape[:-1]) if value is not None and value.dim() >= 1 else None
+    tokens = math.prod(sizes) if sizes is not None and all(isinstance(s, int) for s in sizes) else None
+
+    def quantized_or_not(weight: torch.Tensor) -> torch.Tensor:
+        return ops.pack_linear(weight, quantize=quantize) if ops.int8_pays(weight, tokens) else pack(weight)
+
+    return quantized_or_not
 
 
 def _packed_attribute(
