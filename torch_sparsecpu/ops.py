@@ -154,10 +154,15 @@ def linear(
     packed: Tensor,
     bias: Tensor | None = None,
     activation: str = "none",
+    weight_transposed: bool = False,
 ) -> Tensor:
     """``activation(input @ weight.T + bias)`` computed from ``packed`` (made by
     :func:`pack_linear` from ``weight``). ``weight`` itself is only read for shapes and
-    for gradients; ``input`` may have any rank ``[..., in_features]`` and any strides."""
+    for gradients; ``input`` may have any rank ``[..., in_features]`` and any strides.
+
+    ``weight_transposed=True``: ``weight`` is ``[in_features, out_features]`` (GPT-2's
+    ``Conv1D`` layout), the result ``activation(input @ weight + bias)`` and ``packed``
+    made by ``pack_linear(weight.t())``."""
     for name, value in (("input", input), ("weight", weight), ("packed", packed)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -167,7 +172,9 @@ def linear(
         raise TypeError(f"activation must be a str, got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    return torch.ops.sparsecpu.linear(input, weight, packed, bias, activation)
+    if not isinstance(weight_transposed, bool):
+        raise TypeError(f"weight_transposed must be True or False, got {weight_transposed!r}")
+    return torch.ops.sparsecpu.linear(input, weight, packed, bias, activation, weight_transposed)
 
 
 def linear_chain(
@@ -262,13 +269,15 @@ def _pack_linear_fake(weight, k_block=128, row_block=DEFAULT_ROW_BLOCK, block_ro
 
 
 @torch.library.register_fake("sparsecpu::linear")
-def _linear_fake(input, weight, packed, bias=None, activation="none"):
+def _linear_fake(input, weight, packed, bias=None, activation="none", weight_transposed=False):
+    out_dim, in_dim = (1, 0) if weight_transposed else (0, 1)
+    out_features, in_features = weight.size(out_dim), weight.size(in_dim)
     torch._check(input.dim() >= 1, lambda: "sparsecpu::linear: input must have at least 1 dim")
     torch._check(
-        input.size(-1) == weight.size(1),
-        lambda: f"sparsecpu::linear: input ends in {input.size(-1)} features, weight expects {weight.size(1)}",
+        input.size(-1) == in_features,
+        lambda: f"sparsecpu::linear: input ends in {input.size(-1)} features, weight expects {in_features}",
     )
-    return input.new_empty((*input.shape[:-1], weight.size(0)))
+    return input.new_empty((*input.shape[:-1], out_features))
 
 
 @torch.library.register_fake("sparsecpu::linear_chain")
