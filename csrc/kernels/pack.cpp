@@ -10,31 +10,39 @@ namespace kernels {
 
 namespace {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-}  // namespace
 
-std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
-                                     int64_t in_features, int64_t row_stride, int64_t k_block,
-                                     int64_t row_block, int64_t block_rows) {
-  if (k_block <= 0 || k_block > in_features) k_block = in_features > 0 ? in_features : 1;
-  k_block = std::min(k_block, kMaxKBlock);
-  if (row_block <= 0) row_block = 1;
+// A block (row group g, feature i) of BlockRows rows is stored when any of its
+// values is nonzero. Two passes over the weight, both without branches on the
+// values (random zeros would mispredict about every other element): one counts each
+// segment's blocks, one writes them in segment order, each block at the next free
+// slot and the slot kept only when the block is nonzero.
+template <int64_t BlockRows>
+std::vector<int32_t> pack_with_block_rows(const float* weight, int64_t out_features, int64_t in_features,
+                                          int64_t row_stride, int64_t k_block, int64_t row_block) {
   const int64_t num_k_blocks = in_features > 0 ? ceil_div(in_features, k_block) : 1;
   const int64_t num_row_blocks = ceil_div(out_features, row_block);
-  const auto at = [&](int64_t row, int64_t feature) { return weight[row * row_stride + feature]; };
-  // A block (row group g, feature i) is stored when any of its block_rows values is nonzero.
+  const int64_t num_groups = out_features / BlockRows;
   const auto block_is_nonzero = [&](int64_t g, int64_t i) {
-    for (int64_t m = 0; m < block_rows; ++m) {
-      if (at(g * block_rows + m, i) != 0.0f) return true;
-    }
-    return false;
+    bool nonzero = false;
+    for (int64_t m = 0; m < BlockRows; ++m) nonzero |= weight[(g * BlockRows + m) * row_stride + i] != 0.0f;
+    return nonzero;
   };
 
+  // length[g * num_k_blocks + kb]: nonzero blocks of group g in K-block kb.
+  std::vector<int32_t> length(static_cast<size_t>(num_groups * num_k_blocks), 0);
   int64_t blocks = 0;
-  for (int64_t g = 0; g < out_features / block_rows; ++g) {
-    for (int64_t i = 0; i < in_features; ++i) blocks += block_is_nonzero(g, i);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    for (int64_t kb = 0; kb < num_k_blocks; ++kb) {
+      int32_t count = 0;
+      for (int64_t i = kb * k_block; i < std::min((kb + 1) * k_block, in_features); ++i) {
+        count += block_is_nonzero(g, i);
+      }
+      length[g * num_k_blocks + kb] = count;
+      blocks += count;
+    }
   }
-  const int64_t nnz = blocks * block_rows;
-  const int64_t segments = out_features / block_rows * num_k_blocks;
+  const int64_t nnz = blocks * BlockRows;
+  const int64_t segments = num_groups * num_k_blocks;
   std::vector<int32_t> packed(kHeaderWords + 2 * segments + 1 + nnz + (blocks + 1) / 2, 0);
   int32_t* header = packed.data();
   header[kMagic] = kPackedMagic;
@@ -46,44 +54,79 @@ std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
   header[kRowBlock] = static_cast<int32_t>(row_block);
   header[kNumRowBlocks] = static_cast<int32_t>(num_row_blocks);
   header[kNnz] = static_cast<int32_t>(nnz);
-  header[kBlockRows] = static_cast<int32_t>(block_rows);
+  header[kBlockRows] = static_cast<int32_t>(BlockRows);
 
   int32_t* seg_ptr = header + kHeaderWords;
   int32_t* seg_rows = seg_ptr + segments + 1;
-  int32_t* values = seg_rows + segments;  // float bit patterns
-  uint16_t* offsets = reinterpret_cast<uint16_t*>(seg_rows + segments + nnz);
+  // Written one slot past the last block (a zero block's values and offset land in
+  // the slot the next block overwrites), then copied into the buffer.
+  std::vector<float> values(static_cast<size_t>((blocks + 1) * BlockRows));
+  std::vector<uint16_t> offsets(static_cast<size_t>(blocks + 1));
   int64_t segment = 0;
-  int32_t next = 0;  // next block
+  int64_t next = 0;  // next block
+  std::vector<int64_t> order;
   for (int64_t rb = 0; rb < num_row_blocks; ++rb) {
-    const int64_t first_group = rb * row_block / block_rows;
-    const int64_t groups = (std::min(out_features, (rb + 1) * row_block) - rb * row_block) / block_rows;
+    const int64_t first_group = rb * row_block / BlockRows;
+    const int64_t groups = (std::min(out_features, (rb + 1) * row_block) - rb * row_block) / BlockRows;
     for (int64_t kb = 0; kb < num_k_blocks; ++kb) {
       const int64_t col_begin = kb * k_block;
       const int64_t col_end = std::min(col_begin + k_block, in_features);
       // Segments of this (row block, K-block) in order of length (stable).
-      std::vector<int64_t> order(groups), length(groups, 0);
+      order.resize(groups);
       std::iota(order.begin(), order.end(), int64_t{0});
-      for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t i = col_begin; i < col_end; ++i) length[g] += block_is_nonzero(first_group + g, i);
-      }
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return length[a] < length[b]; });
+      const auto length_of = [&](int64_t g) { return length[(first_group + g) * num_k_blocks + kb]; };
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return length_of(a) < length_of(b); });
       for (int64_t g : order) {
-        seg_rows[segment] = static_cast<int32_t>(g * block_rows);
-        seg_ptr[segment++] = next;
+        seg_rows[segment] = static_cast<int32_t>(g * BlockRows);
+        seg_ptr[segment++] = static_cast<int32_t>(next);
+        const float* rows = weight + (first_group + g) * BlockRows * row_stride;
         for (int64_t i = col_begin; i < col_end; ++i) {
-          if (!block_is_nonzero(first_group + g, i)) continue;
-          for (int64_t m = 0; m < block_rows; ++m) {
-            const float v = at((first_group + g) * block_rows + m, i);
-            std::memcpy(&values[next * block_rows + m], &v, sizeof(float));
+          bool nonzero = false;
+          for (int64_t m = 0; m < BlockRows; ++m) {
+            const float v = rows[m * row_stride + i];
+            values[next * BlockRows + m] = v;
+            nonzero |= v != 0.0f;
           }
           offsets[next] = static_cast<uint16_t>(i - col_begin);
-          ++next;
+          next += nonzero;
         }
       }
     }
   }
-  seg_ptr[segment] = next;
+  seg_ptr[segment] = static_cast<int32_t>(next);
+  std::memcpy(seg_rows + segments, values.data(), static_cast<size_t>(nnz) * sizeof(float));
+  std::memcpy(seg_rows + segments + nnz, offsets.data(), static_cast<size_t>(blocks) * sizeof(uint16_t));
   return packed;
+}
+
+}  // namespace
+
+std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
+                                     int64_t in_features, int64_t row_stride, int64_t k_block,
+                                     int64_t row_block, int64_t block_rows) {
+  if (k_block <= 0 || k_block > in_features) k_block = in_features > 0 ? in_features : 1;
+  k_block = std::min(k_block, kMaxKBlock);
+  if (row_block <= 0) row_block = 1;
+  return block_rows == kTallBlockRows
+             ? pack_with_block_rows<kTallBlockRows>(weight, out_features, in_features, row_stride, k_block, row_block)
+             : pack_with_block_rows<1>(weight, out_features, in_features, row_stride, k_block, row_block);
+}
+
+NonzeroCounts count_nonzeros_f32(const float* weight, int64_t out_features, int64_t in_features,
+                                 int64_t row_stride) {
+  NonzeroCounts counts;
+  for (int64_t g = 0; g < out_features / kTallBlockRows; ++g) {
+    for (int64_t i = 0; i < in_features; ++i) {
+      int64_t in_block = 0;
+      for (int64_t m = 0; m < kTallBlockRows; ++m) in_block += weight[(g * kTallBlockRows + m) * row_stride + i] != 0.0f;
+      counts.nonzeros += in_block;
+      counts.tall_blocks += in_block != 0;
+    }
+  }
+  for (int64_t row = out_features / kTallBlockRows * kTallBlockRows; row < out_features; ++row) {
+    for (int64_t i = 0; i < in_features; ++i) counts.nonzeros += weight[row * row_stride + i] != 0.0f;
+  }
+  return counts;
 }
 
 bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,

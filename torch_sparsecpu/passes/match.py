@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .. import ops
 from .static import example_value, source_name
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -197,8 +198,7 @@ def skip_reason(
                 f"bias has shape {list(bias_value.shape)}, the sparse ops take [{weight.shape[0]}] "
                 f"(one per output {'feature' if call.kind == 'linear' else 'channel'})"
             ), None
-    with torch.no_grad():
-        sparsity = 1.0 - torch.count_nonzero(weight).item() / max(weight.numel(), 1)
+    sparsity = 1.0 - ops.nonzero_counts(weight.flatten(1))[0] / max(weight.numel(), 1)
     if sparsity < min_sparsity:
         return f"sparsity {sparsity:.1%} is below min_sparsity {min_sparsity:.1%}", sparsity
     return None, sparsity
