@@ -21,6 +21,7 @@ from .match import (
     skip_reason,
     under_autocast,
 )
+from .packed_cache import packed_once
 from .transformer import decompose_encoder_layers
 
 
@@ -113,14 +114,14 @@ def _packed_attribute(
     pack: Callable[[torch.Tensor], torch.Tensor],
 ) -> str:
     """The attribute of ``call``'s packed weight: the one packed before for the same
-    weight, or a new one (always for a folded batch norm, whose weight is the layer's own)."""
+    weight, or a new one (always for a folded batch norm, whose weight is the layer's own)
+    holding the weight's buffer of an earlier build if it has not changed since."""
     key = (call.weight, call.weight_transposed)
     if fold is None and key in result.packed_attr_of:
         return result.packed_attr_of[key]
     attr = f"_sparsecpu_packed_{len(result.attributes)}"
     if fold is None:
-        weight = static[call.weight]
-        result.attributes[attr] = pack_weight(weight.t() if call.weight_transposed else weight, pack)
+        result.attributes[attr] = packed_once(static[call.weight], pack, weight_transposed=call.weight_transposed)
         result.packed_attr_of[key] = attr
     else:
         weight, bias = fold_batch_norm(static[call.weight], static.get(call.bias), fold)
