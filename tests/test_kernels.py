@@ -165,6 +165,19 @@ def test_tall_blocks_every_tile_and_edge(isa):
     check_every_tile_and_edge(isa, weights, ((0, 32), (1, 4), (7, 8), (128, 64)), block_rows=4)
 
 
+@pytest.mark.parametrize("shape", [(64, 128), (30, 7), (1, 5), (0, 4), (4, 0)])
+def test_nonzero_counts(shape):
+    """The one-pass C++ count the packing defaults use equals torch's: nonzeros, and
+    4 x 1 blocks holding one (the rows past the last whole block in none); any strides."""
+    weight = tall_weight(64, 128, 0.7, fill=0.6)[: shape[0], : shape[1]].contiguous()
+    whole = shape[0] // 4 * 4
+    blocks = weight[:whole].reshape(whole // 4, 4, shape[1]).ne(0).any(dim=1)
+    expected = (int(torch.count_nonzero(weight)), int(blocks.sum()))
+    assert ops.nonzero_counts(weight) == expected
+    assert ops.nonzero_counts(weight.t().contiguous().t()) == expected  # column-major
+    assert ops.nonzero_counts(weight.double()) == expected
+
+
 def test_default_block_rows():
     """4 x 1 blocks where the weight has them, filled at least TALL_BLOCK_MIN_FILL (80%);
     1 x 1 otherwise."""

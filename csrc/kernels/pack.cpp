@@ -153,6 +153,23 @@ PackOptions pack_options_of(const PackedLinearView& w) {
   return options;
 }
 
+NonzeroCounts count_nonzeros_f32(const float* weight, int64_t out_features, int64_t in_features,
+                                 int64_t row_stride) {
+  NonzeroCounts counts;
+  for (int64_t g = 0; g < out_features / kTallBlockRows; ++g) {
+    for (int64_t i = 0; i < in_features; ++i) {
+      int64_t in_block = 0;
+      for (int64_t m = 0; m < kTallBlockRows; ++m) in_block += weight[(g * kTallBlockRows + m) * row_stride + i] != 0.0f;
+      counts.nonzeros += in_block;
+      counts.tall_blocks += in_block != 0;
+    }
+  }
+  for (int64_t row = out_features / kTallBlockRows * kTallBlockRows; row < out_features; ++row) {
+    for (int64_t i = 0; i < in_features; ++i) counts.nonzeros += weight[row * row_stride + i] != 0.0f;
+  }
+  return counts;
+}
+
 namespace {
 
 // An int8 buffer's values in [-127, 127], its scales finite and >= 0, and each row's sum

@@ -185,6 +185,17 @@ std::vector<int32_t> pack_linear(const float* weight, int64_t out_features, int6
 // The options a buffer was packed with (its K-block as stored).
 PackOptions pack_options_of(const PackedLinearView& w);
 
+// The nonzeros of a row-major [out_features, in_features] matrix, and its nonzero
+// kTallBlockRows x 1 blocks (groups of kTallBlockRows consecutive rows sharing a
+// feature; the last out_features % kTallBlockRows rows are in none): what the default
+// packing choices need (ops.default_block_rows, ops.default_k_block), in one pass.
+struct NonzeroCounts {
+  int64_t nonzeros = 0;
+  int64_t tall_blocks = 0;
+};
+NonzeroCounts count_nonzeros_f32(const float* weight, int64_t out_features, int64_t in_features,
+                                 int64_t row_stride);
+
 // Validates a packed buffer of `words` int32 and returns a view of it. On a
 // bad buffer returns false and writes the reason to `error`. The header and sizes
 // are always checked (O(1)); with `check_contents` also every segment pointer,

@@ -18,12 +18,12 @@ using kernels::Activation;
 using kernels::PackedLinearView;
 
 at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
-                      const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  const at::Tensor packed_now = packed_for(weight, packed);
+                      const std::optional<at::Tensor>& bias, c10::string_view activation, bool weight_transposed) {
+  const at::Tensor packed_now = packed_for(weight, packed, weight_transposed);
   const PackedLinearView w = checked_view(packed_now);
   const Activation act = parse_activation(activation);
   check_input(input, w.in_features, "sparsecpu::linear");
-  const at::Tensor bias_c = checked_bias(w, weight, bias, "sparsecpu::linear");
+  const at::Tensor bias_c = checked_bias(w, weight_transposed ? weight.t() : weight, bias, "sparsecpu::linear");
   at::Tensor y = linear_output(input, w.out_features);
   const at::Tensor x2d = input.reshape({-1, w.in_features});
   const int64_t tokens = x2d.size(0);

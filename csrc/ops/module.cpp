@@ -1,6 +1,7 @@
 // The Python module torch_sparsecpu._C: loading it registers the ops (see
-// library.cpp); the functions below control and describe the kernel dispatch and
-// export the lists of csrc/kernels/lists.h and the packed header's fields.
+// library.cpp); the functions below control and describe the kernel dispatch,
+// export the lists of csrc/kernels/lists.h and the packed header's fields, and count
+// a weight's nonzeros for the default packing choices.
 #include <torch/extension.h>
 
 #include "../kernels/spmm.h"
@@ -48,6 +49,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_panel_width", [](const std::string& isa) { return kernels_named(isa).max_panel_width; });
   m.def("repacked_weights", &sparsecpu::repacked_weights,
         "Buffers the ops have packed for weights edited or swapped since their packing (see packed_weights.h).");
+  m.def("nonzero_counts", [](const at::Tensor& weight) {
+        TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+                          "nonzero_counts: weight must be a 2-D float32 CPU tensor, got ", weight.scalar_type(),
+                          " of shape ", weight.sizes());
+        const at::Tensor rows = weight.stride(1) == 1 ? weight : weight.contiguous();
+        pybind11::gil_scoped_release no_gil;
+        const kernels::NonzeroCounts counts =
+            kernels::count_nonzeros_f32(rows.data_ptr<float>(), rows.size(0), rows.size(1), rows.stride(0));
+        return std::make_pair(counts.nonzeros, counts.tall_blocks);
+      }, "(nonzeros, nonzero 4 x 1 blocks) of a 2-D float32 weight, in one pass.");
   m.attr("TALL_BLOCK_ROWS") = kernels::kTallBlockRows;  // block_rows of 4 x 1 blocks
   m.attr("WIDE_BLOCK_COLS") = kernels::kWideBlockCols;  // block_cols of int8 1 x 4 blocks
   m.attr("MAX_GEMV_TOKENS") = kernels::kMaxGemvTokens;  // panels this narrow run the GEMV kernels

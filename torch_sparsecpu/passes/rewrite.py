@@ -26,6 +26,7 @@ from .match import (
     skip_reason,
     under_autocast,
 )
+from .packed_cache import packed_once
 from .static import example_value
 from .transformer import decompose_encoder_layers
 
@@ -38,9 +39,9 @@ class RewriteResult:
     # The tensors the rewritten graph reads with get_attr, by attribute name: packed
     # weights (_sparsecpu_packed_<n>), and folded weights and biases (<that>_weight, _bias).
     attributes: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # Each packed weight's node -> its packed attribute (a weight used by several calls is
-    # packed once).
-    packed_attr_of: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
+    # Each packed weight's (node, weight_transposed) -> its packed attribute (a weight used
+    # by several calls is packed once; as [in, out], GPT-2's Conv1D, it is packed transposed).
+    packed_attr_of: dict[tuple[fx.Node, bool], str] = dataclasses.field(default_factory=dict)
     # Nodes whose change needs a rebuild: a convolution's weight and bias and its folded
     # batch norm's weight and bias (the op runs a folded copy, so its own check that a
     # packed buffer matches its weight cannot see them change); a computed weight's
@@ -92,7 +93,7 @@ def rewrite_sparse_layers(
         if node in fast_paths_kept:
             result.decisions += fast_paths_kept[node]
             continue
-        call = match_layer(node)
+        call = match_layer(node, static)
         if call is None:
             continue
         computed = result.computed_weights.get(call.weight) or computed_weight(call.weight, static)
@@ -193,13 +194,15 @@ def _packed_attribute(
     pack: Callable[[torch.Tensor], torch.Tensor],
 ) -> str:
     """The attribute of ``call``'s packed weight: the one packed before for the same
-    weight, or a new one (always for a folded batch norm, whose weight is the layer's own)."""
-    if fold is None and call.weight in result.packed_attr_of:
-        return result.packed_attr_of[call.weight]
+    weight, or a new one (always for a folded batch norm, whose weight is the layer's own)
+    holding the weight's buffer of an earlier build if it has not changed since."""
+    key = (call.weight, call.weight_transposed)
+    if fold is None and key in result.packed_attr_of:
+        return result.packed_attr_of[key]
     attr = f"_sparsecpu_packed_{len(result.attributes)}"
     if fold is None:
-        result.attributes[attr] = pack_weight(static[call.weight], pack)
-        result.packed_attr_of[call.weight] = attr
+        result.attributes[attr] = packed_once(static[call.weight], pack, weight_transposed=call.weight_transposed)
+        result.packed_attr_of[key] = attr
     else:
         weight, bias = fold_batch_norm(static[call.weight], static.get(call.bias), fold)
         result.attributes[attr] = pack_weight(weight, pack)
@@ -227,7 +230,11 @@ def _emit(
             weight, bias = graph.get_attr(attr + "_weight"), graph.get_attr(attr + "_bias")
         if call.kind == "linear":
             args = (call.x, weight, packed, bias, activation)
-            sparse = graph.call_function(torch.ops.sparsecpu.linear.default, args)
+            # A transposed weight is passed as it is, never as a view: a view made in the
+            # graph reaches the op without the weight's version counter (Inductor
+            # reinterprets the storage), and the op could not see the weight edited.
+            kwargs = {"weight_transposed": True} if call.weight_transposed else {}
+            sparse = graph.call_function(torch.ops.sparsecpu.linear.default, args, kwargs)
         else:
             args = (call.x, weight, packed, bias, *geometry, activation)
             sparse = graph.call_function(torch.ops.sparsecpu.conv2d.default, args)
