@@ -29,8 +29,9 @@ inline int32_t block_weights(const PackedLinearView& w, int64_t j, uint32_t offs
   return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(w.int8_values[j])) << ((offset & 3) * 8));
 }
 
-// The epilogue of one output row over kWidth tokens from `token` on (docs/kernels.md#int8-kernels):
-// fma(row_scale * token_scale, float(acc - zero_point * row_wsum), bias).
+// The epilogue of one output row, a register of tokens at a time (docs/kernels.md#int8-kernels):
+// fma(row_scale * token_scale, float(acc - zero_point * row_wsum), bias), in that order on
+// every ISA (no other product or sum for the compiler to contract).
 struct RowDequantization {
   IVec::T wsum;
   Vec::T scale;
