@@ -14,6 +14,7 @@ import torch_sparsecpu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_conv  # noqa: E402
+import bench_decode  # noqa: E402
 import bench_ffn  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_packing  # noqa: E402
@@ -176,3 +177,15 @@ def test_bench_conv_times_each_distinct_convolution(capsys):
     assert "all 35 ungrouped convolutions" in out
     rows = [line for line in out.splitlines() if line.strip().startswith("[1,")]
     assert rows and all(line.rstrip().split()[-1].replace(".", "").isdigit() for line in rows)
+
+
+def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):
+    pytest.importorskip("transformers")
+    tiny = "--layers 1 --hidden 64 --intermediate 128 --heads 2 --vocab 128 --prompt 9 --new-tokens 3"
+    run_main(bench_decode, f"{tiny} --sparsities 70 --rounds 1 --inner eager")
+    out = capsys.readouterr().out
+    assert "tokens equal eager's at every sparsity" in out
+    rows = [line.split() for line in out.splitlines() if line.lstrip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["70%"]
+    assert rows[0][-1] == "2", "prefill and decode: two graphs"
+    assert all(float(cell) > 0 for cell in rows[0][1:7])

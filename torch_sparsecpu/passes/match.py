@@ -2,8 +2,9 @@
 others stay dense, and which activation after a layer can be fused into it.
 
 ``torch.addmm(bias, x, weight)`` with a static ``weight`` of shape ``[in, out]`` (GPT-2's
-``Conv1D``) is a linear whose weight is transposed: it runs on the sparse op with
-``weight.t()``, a view of the same storage (rewrite.py).
+``Conv1D``) is a linear whose weight is transposed: packed as ``weight.t()``, it runs on
+``sparsecpu::linear(..., weight_transposed=True)``, which is given the weight as stored
+(rewrite.py says why).
 
 A layer is taken when its weight is a static float32 CPU parameter (a graph input
 that Dynamo marks as a parameter or buffer, or a ``get_attr`` constant) whose
