@@ -189,3 +189,20 @@ def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):
     assert [row[0] for row in rows] == ["70%"]
     assert rows[0][-1] == "2", "prefill and decode: two graphs"
     assert all(float(cell) > 0 for cell in rows[0][1:7])
+
+
+def test_bench_decode_quantize_int8_checks_logits_then_times_it(capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    tiny = "--layers 1 --hidden 64 --intermediate 128 --heads 2 --vocab 128 --prompt 9 --new-tokens 3"
+    run_main(bench_decode, f"{tiny} --sparsities 70 --rounds 1 --inner eager --quantize int8")
+    out = capsys.readouterr().out
+    table = out.split("--quantize int8")[1]
+    rows = [line.split() for line in table.splitlines() if line.lstrip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["70%"] and rows[0][-1] == "2", table
+    error = float(rows[0][-2])
+    assert 0 < error <= bench_decode.INT8_LOGITS_TOLERANCE  # int8: close to eager, never equal
+    monkeypatch.setattr(bench_decode, "INT8_LOGITS_TOLERANCE", error / 2)
+    with pytest.raises(SystemExit, match="int8 logits off eager's"):
+        run_main(bench_decode, f"{tiny} --sparsities 70 --rounds 1 --inner eager --quantize int8")
+    assert "generate ms" not in capsys.readouterr().out
+
