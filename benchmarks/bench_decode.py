@@ -27,8 +27,8 @@ prefill's stay fp32 unless their nonzeros come in 1 x 4 blocks: ``ops.int8_pays`
 timed in the same interleaved rounds; its speed-up over the fp32 sparse model is the
 median of the per-round ratios of the whole call. Its greedy tokens may legitimately
 differ from eager's, so it is checked on logits instead: every step's logits against
-eager's on the same tokens, within INT8_LOGITS_TOLERANCE of their largest (else it exits
-non-zero, printing no timings).
+eager's on the same tokens, within sparsecpu-bench's INT8_LOGITS_TOLERANCE of their
+largest (else it exits non-zero, printing no timings).
 
 ``--first-call``: fresh processes with Inductor's caches off, alternating
 ``backend="inductor"`` and ``backend="sparsecpu"`` on the 70% model: the time of the
@@ -52,13 +52,10 @@ import torch
 
 import torch_sparsecpu
 from torch_sparsecpu.backend import sparsecpu_backend
+from torch_sparsecpu.bench.cli import INT8_LOGITS_TOLERANCE
 from torch_sparsecpu.bench.measure import greedy_with_logits, step_logits_errors
 
 from common import parse_int_list
-
-# --quantize int8: the largest |int8 logits - eager's| of any step, relative to the
-# largest |eager logit| of that step (int8 moved random-init Llama logits by 1-2%).
-INT8_LOGITS_TOLERANCE = 5e-2
 
 # The models' sizes unless given: layers, hidden, intermediate, heads, vocab.
 MODEL_SIZES = {"llama": (8, 1024, 2816, 16, 8192), "gpt2": (4, 768, 3072, 12, 8192)}

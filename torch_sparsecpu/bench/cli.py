@@ -16,8 +16,9 @@ must equal eager's.
 
 The sparsecpu-int8 path (options={"quantize": "int8"}) is approximate: its output must be
 within INT8_TOLERANCE of eager's (max-abs relative); under --decode, its logits at every
-step must be, against eager's for the same tokens, and the share of its greedy tokens
-equal to eager's is reported, not required (int8 may pick another of two close tokens).
+step within INT8_LOGITS_TOLERANCE of eager's for the same tokens, and the share of its
+greedy tokens equal to eager's is reported, not required (int8 may pick another of two
+close tokens).
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ class BenchPath:
     backend: str | Callable | None = None  # torch.compile backend; None runs the model as it is
     options: Mapping[str, object] | None = None
     # None: the model's fp32 tolerance, and generated tokens must equal eager's. An
-    # approximate path (quantized) sets its own; its token agreement is reported instead.
+    # approximate path (quantized) sets its own, for one call's output and (--decode) for
+    # every step's logits; its token agreement is reported instead.
     tolerance: float | None = None
+    logits_tolerance: float | None = None
 
     def prepare(self, fn: Callable) -> Callable:
         if self.backend is None:
@@ -81,10 +84,14 @@ class BenchPath:
         return torch.compile(fn, backend=self.backend, options=dict(self.options) if self.options else None)
 
 
-# The int8 path's tolerance, max |output - eager's| / max |eager's|: its quantization
-# error is about 1% of the output's scale on random data (docs/kernels.md#int8-kernels,
-# docs/benchmarks.md#int8-accuracy); a wrong scale or a dropped block is far more.
+# The int8 path's tolerances, max |output - eager's| / max |eager's|. One call's output:
+# int8 moves it by 0.7-2% of its scale (docs/benchmarks.md#int8-accuracy-int8_accuracypy).
+# A decode step's logits, against eager's for the same tokens: errors add up over every
+# int8 layer of a deep model, 3.5-5.2% on llama-tiny at 70% (8 layers, 56 int8 linears;
+# torch.ao's quantize_dynamic of the same layers: 5.7-9.3%). A wrong scale, zero point
+# or dropped block moves them far more.
 INT8_TOLERANCE = 5e-2
+INT8_LOGITS_TOLERANCE = 1e-1
 
 REFERENCE = "eager"
 PATHS: dict[str, BenchPath] = {
@@ -97,6 +104,7 @@ PATHS: dict[str, BenchPath] = {
         "sparsecpu",
         {"quantize": "int8"},
         tolerance=INT8_TOLERANCE,
+        logits_tolerance=INT8_LOGITS_TOLERANCE,
     ),
 }
 
@@ -378,7 +386,7 @@ def _with_compiled_forward(module: torch.nn.Module, path: BenchPath) -> torch.nn
 
 def run_decode(model: BenchModel, names: Sequence[str], repeats: int, warmup: int, new_tokens: int):
     """Checks, then times one generate() per path; returns (first calls, GenerateTimings).
-    A path with a tolerance of its own is checked on its logits, against eager's for the
+    A path with a logits tolerance is checked on its logits, against eager's for the
     tokens it generated."""
     (input_ids,) = model.inputs
     runners = {name: _with_compiled_forward(model.module, PATHS[name]) for name in names}
@@ -386,7 +394,7 @@ def run_decode(model: BenchModel, names: Sequence[str], repeats: int, warmup: in
     first: dict[str, FirstCall] = {}
     expected = None  # eager's tokens: names[0] is eager
     for name in _progress(names, "first generate() calls (compiling) and checks"):
-        tolerance = PATHS[name].tolerance
+        tolerance = PATHS[name].logits_tolerance
         checked = functools.partial(calls[name], keep_logits=tolerance is not None)
         timing, compile_s, peak = _first_call(checked)
         expected = timing.tokens if expected is None else expected
