@@ -80,8 +80,11 @@ $(LINT_DIR)/%.ok: %.cpp $(wildcard csrc/*/*.h) | $(BUILD_STAMP)
 # TORCH_CHECK). Python itself leaks, so leak detection is off. --capture=sys: a sanitizer
 # report goes to fd 2 and the process then exits, so pytest's fd capture would swallow it.
 SAN_LIB := build/sanitize
+# The int8 kernels' tests (tests/test_int8.py: every ISA at tile edges, saturation
+# extremes, repacks) run under it too.
 SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py tests/test_conv.py \
-                                           tests/test_argument_errors.py tests/test_packed_validation.py)
+                                           tests/test_argument_errors.py tests/test_packed_validation.py \
+                                           tests/test_int8.py)
 sanitize: $(BUILD_STAMP)
 	TORCH_SPARSECPU_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(SAN_LIB) --build-temp build/sanitize-tmp
 	mkdir -p $(SAN_LIB)/torch_sparsecpu/passes

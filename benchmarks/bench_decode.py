@@ -6,6 +6,7 @@ at several sparsities: tokens/s of the prefill (the prompt's forward call) and o
 
     python benchmarks/bench_decode.py [--sparsities 0,50,70,90] [--prompt 64] [--new-tokens 32] [--rounds 3]
     python benchmarks/bench_decode.py --model gpt2 --sparsities 70
+    python benchmarks/bench_decode.py --quantize int8 --sparsities 70
     python benchmarks/bench_decode.py --first-call [--rounds 2]
 
 The model is compiled as Hugging Face recommends for decoding: a static KV cache
@@ -19,6 +20,15 @@ come from a wrapper around the forward. Layers below ``--min-sparsity`` (the bac
 option, in percent, default 60 as the backend's) stay dense: at 0% and 50% the compiled
 model is plain Inductor unless ``--min-sparsity`` is lowered (not to 0: the dense LM
 head would then be packed too).
+
+``--quantize int8``: a third copy of the model is compiled with
+``options={"quantize": "int8"}`` (the decode graph's one-token linears go int8, the
+prefill's stay fp32 unless their nonzeros come in 1 x 4 blocks: ``ops.int8_pays``) and
+timed in the same interleaved rounds; its speed-up over the fp32 sparse model is the
+median of the per-round ratios of the whole call. Its greedy tokens may legitimately
+differ from eager's, so it is checked on logits instead: every step's logits against
+eager's on the same tokens, within sparsecpu-bench's INT8_LOGITS_TOLERANCE of their
+largest (else it exits non-zero, printing no timings).
 
 ``--first-call``: fresh processes with Inductor's caches off, alternating
 ``backend="inductor"`` and ``backend="sparsecpu"`` on the 70% model: the time of the
@@ -42,6 +52,8 @@ import torch
 
 import torch_sparsecpu
 from torch_sparsecpu.backend import sparsecpu_backend
+from torch_sparsecpu.bench.cli import INT8_LOGITS_TOLERANCE
+from torch_sparsecpu.bench.measure import greedy_with_logits, step_logits_errors
 
 from common import parse_int_list
 
@@ -140,37 +152,72 @@ def prompt_ids(args: argparse.Namespace) -> torch.Tensor:
     return torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
 
 
+def int8_logits_error(eager: torch.nn.Module, quantized: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+    """The largest error of any step's logits of ``quantized``'s greedy ``generate()``
+    against eager's logits for the same tokens, relative to the largest |eager logit| of
+    the step."""
+    generated, logits = greedy_with_logits(quantized, ids, new_tokens)
+    return max(step_logits_errors(eager, ids, generated, logits))
+
+
 def time_sparsity(args: argparse.Namespace, sparsity_pct: int) -> dict:
-    """Checks, then times eager and compiled ``generate()`` in interleaved rounds."""
+    """Checks, then times eager and compiled ``generate()`` (and with ``--quantize``, the
+    quantized model) in interleaved rounds."""
     torch._dynamo.reset()
     eager = build_model(args, sparsity_pct)
-    compiled = build_model(args, sparsity_pct)
     eager.forward = TimedForward(eager.forward)
-    backend = CountingBackend("sparsecpu", {"inner": args.inner, "min_sparsity": args.min_sparsity / 100})
-    compiled.forward = compiled_forward(compiled, backend)
+    options = {"inner": args.inner, "min_sparsity": args.min_sparsity / 100}
+    variants = {"sparsecpu": options}
+    if args.quantize:
+        variants["sparsecpu-" + args.quantize] = {**options, "quantize": args.quantize}
+    compiled, backends = {}, {}
+    for name, variant_options in variants.items():
+        compiled[name] = build_model(args, sparsity_pct)
+        backends[name] = CountingBackend("sparsecpu", variant_options)
+        compiled[name].forward = compiled_forward(compiled[name], backends[name])
     ids = prompt_ids(args)
     expected, _ = generate(eager, ids, args.new_tokens)
-    tokens, _ = generate(compiled, ids, args.new_tokens)  # compiles prefill and decode
+    tokens, _ = generate(compiled["sparsecpu"], ids, args.new_tokens)  # compiles prefill and decode
     if not torch.equal(tokens, expected):
         sys.exit(f"error: {sparsity_pct}%: compiled tokens {tokens.tolist()} != eager {expected.tolist()}, no timings")
-    times = {"eager": [], "sparsecpu": []}
+    result = {"sparsity": sparsity_pct}
+    if args.quantize:
+        quantized = compiled["sparsecpu-" + args.quantize]
+        error = int8_logits_error(eager, quantized, ids, args.new_tokens)  # compiles prefill and decode
+        if not error <= INT8_LOGITS_TOLERANCE:
+            sys.exit(
+                f"error: {sparsity_pct}%: {args.quantize} logits off eager's by {error:.3g} of their largest "
+                f"(> {INT8_LOGITS_TOLERANCE}), no timings"
+            )
+        result["logits_error"] = error
+    models = {"eager": eager, **compiled}
+    times = {name: [] for name in models}
     for _ in range(args.rounds):
-        for name, model in (("eager", eager), ("sparsecpu", compiled)):
+        for name, model in models.items():
             times[name].append(generate(model, ids, args.new_tokens)[1])
     with torch.profiler.profile() as profile:  # after the timings: the profiler slows the ops
-        generate(compiled, ids, 2)  # a prefill and a decode call
+        generate(compiled["sparsecpu"], ids, 2)  # a prefill and a decode call
     sparse_ops = sum(e.count for e in profile.key_averages() if e.key.startswith("sparsecpu::linear"))
     decode_calls = args.new_tokens - 1
-    result = {"sparsity": sparsity_pct, "graphs": backend.graphs, "sparse_ops_per_call": sparse_ops / 2}
+    result.update(graphs=backends["sparsecpu"].graphs, sparse_ops_per_call=sparse_ops / 2)
     for name, rounds in times.items():
         result[name] = {
             "generate_ms": statistics.median(r["generate"] for r in rounds) * 1e3,
             "prefill_tok_s": statistics.median(args.prompt / r["prefill"] for r in rounds),
             "decode_tok_s": statistics.median(decode_calls / r["decode"] for r in rounds),
         }
-    result["speedup"] = statistics.median(
-        e["generate"] / s["generate"] for e, s in zip(times["eager"], times["sparsecpu"], strict=True)
-    )
+
+    def speedup(baseline: str, name: str) -> float:  # the median of the per-round ratios
+        return statistics.median(
+            b["generate"] / r["generate"] for b, r in zip(times[baseline], times[name], strict=True)
+        )
+
+    result["speedup"] = speedup("eager", "sparsecpu")
+    if args.quantize:
+        name = "sparsecpu-" + args.quantize
+        result["quantized"] = {**result.pop(name), "vs_eager": speedup("eager", name)}
+        result["quantized"]["vs_fp32_sparse"] = speedup("sparsecpu", name)
+        result["quantized"]["graphs"] = backends[name].graphs
     return result
 
 
@@ -195,6 +242,19 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
             f"   {e['generate_ms']:>17.1f}  {s['generate_ms']:>9.1f}   {r['speedup']:>7.2f}x"
             f"  {r['sparse_ops_per_call']:>19g}  {r['graphs']:>6}"
         )
+    if args.quantize:
+        print(
+            f"--quantize {args.quantize} (its logits checked against eager's first, "
+            f"max-abs relative <= {INT8_LOGITS_TOLERANCE}), the same rounds:"
+        )
+        print("sparsity  prefill tok/s  decode tok/s  generate ms   vs fp32 sparse  vs eager  max logits error  graphs")
+        for r in results:
+            q = r["quantized"]
+            print(
+                f"{r['sparsity']:>7}%  {q['prefill_tok_s']:>13.1f}  {q['decode_tok_s']:>12.2f}"
+                f"  {q['generate_ms']:>11.1f}   {q['vs_fp32_sparse']:>13.2f}x  {q['vs_eager']:>7.2f}x"
+                f"  {r['logits_error']:>16.3g}  {q['graphs']:>6}"
+            )
 
 
 def first_call_child(args: argparse.Namespace) -> int:
@@ -246,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-sparsity", type=int, default=60, help="the backend option, in percent (default 60)")
     parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor")
     parser.add_argument("--model", choices=tuple(MODEL_SIZES), default="llama")
+    parser.add_argument("--quantize", choices=("int8",), help="also time the model compiled with this quantize option")
     sizes = ("layers", "hidden", "intermediate", "heads", "vocab")
     for size in sizes:
         parser.add_argument(f"--{size}", type=int, help="default: the model's, " + str(MODEL_SIZES))

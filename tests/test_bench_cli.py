@@ -5,6 +5,7 @@ builders it shares with the demo prune the layers they say. Timings are never as
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -45,8 +46,9 @@ REQUIRED_KEYS |= {"threads", "throughput", "peak_rss_mb"}
         (["--compare", "eager,tensorrt"], "--compare"),
         (["--threads", "0"], "--threads"),
         (["--batch", "two"], "--batch"),
-        (["--block", "1x4"], "--block"),
+        (["--block", "4x4"], "--block"),
         (["--block", "2x2"], "--block"),
+        (["--compare", "eager,sparsecpu-int4"], "--compare"),
         (["--decode", "8"], "--decode"),  # the default mlp generates nothing
         (["--model", "bert-base", "--decode", "8"], "--decode"),
         (["--model", "llama-tiny", "--decode", "1"], "--decode"),
@@ -81,7 +83,7 @@ def test_no_progress_bars_without_tqdm(monkeypatch):
 
 def test_block_error_says_which_blocks_exist(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["--block", "1x4"])
+        cli.main(["--block", "2x2"])
     message = capsys.readouterr().err
     assert all(shape in message for shape in ("1x1", "4x1", "1x4")), message
 
@@ -106,6 +108,49 @@ def test_tiny_run_checks_times_and_writes_records(tmp_path, capsys):
     assert sparse["sparse_layers"] == "2/2"
     table = capsys.readouterr().out
     assert any(line.startswith("sparsecpu ") for line in table.splitlines()), table
+
+
+def test_int8_path_checks_against_eager_then_writes_records(tmp_path, capsys):
+    """sparsecpu-int8 on the mlp pruned in 1x4 blocks: both layers sparse and int8 (the
+    1 x 4 rule), within the int8 tolerance of eager but not within fp32's, timed with
+    the others."""
+    records_path = tmp_path / "r.json"
+    arguments = [*TINY_MLP, "--block", "1x4", "--compare", "sparsecpu,sparsecpu-int8", "--repeats", "2"]
+    assert cli.main([*arguments, "--warmup", "0", "--threads", "1", "--json", str(records_path)]) == 0
+    records = json.loads(records_path.read_text())
+    assert [record["path"] for record in records] == ["eager", "sparsecpu", "sparsecpu-int8"]
+    eager, fp32, int8 = records
+    for record in records:
+        assert REQUIRED_KEYS <= record.keys(), REQUIRED_KEYS - record.keys()
+        assert record["block"] == "1x4" and 0 < record["median_ms"] <= record["p90_ms"]
+    assert fp32["sparse_layers"] == "2/2" and int8["sparse_layers"] == "2/2, 2 int8"
+    assert fp32["max_error"] <= 1e-5 < int8["max_error"] <= cli.INT8_TOLERANCE
+    assert "sparsecpu-int8: " in capsys.readouterr().out
+
+
+def test_block_1x4_prunes_whole_blocks_of_4_inputs():
+    spec = resolve_model("mlp", {"hidden_size": 64, "intermediate_size": 256})
+    model = build_model(spec, sparsity=0.75, block_cols=4)
+    for layer in (model.module[0], model.module[2]):
+        blocks = layer.weight.reshape(layer.weight.size(0), -1, 4) == 0
+        assert (blocks.all(2) == blocks.any(2)).all(), "a 1 x 4 block is partly zero"
+        assert blocks.float().mean().item() == pytest.approx(0.75, abs=0.01)
+
+
+def test_int8_decode_checks_logits_and_reports_token_agreement(tmp_path):
+    records_path = tmp_path / "decode.json"
+    arguments = [*TINY_LLAMA, "--decode", "4", "--compare", "sparsecpu-int8", "--repeats", "1"]
+    assert cli.main([*arguments, "--warmup", "0", "--json", str(records_path)]) == 0
+    eager, int8 = json.loads(records_path.read_text())
+    assert int8["path"] == "sparsecpu-int8" and 0 <= int8["tokens_match"] <= 1
+    assert 0 < int8["max_error"] <= cli.INT8_LOGITS_TOLERANCE  # the logits, against eager's on the same tokens
+    assert int8["sparse_layers"].startswith("7/8")
+
+
+def test_an_int8_path_off_its_tolerance_stops_the_run(monkeypatch, capsys):
+    monkeypatch.setitem(cli.PATHS, "sparsecpu-int8", dataclasses.replace(cli.PATHS["sparsecpu-int8"], tolerance=1e-6))
+    assert cli.main([*TINY_MLP, "--block", "1x4", "--compare", "sparsecpu-int8", "--repeats", "1"]) == 1
+    assert "sparsecpu-int8's output differs from eager's" in capsys.readouterr().err
 
 
 def _wrong_backend(gm, example_inputs):

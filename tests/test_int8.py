@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch_sparsecpu
 from torch_sparsecpu import kernels, ops
 
-from conftest import ACTIVATION_REFERENCE, int8_reference, quantize_rows_int8, sparse_weight
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, int8_reference, quantize_rows_int8, sparse_weight
 
 ISAS = kernels.available_isas()
 HAS_VNNI = "avx512vnni" in "".join(kernels.kernel_names(ISAS[-1], "int8")) if "avx512" in ISAS else False
@@ -246,6 +246,25 @@ def test_edited_weight_is_repacked_as_int8(isa):
         weight.mul_(-3.0)
         weight[:, :8] = 0.0
     assert torch.equal(run_int8(isa, x, weight, packed), int8_reference(x, weight))
+
+
+def test_edited_weight_run_by_fp32_and_int8_buffers_gets_a_repack_of_each():
+    """One weight run by an fp32 buffer and an int8 one (a prefill and a decode graph under
+    quantize="int8"), then edited: each op runs a repack in its own buffer's layout, never
+    the other's (the ops' table of repacks is keyed by the layout as well as the weight)."""
+    weight = sparse_weight(24, 64, 0.7)
+    fp32, int8 = ops.pack_linear(weight), ops.pack_linear(weight, quantize="int8")
+    x = torch.randn(3, 64)
+    for packed in (fp32, int8):  # first uses bind both buffers to the weight
+        ops.linear(x, weight, packed)
+    for first in ("fp32", "int8"):  # whichever op repacks first, the other gets a repack of its own
+        with torch.no_grad():
+            weight.mul_(-2.0)
+        runs = {"fp32": lambda: ops.linear(x, weight, fp32), "int8": lambda: ops.linear(x, weight, int8)}
+        outputs = {first: runs[first]()}
+        outputs.update({name: run() for name, run in runs.items() if name != first})
+        assert_close_rel(outputs["fp32"], x @ weight.t(), what=f"fp32 buffer after the edit ({first} first)")
+        assert torch.equal(outputs["int8"], int8_reference(x, weight)), f"int8 ran an fp32 repack ({first} first)"
 
 
 def test_bad_arguments_int8():

@@ -73,8 +73,8 @@ def test_rewrite_result_names_what_the_backend_keeps():
         "_sparsecpu_packed_0_bias",
         "_sparsecpu_packed_3",
     ]
-    assert {(source_name(n), t): a for (n, t), a in result.packed_attr_of.items()} == {
-        ("head.weight", False): "_sparsecpu_packed_3"
+    assert {(source_name(n), t, q): a for (n, t, q), a in result.packed_attr_of.items()} == {
+        ("head.weight", False, None): "_sparsecpu_packed_3"  # (weight, weight_transposed, quantize)
     }
     assert sorted(map(source_name, result.rebuild_if_changed)) == [
         "conv.bias",

@@ -39,6 +39,25 @@ struct TensorIdentityHash {
   }
 };
 
+// A weight repacked here, and the layout it was packed in (the block sizes, block shape
+// and datatype of the buffer it stands in for): one weight run by buffers of two layouts
+// (a prefill graph's fp32 buffer and a decode graph's int8 one) has a repack of each,
+// and neither is handed to the other's op.
+struct RepackKey {
+  TensorIdentity weight;
+  std::array<int64_t, 5> layout{};  // k_block, row_block, block_rows, block_cols, datatype
+
+  bool operator==(const RepackKey& other) const { return weight == other.weight && layout == other.layout; }
+};
+
+struct RepackKeyHash {
+  size_t operator()(const RepackKey& key) const {
+    size_t hash = TensorIdentityHash()(key.weight);
+    for (int64_t value : key.layout) hash = hash * 31 + static_cast<size_t>(value);
+    return hash;
+  }
+};
+
 // Inference tensors carry no version counter (and cannot be edited outside inference mode).
 uint32_t version_of(const at::Tensor& t) { return t.is_inference() ? 0 : static_cast<uint32_t>(t._version()); }
 
@@ -58,7 +77,8 @@ bool identify(const at::Tensor& t, TensorIdentity* id) {
 // - the weight each packed buffer was first used with (keyed by the buffer's storage),
 //   as it was then: a call with another weight, or with that weight since edited,
 //   does not run the buffer;
-// - buffers packed here for such weights (keyed by what the weight reads), valid
+// - buffers packed here for such weights (keyed by what the weight reads and the layout
+//   of the buffer they stand in for), valid
 //   while the weight's version is the one they were packed at.
 // As the tables grow, first uses of dead buffers and repacks of dead weights are swept.
 class PackedWeights {
@@ -84,14 +104,20 @@ class PackedWeights {
     if (use.weight == weight_id && use.weight_version == weight_version && !use.weight_storage.expired()) {
       return packed;
     }
-    auto cached = repacked_.find(weight_id);
+    kernels::PackedLinearView view;
+    if (!view_of(packed, &view)) return packed;  // not a packed buffer: the op's checks report it
+    const kernels::PackOptions layout = kernels::pack_options_of(view);
+    const RepackKey key{weight_id,
+                        {layout.k_block, layout.row_block, layout.block_rows, layout.block_cols,
+                         static_cast<int64_t>(layout.datatype)}};
+    auto cached = repacked_.find(key);
     if (cached != repacked_.end() && cached->second.version == weight_version && !cached->second.weight_storage.expired()) {
       return cached->second.packed;
     }
     sweep_if_grown();
-    at::Tensor fresh = repack_like(weight_transposed ? weight.t() : weight, packed);
+    at::Tensor fresh = repack_like(weight_transposed ? weight.t() : weight, packed, view);
     if (!fresh.defined()) return packed;  // not a weight this buffer could hold: the op's checks report it
-    repacked_.insert_or_assign(weight_id, Repacked{weight.storage().getWeakStorageImpl(), weight_version, fresh});
+    repacked_.insert_or_assign(key, Repacked{weight.storage().getWeakStorageImpl(), weight_version, fresh});
     ++repacked_count_;
     return fresh;
   }
@@ -115,17 +141,19 @@ class PackedWeights {
     at::Tensor packed;
   };
 
-  // `weight` (2-D, or a convolution's 4-D weight as [out, in x kernel]) packed with
-  // the block sizes, block shape and datatype of `packed` (an int8 buffer is
-  // quantized again); undefined when the shapes or dtype do not fit.
-  static at::Tensor repack_like(const at::Tensor& weight, const at::Tensor& packed) {
-    if (packed.scalar_type() != at::kInt || packed.dim() != 1 || !packed.is_contiguous()) return {};
-    kernels::PackedLinearView view;
+  // The header of `packed` (its sizes and layout); false when it is no packed buffer.
+  static bool view_of(const at::Tensor& packed, kernels::PackedLinearView* view) {
+    if (packed.scalar_type() != at::kInt || packed.dim() != 1 || !packed.is_contiguous()) return false;
     std::string error;
-    if (!kernels::view_packed_linear(packed.data_ptr<int32_t>(), packed.numel(), /*check_contents=*/false, &view,
-                                     &error)) {
-      return {};
-    }
+    return kernels::view_packed_linear(packed.data_ptr<int32_t>(), packed.numel(), /*check_contents=*/false, view,
+                                       &error);
+  }
+
+  // `weight` (2-D, or a convolution's 4-D weight as [out, in x kernel]) packed with
+  // the block sizes, block shape and datatype of `packed` (`view`: an int8 buffer is
+  // quantized again); undefined when the shapes or dtype do not fit.
+  static at::Tensor repack_like(const at::Tensor& weight, const at::Tensor& packed,
+                                const kernels::PackedLinearView& view) {
     if (weight.scalar_type() != at::kFloat || !weight.device().is_cpu() || (weight.dim() != 2 && weight.dim() != 4)) {
       return {};
     }
@@ -157,7 +185,7 @@ class PackedWeights {
 
   std::mutex mutex_;
   std::unordered_map<const c10::StorageImpl*, FirstUse> first_weight_;
-  std::unordered_map<TensorIdentity, Repacked, TensorIdentityHash> repacked_;
+  std::unordered_map<RepackKey, Repacked, RepackKeyHash> repacked_;
   size_t sweep_at_ = 64;
   int64_t repacked_count_ = 0;
 };

@@ -4,7 +4,7 @@
 // edited in place or swapped (`weight.data = ...`) after packing. The ops therefore
 // never trust a buffer for a weight other than the one it first ran with, as it was
 // then: for any other (weight, version) they run a buffer packed from that weight,
-// once, with the same block sizes, and kept for as long as the weight lives.
+// once, with the same block sizes and datatype, and kept for as long as the weight lives.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -60,6 +60,35 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return error / scale if scale else (0.0 if error == 0 else math.inf)
 
 
+def greedy_with_logits(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int):
+    """Greedy ``generate()`` of exactly ``new_tokens`` tokens (Hugging Face causal LMs):
+    (the generated tokens [batch, N], each step's logits [batch, vocab] as the forward
+    returned them, before generate()'s logits processors)."""
+    with torch.inference_mode():
+        out = model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[:, prompt.size(1) :], list(out.logits)
+
+
+def step_logits_errors(
+    eager_forward: Callable, prompt: torch.Tensor, generated: torch.Tensor, step_logits: Sequence[torch.Tensor]
+) -> list[float]:
+    """:func:`relative_error` of each generate() step's logits against eager's for the same
+    tokens: ``eager_forward`` (a causal LM's uncompiled forward) run once, without a cache,
+    over the prompt and the generated tokens but the last. For paths whose tokens may
+    differ from eager's (quantized): this compares what they computed, token by token."""
+    sequence = torch.cat([prompt, generated[:, :-1]], dim=1)
+    with torch.inference_mode():
+        expected = eager_forward(sequence, use_cache=False).logits[:, prompt.size(1) - 1 :]
+    return [relative_error(logits.float(), expected[:, step].float()) for step, logits in enumerate(step_logits)]
+
+
 # Linux resets the peak resident set size (VmHWM) of a process that writes "5" here.
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")

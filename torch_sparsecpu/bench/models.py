@@ -28,13 +28,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import TALL_BLOCK_ROWS
+from ..ops import TALL_BLOCK_ROWS, WIDE_BLOCK_COLS
 from ..prune import magnitude_prune_
 
 # Pruning block shapes magnitude_prune_ can make, as "rows x columns" of the weight
-# (output x input features): single weights, or TALL_BLOCK_ROWS consecutive outputs of
-# one input feature. 1x4 blocks (4 consecutive inputs) come with the INT8 kernels.
-BLOCK_SHAPES = {"1x1": 1, f"{TALL_BLOCK_ROWS}x1": TALL_BLOCK_ROWS}
+# (output x input features) -> its (block_rows, block_cols): single weights,
+# TALL_BLOCK_ROWS consecutive outputs of one input feature (the fp32 kernels' 4 x 1
+# blocks), or WIDE_BLOCK_COLS consecutive inputs of one output (the int8 kernels' 1 x 4).
+BLOCK_SHAPES = {
+    "1x1": (1, 1),
+    f"{TALL_BLOCK_ROWS}x1": (TALL_BLOCK_ROWS, 1),
+    f"1x{WIDE_BLOCK_COLS}": (1, WIDE_BLOCK_COLS),
+}
 
 TEXT, IMAGE, FEATURES = "text", "image", "features"  # what a model's input is
 
@@ -281,10 +286,18 @@ class BenchModel:
 
 
 def build_model(
-    spec: ModelSpec, *, sparsity: float, block_rows: int = 1, batch: int = 1, seq: int = 128, seed: int = 0
+    spec: ModelSpec,
+    *,
+    sparsity: float,
+    block_rows: int = 1,
+    block_cols: int = 1,
+    batch: int = 1,
+    seq: int = 128,
+    seed: int = 0,
 ) -> BenchModel:
     """Builds ``spec``'s model with weights drawn after ``torch.manual_seed(seed)``, prunes
-    its layers to ``sparsity`` in ``block_rows`` x 1 blocks, and makes one call's inputs:
+    its layers to ``sparsity`` in ``block_rows`` x ``block_cols`` blocks (magnitude_prune_'s),
+    and makes one call's inputs:
     ``batch`` sequences of ``seq`` tokens (or feature rows), or ``batch`` images."""
     torch.manual_seed(seed)
     if spec.model_class is None:
@@ -297,7 +310,7 @@ def build_model(
     else:
         module = spec.model_class(copy.deepcopy(spec.config), **spec.model_kwargs)
     module.eval()
-    pruned = prune_layers_(module, spec, sparsity, block_rows)
+    pruned = prune_layers_(module, spec, sparsity, block_rows, block_cols)
     return BenchModel(spec, module, make_inputs(spec, batch, seq), batch, pruned)
 
 
@@ -313,7 +326,9 @@ def make_inputs(spec: ModelSpec, batch: int, seq: int) -> tuple[torch.Tensor, ..
     return (torch.randn(batch, getattr(config, "num_channels", 3), height, width),)
 
 
-def prune_layers_(module: nn.Module, spec: ModelSpec, sparsity: float, block_rows: int = 1) -> list[str]:
+def prune_layers_(
+    module: nn.Module, spec: ModelSpec, sparsity: float, block_rows: int = 1, block_cols: int = 1
+) -> list[str]:
     """Magnitude-prunes, each on its own, the layers of ``spec.layer_types`` whose name
     starts with ``spec.prefix``, except the output embeddings (an LM head); returns their
     names."""
@@ -324,12 +339,12 @@ def prune_layers_(module: nn.Module, spec: ModelSpec, sparsity: float, block_row
         if not isinstance(layer, spec.layer_types) or not name.startswith(spec.prefix) or layer is lm_head:
             continue
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            magnitude_prune_(layer, sparsity, layer_types=(type(layer),), block_rows=block_rows)
+            magnitude_prune_(layer, sparsity, layer_types=(type(layer),), block_rows=block_rows, block_cols=block_cols)
         else:
             # GPT-2's Conv1D stores its weight [in, out], transposed from nn.Linear's: prune a
-            # Linear whose weight is the transposed view, so blocks run along the outputs.
+            # Linear whose weight is the transposed view, so blocks run as a Linear's would.
             view = nn.Linear(1, 1, bias=False)
             view.weight = nn.Parameter(layer.weight.detach().t(), requires_grad=False)
-            magnitude_prune_(view, sparsity, block_rows=block_rows)
+            magnitude_prune_(view, sparsity, block_rows=block_rows, block_cols=block_cols)
         pruned.append(name)
     return pruned

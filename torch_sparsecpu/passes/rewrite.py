@@ -39,9 +39,10 @@ class RewriteResult:
     # The tensors the rewritten graph reads with get_attr, by attribute name: packed
     # weights (_sparsecpu_packed_<n>), and folded weights and biases (<that>_weight, _bias).
     attributes: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # Each packed weight's (node, weight_transposed) -> its packed attribute (a weight used
-    # by several calls is packed once; as [in, out], GPT-2's Conv1D, it is packed transposed).
-    packed_attr_of: dict[tuple[fx.Node, bool], str] = dataclasses.field(default_factory=dict)
+    # Each packed weight's (node, weight_transposed, quantize) -> its packed attribute (a
+    # weight used by several calls is packed once per datatype; as [in, out], GPT-2's
+    # Conv1D, it is packed transposed).
+    packed_attr_of: dict[tuple[fx.Node, bool, str | None], str] = dataclasses.field(default_factory=dict)
     # Nodes whose change needs a rebuild: a convolution's weight and bias and its folded
     # batch norm's weight and bias (the op runs a folded copy, so its own check that a
     # packed buffer matches its weight cannot see them change); a computed weight's
@@ -117,8 +118,8 @@ def rewrite_sparse_layers(
             fold = batch_norm_after(node, call.bias, static)
         output = node if fold is None else fold.node
         act_node, activation = fusable_activation(output) if fuse_activations else (None, "none")
-        layer_pack = pack if quantize is None or call.kind != "linear" else _quantized_pack(call, quantize, pack)
-        attr = _packed_attribute(result, static, call, fold, layer_pack)
+        datatype = _datatype_for(call, static[call.weight], quantize)
+        attr = _packed_attribute(result, static, call, fold, pack, datatype)
         _emit(graph, call, attr, fold, act_node, activation, geometry)
         info = ops.packed_info(result.attributes[attr])
         result.decisions.append(
@@ -170,20 +171,16 @@ def _fold_computed_weight(
     return dataclasses.replace(call, weight=constant)
 
 
-def _quantized_pack(
-    call: LayerCall, quantize: str, pack: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``pack`` for a linear under ``quantize``: the weight packed as ``quantize`` where
-    ``ops.int8_pays`` for it at the call's token count (its input's static sizes but the
-    last), else as ``pack`` packs it."""
+def _datatype_for(call: LayerCall, weight: torch.Tensor, quantize: str | None) -> str | None:
+    """What a layer is packed as under the backend's ``quantize``: ``quantize`` for a linear
+    whose weight (``[out, in]``) ``ops.int8_pays`` for at the call's token count (its
+    input's static sizes but the last; unknown when one is symbolic), else None (fp32)."""
+    if quantize is None or call.kind != "linear":
+        return None
     value = example_value(call.x) if isinstance(call.x, fx.Node) else None
     sizes = tuple(value.shape[:-1]) if value is not None and value.dim() >= 1 else None
     tokens = math.prod(sizes) if sizes is not None and all(isinstance(s, int) for s in sizes) else None
-
-    def quantized_or_not(weight: torch.Tensor) -> torch.Tensor:
-        return ops.pack_linear(weight, quantize=quantize) if ops.int8_pays(weight, tokens) else pack(weight)
-
-    return quantized_or_not
+    return quantize if ops.int8_pays(weight.t() if call.weight_transposed else weight, tokens) else None
 
 
 def _packed_attribute(
@@ -191,21 +188,25 @@ def _packed_attribute(
     static: dict[fx.Node, torch.Tensor],
     call: LayerCall,
     fold: BatchNormFold | None,
-    pack: Callable[[torch.Tensor], torch.Tensor],
+    pack: Callable[..., torch.Tensor],
+    quantize: str | None,
 ) -> str:
-    """The attribute of ``call``'s packed weight: the one packed before for the same
-    weight, or a new one (always for a folded batch norm, whose weight is the layer's own)
-    holding the weight's buffer of an earlier build if it has not changed since."""
-    key = (call.weight, call.weight_transposed)
+    """The attribute of ``call``'s packed weight (packed with ``quantize``, None for fp32):
+    the one packed the same way before for the same weight, or a new one (always for a
+    folded batch norm, whose weight is the layer's own) holding the weight's buffer of an
+    earlier build if it has not changed since."""
+    key = (call.weight, call.weight_transposed, quantize)
     if fold is None and key in result.packed_attr_of:
         return result.packed_attr_of[key]
     attr = f"_sparsecpu_packed_{len(result.attributes)}"
     if fold is None:
-        result.attributes[attr] = packed_once(static[call.weight], pack, weight_transposed=call.weight_transposed)
+        result.attributes[attr] = packed_once(
+            static[call.weight], pack, weight_transposed=call.weight_transposed, quantize=quantize
+        )
         result.packed_attr_of[key] = attr
     else:
         weight, bias = fold_batch_norm(static[call.weight], static.get(call.bias), fold)
-        result.attributes[attr] = pack_weight(weight, pack)
+        result.attributes[attr] = pack_weight(weight, pack)  # (convolutions: never quantized)
         result.attributes[attr + "_weight"], result.attributes[attr + "_bias"] = weight, bias
         result.rebuild_if_changed += [call.weight, *fold.parameters]
         result.compared_by_value += fold.running_stats
