@@ -80,7 +80,7 @@ $(LINT_DIR)/%.ok: %.cpp $(wildcard csrc/*/*.h) | $(BUILD_STAMP)
 # TORCH_CHECK). Python itself leaks, so leak detection is off. --capture=sys: a sanitizer
 # report goes to fd 2 and the process then exits, so pytest's fd capture would swallow it.
 SAN_LIB := build/sanitize
-SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py tests/test_conv.py \
+SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py tests/test_conv.py tests/test_conv_chain.py \
                                            tests/test_argument_errors.py tests/test_packed_validation.py)
 sanitize: $(BUILD_STAMP)
 	TORCH_SPARSECPU_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(SAN_LIB) --build-temp build/sanitize-tmp

@@ -26,7 +26,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .passes import LayerDecision, fetch_attr, find_static_tensors, fuse_sparse_chains, rewrite_sparse_layers
+from .passes import (
+    LayerDecision,
+    fetch_attr,
+    find_static_tensors,
+    fuse_conv_chains,
+    fuse_sparse_chains,
+    rewrite_sparse_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +51,10 @@ class SparseCPUOptions:
     inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
     fuse_activations:  fuse a ReLU / GELU / SiLU / ReLU6 that follows a sparse layer into it.
     fuse_layers:       run sparse linears that feed each other as one op, panel of
-                       tokens by panel, so intermediates stay in cache (inference
-                       only: graphs compiled with grad mode on, or that turn it on
-                       inside, keep separate layers).
+                       tokens by panel, and sparse convolutions that do (a ResNet
+                       bottleneck, its residual add included) band of rows by band,
+                       so intermediates stay in cache (inference only: graphs compiled
+                       with grad mode on, or that turn it on inside, keep separate layers).
     fold_batch_norm:   fold an eval-mode batch norm that follows a sparse convolution
                        into its weight and bias (inference only, like fuse_layers).
     verbose:           log each linear / conv2d taken or skipped at INFO instead of DEBUG.
@@ -251,6 +259,7 @@ class SparseCompiledGraph:
             fold_computed_weights=inference,
         )
         if self._options.fuse_layers and inference:
+            fuse_conv_chains(graph, rewritten, static)
             fuse_sparse_chains(graph)
         decisions = rewritten.decisions
         level = logging.INFO if self._options.verbose else logging.DEBUG
