@@ -11,8 +11,11 @@
 // zero-padded, written by the previous layer straight into that layout. A k x k layer
 // with stride 1 computes wide rows: every column of the padded input is a token, so
 // each of its panel's feature rows is one contiguous run of the band image (no
-// per-row copies); the last kernel_w - 1 tokens of a row are not outputs and are
-// dropped when the rows are written out.
+// per-row copies); the tokens past a row's outputs are dropped when the rows are
+// written out. Where rows rounded up to whole registers waste little, such a layer
+// reads its band image in place (the tap layout, tap_weights.h): the previous layer
+// writes one copy of its rows per kernel column, shifted, and the k x k weight is
+// packed so that its features are rows of that image: no panel is copied at all.
 //
 // The residual: with `shortcut`, the last layer (1 x 1) reads the chain's input too,
 // sampled at the chain's stride, as extra input channels after the previous layer's:
@@ -31,6 +34,7 @@
 #include "cpu_caches.h"
 #include "packed_weights.h"
 #include "sparse_layer.h"
+#include "tap_weights.h"
 
 namespace sparsecpu {
 namespace {
@@ -38,9 +42,14 @@ namespace {
 using kernels::Activation;
 using kernels::PackedLinearView;
 
-// A k x k layer computes wide rows when the dropped tokens (kernel_w - 1 per row) are
-// at most this fraction of a row; else exactly its output columns, copied row by row.
-constexpr int64_t kWideRowMaxWasteDenominator = 8;
+// A k x k layer of stride 1 reads its band image in place (tap layout) when its rows,
+// rounded up to whole registers, hold at most 1/8 dropped tokens and panels of
+// kMinTapVectors registers divide them (a narrower panel spends more per nonzero on
+// its index and broadcast, over fewer multiply-adds); else it computes wide rows when
+// the dropped tokens (kernel_w - 1 per row) are at most 1/8 of a row; else exactly its
+// output columns, copied row by row.
+constexpr int64_t kMaxDroppedTokensDenominator = 8;
+constexpr int64_t kMinTapVectors = 4;
 
 // One convolution of the chain and the sizes of its input and output images.
 struct ChainLayer {
@@ -51,8 +60,16 @@ struct ChainLayer {
   int64_t in_channels = 0, out_channels = 0;  // in_channels: the convolution's, without the shortcut's
   int64_t in_h = 0, in_w = 0, out_h = 0, out_w = 0;
   bool reads_tile = false;  // its panel is the previous layer's output tile
-  // Tokens per output row in its panels: out_w, or for wide rows padded_w().
+  // Tokens per output row in its panels: out_w, or for wide rows padded_w() (tap
+  // layout: `pitch`).
   int64_t token_pitch = 0;
+  // Its band image, unless it reads a tile: `copies` planes per channel (kernel_w in
+  // the tap layout, else 1) of rows of `pitch` floats, plane_stride floats apart (set
+  // when the bands are planned), and band_image_floats in all.
+  int64_t copies = 1, pitch = 0, plane_stride = 0, band_image_floats = 0;
+  // Tap layout: its panels are tap_width tokens of the band image itself; 0 otherwise.
+  int64_t tap_width = 0;
+  bool taps() const { return tap_width > 0; }
 
   int64_t padded_w() const { return in_w + 2 * pad_w; }
   int64_t conv_features() const { return in_channels * kernel_h * kernel_w; }
@@ -67,14 +84,15 @@ struct ImageView {
   int64_t channel_stride, row_stride, col_stride;
 };
 
-// A layer's band image: padded input rows [first_row, first_row + rows) of every
-// channel, row-major with `pitch` (the padded width) floats a row, channels
-// channel_stride floats apart (rows * pitch rounded up to a cache line).
+// A layer's band image: the padded input rows [first_row, first_row + rows) it reads,
+// channel by channel. A channel has `copies` planes: plane j holds padded pixel (row,
+// col + j) at (row - first_row) * pitch + col (one plane, but kernel_w shifted ones in
+// the tap layout). Planes are plane_stride floats apart.
 struct BandImage {
   float* data;
-  int64_t channel_stride, pitch, first_row, rows;
-  float* at(int64_t c, int64_t row, int64_t col) const {
-    return data + c * channel_stride + (row - first_row) * pitch + col;
+  int64_t copies, plane_stride, pitch, first_row, rows;
+  float* at(int64_t c, int64_t j, int64_t row, int64_t col) const {
+    return data + (c * copies + j) * plane_stride + (row - first_row) * pitch + col;
   }
 };
 
@@ -100,11 +118,12 @@ struct TokenRange {
 // Band rows are cut into panels as wide as possible but equal, in whole registers
 // (the last takes the rest): sparse_linear_2d's rule, without GEMV panels (a band is
 // never that narrow but at image edges, where a padded register costs little).
+// A tap layer's panels all have its tap_width (the row stride of its image).
 struct PanelCut {
   int64_t tokens, width;  // width: of every panel but the last
-  PanelCut(const kernels::SpmmKernels& k, int64_t tokens) : tokens(tokens) {
+  PanelCut(const kernels::SpmmKernels& k, const ChainLayer& head, int64_t tokens) : tokens(tokens) {
     const int64_t panels = ceil_div(tokens, k.max_panel_width);
-    width = ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
+    width = head.taps() ? head.tap_width : ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
   }
   int64_t num_panels() const { return ceil_div(tokens, width); }
   int64_t tokens_in(int64_t p) const { return std::min(width, tokens - p * width); }
@@ -140,8 +159,9 @@ int64_t stage_tokens(const ChainLayer& first_layer, std::pair<int64_t, int64_t> 
   return (rows.second - rows.first - 1) * first_layer.token_pitch + first_layer.out_w;
 }
 
-int64_t band_image_channel_stride(const ChainLayer& layer, int64_t rows) {
-  return ceil_div(rows * layer.padded_w(), 16) * 16;
+// Padded input rows of `layer` that its output rows [first, end) read.
+int64_t padded_rows(const ChainLayer& layer, std::pair<int64_t, int64_t> rows) {
+  return layer.input_end(rows.second) - rows.first * layer.stride_h;
 }
 
 // ---- copying into panels ----------------------------------------------------------
@@ -216,7 +236,7 @@ void pack_band_features(const ChainLayer& layer, const BandImage& image, int64_t
   const bool one_run = layer.stride_w == 1 && row_step == tokens.pitch;
   for (int64_t f = first; f < end; ++f) {
     const int64_t c = f / taps, i = f % taps / layer.kernel_w, j = f % layer.kernel_w;
-    const float* plane = image.at(c, first_output_row * layer.stride_h + i, j);
+    const float* plane = image.at(c, 0, first_output_row * layer.stride_h + i, j);
     float* row = panel + f * width;
     if (one_run) {
       std::copy_n(plane + tokens.first, tokens.count, row);
@@ -234,33 +254,44 @@ void pack_band_features(const ChainLayer& layer, const BandImage& image, int64_t
 
 // Writes the pixels of an output tile [channels][width] into the band image of the
 // next layer: token (band row r, column q) is output row first_output_row + r, at
-// padded row + pad_h, padded column q + pad_w.
+// padded row + pad_h, padded column q + pad_w, i.e. column q + pad_w - j of plane j
+// (pixels left of a shifted plane's first column are not in it).
 void write_tile_to_band(const float* tile, int64_t channels, int64_t width, const TokenRange& tokens,
                         int64_t first_output_row, const ChainLayer& next, const BandImage& image) {
   for (int64_t c = 0; c < channels; ++c) {
     tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
-      std::copy_n(tile + c * width + t, pixels, image.at(c, first_output_row + r + next.pad_h, q + next.pad_w));
+      for (int64_t j = 0; j < image.copies; ++j) {
+        const int64_t skip = std::max<int64_t>(0, j - next.pad_w - q);
+        if (skip >= pixels) continue;
+        std::copy_n(tile + c * width + t + skip, pixels - skip,
+                    image.at(c, j, first_output_row + r + next.pad_h, q + skip + next.pad_w - j));
+      }
     });
   }
 }
 
-// Zeroes what no layer writes in a band image: its padding rows and columns (and the
-// floats after the last row, up to the next channel). written_rows: the image rows [first, end) the previous
-// layer writes.
+// Zeroes what no layer writes in a band image: its padding rows and columns, the
+// floats after each plane's last row, and a tap layer's panel width after the last
+// plane (its last panel's dropped tokens read that far).
+// written_rows: the image rows [first, end) the previous layer writes.
 void zero_band_padding(const ChainLayer& layer, const BandImage& image, std::pair<int64_t, int64_t> written_rows) {
   const int64_t first_written = written_rows.first + layer.pad_h, end_written = written_rows.second + layer.pad_h;
   for (int64_t c = 0; c < layer.in_channels; ++c) {
-    for (int64_t row = image.first_row; row < image.first_row + image.rows; ++row) {
-      float* at = image.at(c, row, 0);
-      if (row < first_written || row >= end_written) {
-        std::fill(at, at + image.pitch, 0.0f);
-      } else {
-        std::fill(at, at + layer.pad_w, 0.0f);
-        std::fill(at + layer.pad_w + layer.in_w, at + image.pitch, 0.0f);
+    for (int64_t j = 0; j < image.copies; ++j) {
+      for (int64_t row = image.first_row; row < image.first_row + image.rows; ++row) {
+        float* at = image.at(c, j, row, 0);
+        if (row < first_written || row >= end_written) {
+          std::fill(at, at + image.pitch, 0.0f);
+        } else {
+          std::fill(at, at + std::max<int64_t>(0, layer.pad_w - j), 0.0f);
+          std::fill(at + std::max<int64_t>(0, layer.pad_w + layer.in_w - j), at + image.pitch, 0.0f);
+        }
       }
+      std::fill(image.at(c, j, image.first_row + image.rows, 0), image.at(c, j + 1, image.first_row, 0), 0.0f);
     }
-    std::fill(image.at(c, image.first_row + image.rows, 0), image.data + (c + 1) * image.channel_stride, 0.0f);
   }
+  float* planes_end = image.at(layer.in_channels, 0, image.first_row, 0);
+  std::fill(planes_end, planes_end + layer.tap_width, 0.0f);
 }
 
 // Writes the pixels of the last layer's tile into the output image y (one image):
@@ -303,13 +334,14 @@ struct BandScratch {
 };
 
 // Floats of each of the two panel buffers: any layer's panel (the rows its kernels may
-// read, PackedLinearView::panel_rows) or output tile, `width` tokens wide.
+// read, PackedLinearView::panel_rows; a tap layer's is its band image) or output tile,
+// `width` tokens wide.
 int64_t panel_buffer_floats(const kernels::SpmmKernels& k, const Chain& chain, int64_t width) {
   int64_t floats = 0;
   for (const ChainLayer& layer : chain.layers) {
     const PackedLinearView& w = layer.w;
-    floats = std::max({floats, std::max(w.panel_rows(false), w.in_features) * width,
-                       w.num_row_blocks * w.row_block * width});
+    const int64_t panel_rows = layer.taps() ? 0 : std::max(w.panel_rows(false), w.in_features);
+    floats = std::max({floats, panel_rows * width, w.num_row_blocks * w.row_block * width});
   }
   return floats + k.vector_width;
 }
@@ -321,7 +353,7 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
   const size_t num_layers = chain.layers.size();
   const auto rows = band_rows(chain, first_row, end_row);
   scratch.images.resize(num_layers);
-  std::vector<BandImage> images(num_layers, BandImage{nullptr, 0, 0, 0, 0});
+  std::vector<BandImage> images(num_layers, BandImage{nullptr, 1, 0, 0, 0, 0});
   float* panels[2] = {scratch.panels[0].get(static_cast<size_t>(panel_floats)),
                       scratch.panels[1].get(static_cast<size_t>(panel_floats))};
 
@@ -329,20 +361,19 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
     const size_t l = stage.first;
     if (l == 0) continue;
     const ChainLayer& head = chain.layers[l];
-    const int64_t padded_rows = head.input_end(rows[l].second) - rows[l].first * head.stride_h;
-    const int64_t channel_stride = band_image_channel_stride(head, padded_rows);
-    float* data = scratch.images[l].get(static_cast<size_t>(head.in_channels * channel_stride));
-    images[l] = BandImage{data, channel_stride, head.padded_w(), rows[l].first * head.stride_h, padded_rows};
+    float* data = scratch.images[l].get(static_cast<size_t>(head.band_image_floats));
+    images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, rows[l].first * head.stride_h,
+                          padded_rows(head, rows[l])};
     zero_band_padding(head, images[l], rows[l - 1]);
   }
   for (const auto& [first_layer, last_layer] : chain.stages) {
     const ChainLayer& head = chain.layers[first_layer];
     const auto out_rows = rows[first_layer];
     const bool writes_output = last_layer == num_layers - 1;
-    const PanelCut cut(k, stage_tokens(head, out_rows));
+    const PanelCut cut(k, head, stage_tokens(head, out_rows));
     for (int64_t p = 0; p < cut.num_panels(); ++p) {
       const TokenRange tokens{p * cut.width, cut.tokens_in(p), head.token_pitch, head.out_w};
-      const int64_t width = ceil_div(tokens.count, k.vector_width) * k.vector_width;
+      const int64_t width = head.taps() ? cut.width : ceil_div(tokens.count, k.vector_width) * k.vector_width;
       int current = 0;  // panels[current]: the input panel of layer l
       for (size_t l = first_layer; l <= last_layer; ++l) {
         const ChainLayer& layer = chain.layers[l];
@@ -368,7 +399,10 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         };
         const PackedLinearView& w = layer.w;
         float* tile = panels[1 - current];
-        if (panel_fits_l2(w, width)) {
+        if (layer.taps()) {  // its panel is its band image, from this panel's first token on
+          run_row_blocks(k, w, 0, w.num_row_blocks, images[l].data + tokens.first, width, /*gemv=*/false, layer.bias,
+                         layer.act, tile);
+        } else if (panel_fits_l2(w, width)) {
           pack(0, w.in_features);
           run_row_blocks(k, w, 0, w.num_row_blocks, panel, width, /*gemv=*/false, layer.bias, layer.act, tile);
         } else {  // a K-block slice at a time, right before the kernels sweep it
@@ -390,20 +424,54 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
 
 // ---- the tile planner -------------------------------------------------------------
 
+// How a layer reads its input (reads_tile, or its band image's layout) and the pitch
+// of its tokens. A 1 x 1 layer (stride 1, no padding) after a layer of exact rows reads
+// that layer's tile; after wide rows it reads a band image of exact rows instead: the
+// wide tile's rows would have to be copied (and the shortcut's and output's pixels)
+// piece by piece, for every one of its channels. A k x k layer of stride 1 takes the
+// tap layout or wide rows (kMaxDroppedTokensDenominator, kMinTapVectors).
+void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels::SpmmKernels& k) {
+  const bool stride_1 = layer.stride_h == 1 && layer.stride_w == 1;
+  const bool one_by_one = layer.kernel_h == 1 && layer.kernel_w == 1;
+  const bool k_by_k = previous != nullptr && !one_by_one;
+  layer.reads_tile = previous != nullptr && one_by_one && stride_1 && layer.pad_h == 0 && layer.pad_w == 0 &&
+                     previous->token_pitch == previous->out_w;
+  const int64_t register_pitch = ceil_div(layer.padded_w(), k.vector_width) * k.vector_width;
+  int64_t tap_width = 0;  // the widest panel of whole registers that divides the pitch
+  for (int64_t panel = k.vector_width; panel <= std::min(k.max_panel_width, register_pitch); panel += k.vector_width) {
+    if (register_pitch % panel == 0) tap_width = panel;
+  }
+  const bool taps = k_by_k && stride_1 && tap_width >= kMinTapVectors * k.vector_width &&
+                    (register_pitch - layer.out_w) * kMaxDroppedTokensDenominator <= register_pitch;
+  const bool wide = k_by_k && layer.stride_w == 1 &&
+                    (layer.kernel_w - 1) * kMaxDroppedTokensDenominator <= layer.padded_w();
+  layer.pitch = taps ? register_pitch : layer.padded_w();
+  if (taps) {
+    layer.copies = layer.kernel_w;
+    layer.tap_width = tap_width;
+  }
+  layer.token_pitch = layer.reads_tile ? previous->token_pitch : (taps || wide ? layer.pitch : layer.out_w);
+}
+
 // Work of one band, in the units of sparse_linear_2d's cost (multiply-adds and per-row
-// overhead per token), plus one unit per float copied into a panel.
+// overhead per token), plus one unit per float copied into a panel or written out.
 int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, int64_t first_row, int64_t end_row) {
   const auto rows = band_rows(chain, first_row, end_row);
   int64_t cost = 0;
   for (const auto& [first_layer, last_layer] : chain.stages) {
-    const PanelCut cut(k, stage_tokens(chain.layers[first_layer], rows[first_layer]));
+    const ChainLayer& head = chain.layers[first_layer];
+    const PanelCut cut(k, head, stage_tokens(head, rows[first_layer]));
     int64_t per_token = 0;
     for (size_t l = first_layer; l <= last_layer; ++l) {
       const ChainLayer& layer = chain.layers[l];
-      const int64_t copied = layer.reads_tile ? layer.w.in_features - layer.conv_features() : layer.w.in_features;
+      const int64_t copied = layer.taps() ? 0
+                             : layer.reads_tile ? layer.w.in_features - layer.conv_features()
+                                                : layer.w.in_features;
       per_token += layer.w.nnz + 2 * layer.w.out_features + copied;
     }
-    cost += ceil_div(cut.tokens, k.vector_width) * k.vector_width * per_token;
+    const size_t next = last_layer + 1;
+    per_token += chain.layers[last_layer].out_channels * (next < chain.layers.size() ? chain.layers[next].copies : 1);
+    cost += cut.num_panels() * cut.width * per_token;
   }
   return cost;
 }
@@ -415,8 +483,7 @@ int64_t band_image_bytes(const Chain& chain, int64_t first_row, int64_t end_row)
   for (const auto& [first_layer, last_layer] : chain.stages) {
     if (first_layer == 0) continue;
     const ChainLayer& head = chain.layers[first_layer];
-    const int64_t padded_rows = head.input_end(rows[first_layer].second) - rows[first_layer].first * head.stride_h;
-    bytes += head.in_channels * band_image_channel_stride(head, padded_rows) * 4;
+    bytes += head.in_channels * head.copies * padded_rows(head, rows[first_layer]) * head.pitch * 4;
   }
   return bytes;
 }
@@ -424,13 +491,13 @@ int64_t band_image_bytes(const Chain& chain, int64_t first_row, int64_t end_row)
 // Bands per image. The makespan of B bands on T threads (whole bands, contiguous
 // ranges: at::parallel_for's split) is ceil(batch * B / T) bands of ceil(height / B)
 // rows; taller bands recompute fewer halo rows, more bands keep threads busy. Among the
-// heights whose band images fit half the L2 cache, the planner takes the band count of
+// heights whose band images fit the L2 cache, the planner takes the band count of
 // least makespan (the fewest bands on a tie); when none fits, one row per band.
 // band_rows > 0 overrides it.
 int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override) {
   const int64_t height = chain.last().out_h;
   if (band_rows_override > 0) return ceil_div(height, std::min(band_rows_override, height));
-  const int64_t threads = at::get_num_threads(), budget = l2_cache_bytes() / 2;
+  const int64_t threads = at::get_num_threads(), budget = l2_cache_bytes();
   int64_t best = height, best_makespan = -1;
   for (int64_t bands = 1; bands <= height; ++bands) {
     const int64_t rows = ceil_div(height, bands);
@@ -448,6 +515,33 @@ int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t ba
 
 // ---- the op -----------------------------------------------------------------------------
 
+// Sizes the band images for the tallest band (`tallest` rows) at its most inner place
+// (the most halo rows), and packs each tap layer's weight for its image's geometry
+// (held by *tap_packed). Returns the most tokens a stage of a band has.
+int64_t size_band_images(Chain& chain, int64_t tallest, at::TensorList weights, std::vector<at::Tensor>* tap_packed) {
+  const int64_t inner = (chain.last().out_h - tallest) / 2;
+  const auto rows = band_rows(chain, inner, inner + tallest);
+  int64_t most_tokens = 1;
+  for (const auto& stage : chain.stages) {
+    ChainLayer& head = chain.layers[stage.first];
+    const int64_t tokens = stage_tokens(head, rows[stage.first]);
+    most_tokens = std::max({most_tokens, tokens, head.tap_width});
+    if (stage.first == 0) continue;
+    const int64_t image_rows = padded_rows(head, rows[stage.first]);
+    head.plane_stride = head.taps() ? image_rows * head.pitch : ceil_div(image_rows * head.pitch, 16) * 16;
+    head.band_image_floats = head.in_channels * head.copies * head.plane_stride;
+    if (head.taps()) {
+      tap_packed->push_back(
+          tap_packed_weight(weights[stage.first], head.w, head.pitch, head.tap_width, head.plane_stride));
+      head.w = checked_view(tap_packed->back());
+      // The kernels may read panel_rows() rows from any panel's first token on.
+      head.band_image_floats = std::max(head.band_image_floats, tokens + head.w.panel_rows(false) * head.tap_width) +
+                               head.tap_width;
+    }
+  }
+  return most_tokens;
+}
+
 bool is_channels_last(const at::Tensor& t) { return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
 
 at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList packed,
@@ -455,6 +549,7 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
                           at::IntArrayRef paddings, const std::vector<std::string>& activations, bool shortcut,
                           int64_t band_rows_override) {
   const char* op = "sparsecpu::conv_chain";
+  const kernels::SpmmKernels& k = kernels::active_kernels();
   const size_t n = weights.size();
   TORCH_CHECK_VALUE(n >= 1 && packed.size() == n && biases.size() == n && activations.size() == n, op,
                     ": weights, packed, biases and activations must have the same length >= 1, got ", weights.size(),
@@ -510,20 +605,14 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
     layer.out_channels = weight.size(0);
     layer.in_h = height;
     layer.in_w = width;
-    const int64_t spare_h = height + 2 * layer.pad_h - layer.kernel_h, spare_w = width + 2 * layer.pad_w - layer.kernel_w;
+    const int64_t spare_h = height + 2 * layer.pad_h - layer.kernel_h;
+    const int64_t spare_w = width + 2 * layer.pad_w - layer.kernel_w;
     TORCH_CHECK_VALUE(height > 0 && width > 0 && spare_h >= 0 && spare_w >= 0, op, ": layer ", l, "'s input of ",
                       height, " x ", width, " is smaller than its ", layer.kernel_h, " x ", layer.kernel_w,
                       " kernel with padding (", layer.pad_h, ", ", layer.pad_w, ")");
     layer.out_h = spare_h / layer.stride_h + 1;
     layer.out_w = spare_w / layer.stride_w + 1;
-    // A 1 x 1 layer after a layer of wide rows reads a band image of exact rows instead
-    // of its tile: the wide tile's rows would have to be copied (and the shortcut's and
-    // output's pixels) piece by piece, row by row, for every one of its channels.
-    layer.reads_tile = l > 0 && one_by_one && layer.stride_h == 1 && layer.stride_w == 1 && layer.pad_h == 0 &&
-                       layer.pad_w == 0 && chain.layers[l - 1].token_pitch == chain.layers[l - 1].out_w;
-    const bool wide = l > 0 && !one_by_one && layer.stride_w == 1 &&
-                      (layer.kernel_w - 1) * kWideRowMaxWasteDenominator <= layer.padded_w();
-    layer.token_pitch = layer.reads_tile ? chain.layers[l - 1].token_pitch : (wide ? layer.padded_w() : layer.out_w);
+    choose_layout(layer, l == 0 ? nullptr : &chain.layers[l - 1], k);
     if (!layer.reads_tile) chain.stages.push_back({l, l});
     chain.stages.back().second = l;
     chain.shortcut_stride_h *= layer.stride_h;
@@ -546,19 +635,13 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
                            input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                        : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
+  const int64_t bands = plan_bands(chain, k, band_rows_override);
+  std::vector<at::Tensor> tap_packed;  // held while the views are used
+  const int64_t most_tokens = size_band_images(chain, ceil_div(height, bands), weights, &tap_packed);
   // The input as the kernels read it: rows of pixels with any strides (a
   // channels-last-like input is transposed 8 pixels at a time; see pack_image_tokens).
   const at::Tensor x = channels_last || input.stride(3) == 1 ? input : input.contiguous();
-  const kernels::SpmmKernels& k = kernels::active_kernels();
-  const int64_t bands = plan_bands(chain, k, band_rows_override);
-  // No panel is wider than the most tokens of any stage of the tallest band, at its
-  // most inner place (the most halo rows), nor than a full panel.
-  const int64_t tallest = ceil_div(height, bands), inner = (height - tallest) / 2;
-  const auto inner_rows = band_rows(chain, inner, inner + tallest);
-  int64_t most_tokens = 1;
-  for (const auto& stage : chain.stages) {
-    most_tokens = std::max(most_tokens, stage_tokens(chain.layers[stage.first], inner_rows[stage.first]));
-  }
+  // No panel is wider than the most tokens of any stage, nor than a full panel.
   const int64_t widest = std::min(k.max_panel_width, ceil_div(most_tokens, k.vector_width) * k.vector_width);
   const int64_t panel_floats = panel_buffer_floats(k, chain, widest);
   const float* x_data = x.data_ptr<float>();
