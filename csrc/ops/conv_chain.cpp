@@ -3,7 +3,7 @@
 // takes whole bands and carries each through every layer: a layer computes the rows
 // the next one needs (a k x k layer's halo rows are recomputed by both bands that need
 // them, never shared between threads), so a band's intermediate images stay in the
-// thread's L2 cache (docs/tile_planner.md#tensor-columns-for-convolutions).
+// thread's L2 cache (docs/tile_planner.md#tensor-columns-for-convolutions-conv_chain).
 //
 // Layout of the work. A layer's input is either the previous layer's output tile
 // (a 1 x 1 convolution, stride 1, no padding: the tile is its panel, as in
