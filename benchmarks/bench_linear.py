@@ -7,6 +7,7 @@ markdown and a plot, is bench_spmm.py.
 
     python benchmarks/bench_linear.py            # the default sweep (what `make bench` runs)
     python benchmarks/bench_linear.py --quick    # smoke run: one case per shape
+    python benchmarks/bench_linear.py --sparsities 90 --tokens 128 --block-cols 4 --quantize int8
 
 Exits non-zero, reporting no timings, if any implementation gives a wrong answer.
 """
@@ -21,6 +22,7 @@ import torch_sparsecpu
 
 from common import (
     COLUMNS,
+    INT8_COLUMNS,
     ResultMismatch,
     add_sweep_arguments,
     describe_machine,
@@ -56,6 +58,11 @@ TABLE_COLUMNS = [
 ]
 
 
+def table_columns(args: argparse.Namespace) -> list:
+    """TABLE_COLUMNS, and the int8 ones with --quantize."""
+    return TABLE_COLUMNS + (INT8_COLUMNS if args.quantize else [])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sweep_arguments(parser, sparsities="50,70,80,90,95,99", tokens="1,32,128,512", threads="2", rounds=3)
@@ -77,15 +84,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = enumerate_cases(shapes, args.sparsities, args.tokens, args.threads)
     print(plan_summary(cases, args.min_run_time, args.rounds))
     with torch_sparsecpu.force_isa(args.isa):
-        info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows)
+        info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows, args.block_cols)
         try:
             results = sorted_for_table(
-                run_sweep(cases, args.min_run_time, "bench_linear", args.rounds, args.block_rows)
+                run_sweep(
+                    cases,
+                    args.min_run_time,
+                    "bench_linear",
+                    args.rounds,
+                    args.block_rows,
+                    args.block_cols,
+                    args.quantize,
+                )
             )
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     print(f"\n{describe_machine(info)}\n")
-    print(format_text_table(results, TABLE_COLUMNS))
+    print(format_text_table(results, table_columns(args)))
     return 0
 
 

@@ -8,6 +8,7 @@ torch's CSR matmul, after checking that each result matches dense ``F.linear``.
     python benchmarks/bench_spmm.py --quick          # smoke run, seconds
     python benchmarks/bench_spmm.py                  # full sweep, prints its estimated runtime
     python benchmarks/bench_spmm.py --shapes resnet50,mobilenet_v2 --threads 1 --dry-run
+    python benchmarks/bench_spmm.py --quick --block-cols 4 --quantize int8   # int8 next to fp32
 
 Writes <out>/bench_spmm.json (results and machine info), <out>/bench_spmm.md (the table for
 the docs) and <out>/bench_spmm.png (speed-up vs sparsity, one line per shape).
@@ -30,6 +31,7 @@ import torch_sparsecpu
 
 from common import (
     COLUMNS,
+    INT8_COLUMNS,
     Case,
     CaseResult,
     LayerShape,
@@ -73,6 +75,11 @@ TABLE_COLUMNS = [
         "pct_of_dense",
     )
 ]
+
+
+def table_columns(args: argparse.Namespace) -> list:
+    """TABLE_COLUMNS, and the int8 ones with --quantize."""
+    return TABLE_COLUMNS + (INT8_COLUMNS if args.quantize else [])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -196,6 +203,7 @@ def write_outputs(
     skipped: Sequence[Case],
     plot_tokens: int,
     plot_threads: int,
+    columns: Sequence,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -218,7 +226,10 @@ def write_outputs(
         f"Sparse Linear on real-model shapes ({describe_machine(info)}). "
         "`x dense` and `x CSR`: speed-up of sparsecpu over dense `F.linear` and torch CSR; "
         "`GFLOP/s nnz`: 2 * nonzeros * tokens / time; `% dense GFLOP/s`: that rate over "
-        "dense `F.linear`'s own GFLOP/s on the same shape.\n\n" + format_markdown_table(results, TABLE_COLUMNS) + "\n"
+        "dense `F.linear`'s own GFLOP/s on the same shape; with `--quantize int8`, `int8 ms` is the same weight "
+        "packed as int8 and `int8 x fp32` its speed-up over the fp32 buffer.\n\n"
+        + format_markdown_table(results, columns)
+        + "\n"
     )
     plot_speedups(results, plot_tokens, plot_threads, info, out / "bench_spmm.png")
     print(
@@ -245,15 +256,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     with torch_sparsecpu.force_isa(args.isa):
-        info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows)
+        info = machine_info(args.threads, args.min_run_time, args.rounds, args.block_rows, args.block_cols)
         try:
-            results = sorted_for_table(run_sweep(cases, args.min_run_time, "bench_spmm", args.rounds, args.block_rows))
+            results = sorted_for_table(
+                run_sweep(
+                    cases, args.min_run_time, "bench_spmm", args.rounds, args.block_rows, args.block_cols, args.quantize
+                )
+            )
         except ResultMismatch as error:
             sys.exit(f"error: wrong result, no timings reported: {error}")
     elapsed = time.perf_counter() - started
 
     print(f"\n{describe_machine(info)}\n")
-    print(format_text_table(results, TABLE_COLUMNS))
+    print(format_text_table(results, table_columns(args)))
     print(f"\n{len(results)} cases in {format_duration(elapsed)}")
     settings = {
         "shapes": [shape.name for shape in shapes],
@@ -261,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tokens": args.tokens,
         "threads": args.threads,
         "max_dense_gflop": args.max_dense_gflop,
+        "quantize": args.quantize,
         "elapsed_s": round(elapsed, 1),
     }
     write_outputs(
@@ -271,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped,
         nearest(args.tokens, args.plot_tokens),
         nearest(args.threads, args.plot_threads),
+        table_columns(args),
     )
     return 0
 

@@ -6,7 +6,8 @@ One place for each idea:
 - seeded random operands: a weight with an exact sparsity, an input, the packed and CSR
   forms of the weight;
 - the three implementations timed side by side: dense ``F.linear``, torch CSR and
-  ``torch_sparsecpu.ops.linear``;
+  ``torch_sparsecpu.ops.linear``, and with ``--quantize int8`` a fourth, the same weight
+  packed as int8;
 - the correctness check every implementation passes before it is timed (a benchmark that
   could print a wrong-answer speed-up is a bug);
 - median timing with ``torch.utils.benchmark``, in rounds that interleave the three
@@ -27,7 +28,7 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from itertools import groupby
@@ -48,6 +49,11 @@ SHAPES_FILE = Path(__file__).with_name("shapes.json")
 # An implementation's result passes when max|result - reference| <= RELATIVE_TOLERANCE *
 # max|reference|. fp32 sums in another order differ by far less than this.
 RELATIVE_TOLERANCE = 1e-4
+# An int8 result must equal the scalar int8 kernels' (the reference the tests hold every
+# int8 kernel to, exactly) to this, and dense F.linear's to QUANTIZED_TOLERANCE: its
+# quantization error, about 1% of the largest output on these random operands.
+INT8_KERNEL_TOLERANCE = 1e-6
+QUANTIZED_TOLERANCE = 5e-2
 
 # Calls slower than min_run_time give blocked_autorange a single sample; take more so the
 # median is a median.
@@ -135,17 +141,27 @@ def stable_seed(*parts: object) -> int:
 
 
 def random_sparse_weight(
-    out_features: int, in_features: int, sparsity_pct: int, seed: int, block_rows: int = 1, fill: float = 1.0
+    out_features: int,
+    in_features: int,
+    sparsity_pct: int,
+    seed: int,
+    block_rows: int = 1,
+    fill: float = 1.0,
+    block_cols: int = 1,
 ) -> Tensor:
     """A float32 ``[out, in]`` weight with exactly ``round(sparsity * blocks)`` zero blocks
     at uniformly random positions, nonzeros drawn from N(0, 1/in_features). Blocks are
     single weights, or with ``block_rows=4`` 4 x 1 blocks (4 consecutive output rows of
     one input feature, as ``magnitude_prune_(block_rows=4)`` leaves them) when 4 divides
-    ``out_features``.
+    ``out_features``, or with ``block_cols=4`` 1 x 4 blocks (4 consecutive input features
+    of one row, what int8 kernels want) when 4 divides ``in_features``.
 
     ``fill`` < 1 (4 x 1 blocks only): each value of a kept block is kept with probability
     ``fill``, and fewer blocks are zero (``1 - (1 - sparsity) / fill`` of them), so the
     weight's sparsity stays about ``sparsity_pct`` while its blocks are partly filled."""
+    if block_cols > 1 and in_features % block_cols == 0:  # 1 x 4 blocks: 4 x 1 blocks of the transpose
+        transposed = random_sparse_weight(in_features, out_features, sparsity_pct, seed, block_cols)
+        return transposed.T.contiguous() * (out_features / in_features) ** 0.5  # values ~ N(0, 1/in_features)
     rows = block_rows if out_features % block_rows == 0 else 1
     generator = torch.Generator().manual_seed(seed)
     numel = out_features * in_features
@@ -175,11 +191,16 @@ class SparseLayer:
     packed: Tensor  # torch_sparsecpu.ops.pack_linear(weight), packed once, outside timing
     csr: Tensor  # weight.to_sparse_csr()
     nnz: int
+    packed_int8: Tensor | None = None  # pack_linear(weight, quantize="int8"), with --quantize int8
 
 
-def make_sparse_layer(shape: LayerShape, sparsity_pct: int, block_rows: int = 1) -> SparseLayer:
+def make_sparse_layer(
+    shape: LayerShape, sparsity_pct: int, block_rows: int = 1, block_cols: int = 1, quantize: str | None = None
+) -> SparseLayer:
     seed = stable_seed("weight", shape.name, sparsity_pct)
-    weight = random_sparse_weight(shape.out_features, shape.in_features, sparsity_pct, seed, block_rows)
+    weight = random_sparse_weight(
+        shape.out_features, shape.in_features, sparsity_pct, seed, block_rows, block_cols=block_cols
+    )
     bias = torch.randn(shape.out_features, generator=torch.Generator().manual_seed(seed + 1))
     return SparseLayer(
         weight=weight,
@@ -187,6 +208,7 @@ def make_sparse_layer(shape: LayerShape, sparsity_pct: int, block_rows: int = 1)
         packed=torch_sparsecpu.ops.pack_linear(weight),
         csr=_to_sparse_csr(weight),
         nnz=int(torch.count_nonzero(weight)),
+        packed_int8=None if quantize is None else torch_sparsecpu.ops.pack_linear(weight, quantize=quantize),
     )
 
 
@@ -198,14 +220,19 @@ def _to_sparse_csr(weight: Tensor) -> Tensor:
 
 def implementations(layer: SparseLayer, x: Tensor) -> dict[str, Callable[[], Tensor]]:
     """Zero-argument callables computing ``x @ weight.T + bias``: "dense" (``F.linear``),
-    "csr" (torch's CSR matmul) and "sparsecpu" (``torch_sparsecpu.ops.linear``)."""
+    "csr" (torch's CSR matmul) and "sparsecpu" (``torch_sparsecpu.ops.linear``), and
+    "sparsecpu_int8" (the same op on the int8 buffer) when the layer has one."""
     weight, bias, packed, csr = layer.weight, layer.bias, layer.packed, layer.csr
-    return {
+    candidates = {
         "dense": lambda: F.linear(x, weight, bias),
         # torch has no sparse-weight linear: the CSR weight multiplies x feature-major.
         "csr": lambda: (csr @ x.T).T + bias,
         "sparsecpu": lambda: torch_sparsecpu.ops.linear(x, weight, packed, bias),
     }
+    if layer.packed_int8 is not None:
+        packed_int8 = layer.packed_int8
+        candidates["sparsecpu_int8"] = lambda: torch_sparsecpu.ops.linear(x, weight, packed_int8, bias)
+    return candidates
 
 
 # --------------------------------------------------------------------------- checking, timing
@@ -215,35 +242,40 @@ class ResultMismatch(RuntimeError):
     """An implementation disagrees with the dense reference: no timing of it may be shown."""
 
 
-def check_against_reference(implementation: str, got: Tensor, reference: Tensor, case: Case) -> None:
+def check_against_reference(
+    implementation: str, got: Tensor, reference: Tensor, case: Case, tolerance: float = RELATIVE_TOLERANCE
+) -> None:
     """Raises :class:`ResultMismatch` naming the case unless ``got`` matches ``reference``
-    within RELATIVE_TOLERANCE of its largest magnitude (NaNs never match)."""
+    within ``tolerance`` of its largest magnitude (NaNs never match)."""
     if got.shape != reference.shape:
         raise ResultMismatch(
             f"{implementation} returned shape {tuple(got.shape)}, expected {tuple(reference.shape)}: {case.describe()}"
         )
     difference = (got - reference).abs().nan_to_num(nan=float("inf"))
     error = difference.max().item()
-    tolerance = RELATIVE_TOLERANCE * reference.abs().max().item()
-    if not error <= tolerance:
+    allowed = tolerance * reference.abs().max().item()
+    if not error <= allowed:
         token, output = divmod(int(difference.argmax()), reference.shape[-1])
         raise ResultMismatch(
-            f"{implementation} differs from dense F.linear by {error:.3g} at "
-            f"[token {token}, output {output}] (tolerance {tolerance:.3g}): {case.describe()}"
+            f"{implementation} differs from its reference by {error:.3g} at "
+            f"[token {token}, output {output}] (tolerance {allowed:.3g}): {case.describe()}"
         )
 
 
-def median_ms(fn: Callable[[], Tensor], threads: int, min_run_time: float) -> float:
-    """Median wall time of one ``fn()`` call in milliseconds, from
+def median_ms(
+    fn: Callable[[], Tensor], threads: int, min_run_time: float, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Median time of one ``fn()`` call in milliseconds by ``clock`` (wall time; with
+    ``time.process_time`` the CPU time of all the process's threads), from
     ``Timer.blocked_autorange``; calls slower than ``min_run_time`` get timed again by
     hand until there are MIN_SAMPLES samples (``Timer.timeit`` would add warm-up calls)."""
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=clock)
     times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
     with torch_threads(threads):
         while len(times) < MIN_SAMPLES:
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times) * 1e3
 
 
@@ -254,19 +286,24 @@ def check_then_time(
     rounds: int,
     min_run_time: float,
     tolerance: float = RELATIVE_TOLERANCE,
+    expected_results: Mapping[str, Tensor] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Checks every candidate against ``candidates[reference]`` (max |difference| <=
-    ``tolerance`` * max |reference|; a wrong one exits, reporting no timings), then times
-    them all in ``rounds`` interleaved rounds: per candidate, one :func:`median_ms` per
-    round, so a slow spell of the machine hits every candidate alike."""
+    ``tolerance`` * max |reference|; a wrong one exits, reporting no timings), or against
+    its entry of ``expected_results`` when it has one (a candidate that computes something
+    else, timed alongside), then times them all in ``rounds`` interleaved rounds: per
+    candidate, one :func:`median_ms` per round (by ``clock``), so a slow spell of the
+    machine hits every candidate alike."""
+    expected_results = expected_results or {}
     with torch_threads(threads):
         expected = candidates[reference]()
         for name, fn in candidates.items():
-            error = relative_error(fn(), expected)
+            error = relative_error(fn(), expected_results.get(name, expected))
             if not error <= tolerance:
                 sys.exit(f"error: {name}: wrong result (max error {error:.3g} relative), no timings reported")
     return interleaved_rounds(
-        candidates, rounds, functools.partial(median_ms, threads=threads, min_run_time=min_run_time)
+        candidates, rounds, functools.partial(median_ms, threads=threads, min_run_time=min_run_time, clock=clock)
     )
 
 
@@ -282,6 +319,7 @@ class CaseResult:
     dense_ms: float
     csr_ms: float
     sparsecpu_ms: float
+    int8_ms: float | None = None  # the int8 buffer's, with --quantize int8
 
     @property
     def speedup_vs_dense(self) -> float:
@@ -290,6 +328,15 @@ class CaseResult:
     @property
     def speedup_vs_csr(self) -> float:
         return self.csr_ms / self.sparsecpu_ms
+
+    @property
+    def int8_speedup_vs_f32(self) -> float | None:
+        """How much faster the int8 buffer runs than the fp32 one of the same weight."""
+        return None if self.int8_ms is None else self.sparsecpu_ms / self.int8_ms
+
+    @property
+    def int8_speedup_vs_dense(self) -> float | None:
+        return None if self.int8_ms is None else self.dense_ms / self.int8_ms
 
     @property
     def sparsecpu_nnz_gflops(self) -> float:
@@ -322,6 +369,8 @@ class CaseResult:
             "sparsecpu_nnz_gflops": self.sparsecpu_nnz_gflops,
             "dense_gflops": self.dense_gflops,
             "nnz_gflops_pct_of_dense": self.nnz_gflops_pct_of_dense,
+            "int8_ms": self.int8_ms,
+            "int8_speedup_vs_f32": self.int8_speedup_vs_f32,
         }
 
 
@@ -377,10 +426,17 @@ def plan_summary(cases: Sequence[Case], min_run_time: float, rounds: int = 1) ->
 
 
 def run_sweep(
-    cases: Sequence[Case], min_run_time: float, description: str, rounds: int = 1, block_rows: int = 1
+    cases: Sequence[Case],
+    min_run_time: float,
+    description: str,
+    rounds: int = 1,
+    block_rows: int = 1,
+    block_cols: int = 1,
+    quantize: str | None = None,
 ) -> list[CaseResult]:
-    """Checks then times every case, on weights with zeros in ``block_rows`` x 1 blocks
-    (:func:`random_sparse_weight`).
+    """Checks then times every case, on weights with zeros in ``block_rows`` x
+    ``block_cols`` blocks (:func:`random_sparse_weight`); with ``quantize`` also the weight
+    packed so, checked against the scalar int8 kernels and (loosely) dense.
 
     Each weight is built and packed once and serves the run of consecutive cases that share
     it (all its token and thread counts, in the order of :func:`enumerate_cases`). A case
@@ -392,16 +448,23 @@ def run_sweep(
     results = []
     with tqdm(total=len(cases), desc=description, unit="case", dynamic_ncols=True) as progress:
         for (shape, sparsity_pct), layer_cases in groupby(cases, key=lambda case: (case.shape, case.sparsity_pct)):
-            layer = make_sparse_layer(shape, sparsity_pct, block_rows)
+            layer = make_sparse_layer(shape, sparsity_pct, block_rows, block_cols, quantize)
             for tokens, token_cases in groupby(layer_cases, key=lambda case: case.tokens):
                 x = random_input(tokens, shape.in_features, stable_seed("input", shape.name, tokens))
                 reference = F.linear(x, layer.weight, layer.bias)
                 candidates = implementations(layer, x)
+                if quantize is not None:
+                    with torch_sparsecpu.force_isa("scalar"):
+                        int8_reference = torch_sparsecpu.ops.linear(x, layer.weight, layer.packed_int8, layer.bias)
                 for case in token_cases:
                     progress.set_postfix_str(case.describe(), refresh=True)
                     with torch_threads(case.threads):
                         for name in ("csr", "sparsecpu"):
                             check_against_reference(name, candidates[name](), reference, case)
+                        if quantize is not None:
+                            int8 = candidates["sparsecpu_int8"]()
+                            check_against_reference("int8", int8, int8_reference, case, INT8_KERNEL_TOLERANCE)
+                            check_against_reference("int8", int8, reference, case, QUANTIZED_TOLERANCE)
                     measure = functools.partial(median_ms, threads=case.threads, min_run_time=min_run_time)
                     times = interleaved_rounds(candidates, rounds, measure)
                     results.append(
@@ -411,6 +474,7 @@ def run_sweep(
                             dense_ms=statistics.median(times["dense"]),
                             csr_ms=statistics.median(times["csr"]),
                             sparsecpu_ms=statistics.median(times["sparsecpu"]),
+                            int8_ms=statistics.median(times["sparsecpu_int8"]) if quantize else None,
                         )
                     )
                     progress.update()
@@ -444,7 +508,12 @@ COLUMNS = {
     "nnz_gflops": Column("GFLOP/s nnz", lambda r: r.sparsecpu_nnz_gflops, ".1f"),
     "dense_gflops": Column("dense GFLOP/s", lambda r: r.dense_gflops, ".1f"),
     "pct_of_dense": Column("% dense GFLOP/s", lambda r: r.nnz_gflops_pct_of_dense, ".0f"),
+    "int8_ms": Column("int8 ms", lambda r: r.int8_ms, ".3f"),
+    "int8_vs_f32": Column("int8 x fp32", lambda r: r.int8_speedup_vs_f32, ".2f"),
+    "int8_vs_dense": Column("int8 x dense", lambda r: r.int8_speedup_vs_dense, ".2f"),
 }
+# The columns --quantize int8 adds to a table.
+INT8_COLUMNS = [COLUMNS[key] for key in ("int8_ms", "int8_vs_f32", "int8_vs_dense")]
 
 
 def sorted_for_table(results: Sequence[CaseResult]) -> list[CaseResult]:
@@ -536,6 +605,19 @@ def add_sweep_arguments(
         "zeros, as magnitude_prune_(block_rows=4) leaves them",
     )
     parser.add_argument(
+        "--block-cols",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="4: whole 1 x 4 blocks of zeros (4 consecutive input features of a row), what int8 kernels want",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="also time the weight packed with pack_linear(quantize=...) (columns int8 ms, int8 x fp32, int8 x dense)",
+    )
+    parser.add_argument(
         "--isa",
         choices=torch_sparsecpu.available_isas(),
         default=torch_sparsecpu.isa(),
@@ -577,7 +659,15 @@ def validate_sweep_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         print(f"warning: --threads {max(args.threads)} is more than this machine's {cpus} CPUs", file=sys.stderr)
 
 
-def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1, block_rows: int = 1) -> dict:
+def describe_weights(block_rows: int = 1, block_cols: int = 1) -> str:
+    if block_rows == 1 and block_cols == 1:
+        return "zeros at random positions"
+    return f"zeros in random {block_rows}x{block_cols} blocks"
+
+
+def machine_info(
+    threads: Sequence[int], min_run_time: float, rounds: int = 1, block_rows: int = 1, block_cols: int = 1
+) -> dict:
     """What a reader needs to compare these numbers with others."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -594,7 +684,7 @@ def machine_info(threads: Sequence[int], min_run_time: float, rounds: int = 1, b
         "threads": list(threads),
         "min_run_time_s": min_run_time,
         "rounds": rounds,
-        "weights": "zeros at random positions" if block_rows == 1 else f"zeros in random {block_rows}x1 blocks",
+        "weights": describe_weights(block_rows, block_cols),
         "timing": "median of torch.utils.benchmark.Timer.blocked_autorange "
         f"(at least {MIN_SAMPLES} samples), median over {rounds} interleaved round(s)",
     }

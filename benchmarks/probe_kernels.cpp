@@ -131,8 +131,10 @@ int main(int argc, char** argv) {
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f), value(-1.0f, 1.0f);
   std::vector<float> weight(static_cast<size_t>(out) * in);
   for (float& w : weight) w = uniform(rng) < sparsity ? 0.0f : value(rng);
-  const std::vector<int32_t> buffer =
-      sparsecpu::kernels::pack_linear_f32(weight.data(), out, in, in, k_block, row_block);
+  sparsecpu::kernels::PackOptions options;
+  options.k_block = k_block;
+  options.row_block = row_block;
+  const std::vector<int32_t> buffer = sparsecpu::kernels::pack_linear(weight.data(), out, in, in, options);
   PackedLinearView w;
   std::string error;
   if (!sparsecpu::kernels::view_packed_linear(buffer.data(), static_cast<int64_t>(buffer.size()), true, &w, &error)) {

@@ -174,3 +174,60 @@ def run_child(code: str, *argv: str) -> str:
         f"child died with return code {proc.returncode} after:\n{proc.stdout}\n{proc.stderr[-500:]}"
     )
     return proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# The integer reference of int8 buffers (pack_linear(quantize="int8")), in
+# float32 steps where the kernels use float32, int64 sums, and float64 for the epilogue
+# (docs/kernels.md#int8-kernels)
+# ---------------------------------------------------------------------------
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): each row of ``weight`` quantized to int8, symmetric: q = clamp(round(w *
+    (127 / max|w_row|)), -127, 127) (float32 products, round half to even), scale =
+    max|w_row| / 127; a row of zeros has scale 0."""
+    largest = weight.abs().amax(dim=1) if weight.size(1) else torch.zeros(weight.size(0))
+    safe = torch.where(largest > 0, largest, torch.ones_like(largest))
+    inv = torch.where(largest > 0, torch.tensor(127.0) / safe, torch.zeros_like(largest))
+    q = torch.round(weight * inv[:, None]).clamp(-127, 127).to(torch.int64)
+    return q, largest / 127.0
+
+
+def quantize_tokens_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero_point) of each token (row) of a 2-D ``x``: 7-bit unsigned over the
+    range [min(x, 0), max(x, 0)]: scale = range / 127, inv = 127 / range (float32),
+    zero_point = round(-min * inv), q = clamp(round(x * inv) + zero_point, 0, 127). A
+    token of zeros or of a range too small for inv gets scale 0; one with a NaN or an
+    infinity (or whose range overflows) scale NaN."""
+    if x.size(1):
+        lowest, highest = x.nan_to_num(nan=0.0).amin(dim=1), x.nan_to_num(nan=0.0).amax(dim=1)
+    else:
+        lowest = highest = torch.zeros(x.size(0))
+    lowest, highest = lowest.clamp(max=0.0), highest.clamp(min=0.0)
+    span = highest - lowest
+    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(span)
+    inv = torch.tensor(127.0) / span
+    usable = finite & torch.isfinite(inv)
+    inv = torch.where(usable, inv, torch.zeros_like(inv))
+    zero_point = torch.where(usable, torch.round(-lowest * inv).clamp(max=127.0), torch.zeros_like(inv))
+    scale = torch.where(usable, span / 127.0, torch.zeros_like(span))
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = (torch.round(x * inv[:, None]) + zero_point[:, None]).nan_to_num(nan=0.0).clamp(0.0, 127.0)
+    return q.to(torch.int64), scale, zero_point.to(torch.int64)
+
+
+def int8_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the int8 kernels compute for ``F.linear(x, weight, bias)`` before the
+    activation, for ``x`` of any rank: exact integer sums (int64) acc - zero_point * wsum,
+    then fma(row_scale * token_scale, float32(sum), bias) with the product in float32 and
+    the fma in float64, rounded once to float32 (the fma's single rounding, but for a
+    rare double rounding: allow 1 ulp where there is a bias)."""
+    x2d = x.reshape(-1, x.size(-1))
+    q_w, w_scale = quantize_rows_int8(weight)
+    q_x, x_scale, zero_point = quantize_tokens_int8(x2d)
+    # float64 products and sums of integers below 2^53: exact, and faster than int64 matmul
+    sums = (q_x.double() @ q_w.double().T).to(torch.int64) - zero_point[:, None] * q_w.sum(dim=1)[None, :]
+    combined = x_scale[:, None] * w_scale[None, :]  # float32
+    y = combined.double() * sums.to(torch.float32).double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.float().reshape(*x.shape[:-1], weight.size(0))

@@ -85,6 +85,11 @@ def test_linear_bad_arguments():
                 lambda: ops.linear(x, weight[:, :8], packed, bias),
             ),
             (ValueError, "weight .* does not match the packed weight", lambda: ops.linear(x, weight.t(), packed, bias)),
+            (
+                ValueError,
+                "weight .* does not match the packed weight",
+                lambda: ops.linear(x, weight, packed, bias, weight_transposed=True),
+            ),
             (ValueError, "bias", lambda: ops.linear(x, weight, packed, torch.randn(7))),
             (ValueError, "bias", lambda: ops.linear(x, weight, packed, bias.double())),
             (ValueError, "bias", lambda: ops.linear(x, weight, packed, torch.randn(8, 1))),
@@ -112,6 +117,7 @@ def test_linear_non_tensor_arguments_raise_type_error():
             (TypeError, "weight", lambda: ops.linear(x, None, packed)),
             (TypeError, "packed", lambda: ops.linear(x, weight, packed.tolist())),
             (TypeError, "activation", lambda: ops.linear(x, weight, packed, None, 1)),
+            (TypeError, "weight_transposed", lambda: ops.linear(x, weight, packed, None, "none", 1)),
         ]
     )
 

@@ -14,6 +14,7 @@ import torch_sparsecpu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_conv  # noqa: E402
+import bench_decode  # noqa: E402
 import bench_ffn  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_packing  # noqa: E402
@@ -33,6 +34,29 @@ def test_bench_linear_prints_one_row_per_case(capsys):
     assert "median over 2 interleaved round(s)" in out
     rows = [line for line in out.splitlines() if line.startswith("bert.")]
     assert len(rows) == 2 and all(" 90 " in row and " 9 " in row for row in rows)
+
+
+def test_bench_linear_quantize_int8_adds_the_int8_columns(capsys):
+    run_main(bench_linear, "--sparsities 90 --tokens 9 --threads 1 --min-run-time 0.01 --block-cols 4 --quantize int8")
+    out = capsys.readouterr().out
+    assert "zeros in random 1x4 blocks" in out and "int8 x fp32" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("bert.")]
+    assert len(rows) == 2 and all(len(row) == 15 and float(row[-3]) > 0 for row in rows)
+
+
+def test_sweep_refuses_a_wrong_int8_answer(monkeypatch):
+    real = common.implementations
+
+    def wrong_int8(layer, x):
+        candidates = real(layer, x)
+        right = candidates["sparsecpu_int8"]
+        candidates["sparsecpu_int8"] = lambda: right() * (1 + 1e-3)  # within int8's error of dense, not exact
+        return candidates
+
+    monkeypatch.setattr(common, "implementations", wrong_int8)
+    shape = common.LayerShape(name="tiny", model="test", out_features=16, in_features=24)
+    with pytest.raises(common.ResultMismatch, match="int8 differs"):
+        common.run_sweep(common.enumerate_cases([shape], [50], [5], [1]), 0.01, "test", quantize="int8")
 
 
 def test_sweep_times_every_implementation_each_round(monkeypatch):
@@ -68,13 +92,29 @@ def test_bench_ffn_checks_then_times_four_versions(capsys):
     assert "compiled / linear_chain, per round:" in out
 
 
+def test_bench_ffn_three_layers_with_overhead(capsys, monkeypatch):
+    """The 3-layer MLP, with the zero-weight versions checked against their own result
+    (every token's output is the last layer's activated bias) and the bound printed, timed
+    by CPU time; CPU time on several threads is refused unless OpenMP threads sleep."""
+    run_main(bench_ffn, "--layers 3 --overhead --cpu-time --tokens 9 --threads 1 --rounds 2 --min-run-time 0.01")
+    out = capsys.readouterr().out
+    assert "MLP 768->3072 GELU ->3072 ReLU ->768" in out and "CPU time of all threads" in out
+    for name in ("three linear ops", "chain, zero weights", "ops, zero weights"):
+        assert name in out
+    assert "linear_chain / three linear ops, per round:" in out
+    assert "three linear ops / chain if fusion removed only the overhead, per round:" in out
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        bench_ffn.main("--cpu-time --threads 2".split())
+
+
 def test_bench_ffn_compiled_block_runs_one_chain():
     """The compiled candidate is what the must-show figure claims: both layers sparse, as
     one linear_chain (inference mode), with the benchmark's own weights."""
     w1 = common.random_sparse_weight(3072, 768, 90, seed=1)
     w2 = common.random_sparse_weight(768, 3072, 90, seed=2)
     b1, b2 = torch.randn(3072), torch.randn(768)
-    model = bench_ffn.compiled_ffn(w1, b1, w2, b2)
+    model = bench_ffn.compiled_mlp([w1, w2], [b1, b2], ["gelu", "none"])
     assert torch.equal(model[0].weight, w1) and torch.equal(model[2].bias, b2)
     decisions = torch_sparsecpu.explain(model, torch.randn(4, 768))
     assert [d.taken for d in decisions] == [True, True]
@@ -119,7 +159,7 @@ def test_bench_packing_partly_filled_blocks_both_ways(capsys):
 def test_check_then_time_refuses_a_wrong_candidate(monkeypatch):
     x = torch.randn(5, 3)
     timed = []
-    monkeypatch.setattr(common, "median_ms", lambda fn, threads, min_run_time: timed.append(fn) or 1.0)
+    monkeypatch.setattr(common, "median_ms", lambda fn, threads, min_run_time, clock: timed.append(fn) or 1.0)
     times = common.check_then_time({"ref": lambda: x, "same": lambda: x.clone()}, "ref", 1, 2, 0.01)
     assert times == {"ref": [1.0, 1.0], "same": [1.0, 1.0]} and len(timed) == 4
     with pytest.raises(SystemExit, match="wrong: wrong result"):
@@ -148,3 +188,15 @@ def test_bench_conv_blocks_fuses_each_bottleneck_into_one_op(capsys):
     row = next(line for line in out.splitlines() if line.strip().startswith("stages.0.layers.1"))
     # Three sparsecpu::conv2d calls unfused, one sparsecpu::conv_chain fused.
     assert row.split()[-2] == "3->1" and row.split()[-1].endswith("x")
+
+
+def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):
+    pytest.importorskip("transformers")
+    tiny = "--layers 1 --hidden 64 --intermediate 128 --heads 2 --vocab 128 --prompt 9 --new-tokens 3"
+    run_main(bench_decode, f"{tiny} --sparsities 70 --rounds 1 --inner eager")
+    out = capsys.readouterr().out
+    assert "tokens equal eager's at every sparsity" in out
+    rows = [line.split() for line in out.splitlines() if line.lstrip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["70%"]
+    assert rows[0][-1] == "2", "prefill and decode: two graphs"
+    assert all(float(cell) > 0 for cell in rows[0][1:7])

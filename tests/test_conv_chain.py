@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from torch import nn
 
 import torch_sparsecpu
@@ -121,6 +122,21 @@ def test_other_chains_match_conv2d(kernels, strides, paddings, channels_last):
         assert_close_rel(actual, expected, what=f"{kernels} band_rows={band_rows}")
 
 
+@pytest.mark.parametrize("band_rows", [0, 2])
+def test_band_at_the_bottom_edge_needs_the_most_rows(band_rows):
+    """3 output rows in bands of 1 and 2 rows: no band has halos on both sides, and the
+    bottom one needs more rows of the middle layer than the top one (its band image
+    must be sized for it: the fuzz test once found it overrun)."""
+    kernels, strides, paddings = [1, 3, 3], [2, 1, 2], [0, 1, 1]
+    weights = [conv_weight(c_out, c_in, k) for c_in, c_out, k in zip([11, 6, 2], [6, 2, 11], kernels, strict=True)]
+    biases = [torch.randn(w.size(0)) for w in weights]
+    x = torch.randn(1, 11, 12, 6)
+    activations = ["relu", "none", "relu"]
+    expected = reference(x, weights, biases, strides, paddings, activations, False)
+    actual = run_chain(x, weights, biases, strides, paddings, activations, False, band_rows)
+    assert_close_rel(actual, expected)
+
+
 def test_strided_views_and_4x1_blocks():
     """A non-contiguous input (every other column) and weights packed in 4 x 1 blocks."""
     weights, biases, strides, paddings = bottleneck_args(16, 8, 16, 1, "identity")
@@ -174,6 +190,11 @@ def test_conv_chain_bad_arguments():
         (ValueError, "float32", lambda: chain(x=x.double())),
         (ValueError, "4-D|\\[batch, channels", lambda: chain(x=torch.randn(8, 6, 6))),
         (ValueError, "does not match the packed", lambda: chain(packed=[packed[1], packed[1], packed[2]])),
+        (
+            ValueError,
+            "int8 buffer.*fp32 buffers only",
+            lambda: chain(packed=[ops.pack_linear(weights[0].flatten(1), quantize="int8"), *packed[1:]]),
+        ),
     ]
     for error, message, call in cases:
         with pytest.raises(error, match=message):
@@ -257,21 +278,23 @@ def test_conv_chains_only_without_grad():
     assert "sparsecpu::conv_chain" not in names and "sparsecpu::conv2d" in names
 
 
+class PlainBottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 with biases and no batch norms, identity shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(16, 8, 1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        return F.relu(self.expand(F.relu(self.mix(F.relu(self.reduce(x))))) + x)
+
+
 def test_unfolded_weights_of_a_residual_chain_are_watched():
     """A chain whose last convolution has no batch norm: its weight is copied into the
     concatenated [W | I] constant, so editing it must rebuild."""
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.reduce = nn.Conv2d(16, 8, 1)
-            self.mix = nn.Conv2d(8, 8, 3, padding=1)
-            self.expand = nn.Conv2d(8, 16, 1)
-
-        def forward(self, x):
-            return F.relu(self.expand(F.relu(self.mix(F.relu(self.reduce(x))))) + x)
-
-    block = Block().eval()
+    block = PlainBottleneck().eval()
     torch_sparsecpu.magnitude_prune_(block, 0.9, layer_types=(nn.Conv2d,))
     x = torch.randn(1, 16, 9, 9)
     compiled = compile_sparse(block, options=EAGER)
@@ -283,3 +306,29 @@ def test_unfolded_weights_of_a_residual_chain_are_watched():
         block.expand.bias.add_(1)
     with torch.inference_mode():
         assert_close_rel(compiled(x), block(x), what="after editing the last convolution")
+
+
+@pytest.mark.parametrize("model", ["plain", "hf_projection"])
+def test_chain_of_weights_pruned_with_prune_hooks(model):
+    """Weights computed as weight_orig * weight_mask (torch.nn.utils.prune, hooks kept) are
+    folded into constants and still fuse into one chain; edits of a mask or of weight_orig
+    after compiling are honoured (the chain is rebuilt)."""
+    if model == "plain":
+        torch.manual_seed(0)
+        block, x = PlainBottleneck().eval(), torch.randn(1, 16, 9, 9)
+    else:
+        block = resnet_stage(sparsity=0.0).encoder.stages[1].layers[0]  # stride 2, projection shortcut
+        x = torch.randn(2, block.layer[0].convolution.in_channels, 15, 15)
+    convolutions = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convolutions:
+        prune.l1_unstructured(conv, "weight", amount=0.9)
+    compiled = compile_sparse(block, options=EAGER)
+    # no_grad, not inference_mode: eager's prune hook would leave an inference tensor as
+    # each module's weight.
+    with torch.no_grad():
+        assert_close_rel(compiled(x), block(x))
+        assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]
+        convolutions[-1].weight_mask[:1].zero_()  # the last layer's (or the shortcut's) mask
+        convolutions[1].weight_orig.mul_(-1)  # a weight inside the chain
+        assert_close_rel(compiled(x), block(x), what="after editing a mask and a weight_orig")
+        assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 import torch_sparsecpu
 from torch_sparsecpu import ops
 
-from conftest import ACTIVATION_REFERENCE, assert_close_rel
+from conftest import ACTIVATION_REFERENCE, assert_close_rel, int8_reference
 
 ISAS = torch_sparsecpu.available_isas()
 K_BLOCKS = (0, 1, 7, 64, 128)
@@ -167,6 +167,35 @@ def test_sparse_linear_matches_dense(case):
     assert_close_scaled(
         y, expected, term_scale(x, weight, bias), rel=1e-5, what=str({k: v for k, v in case.items() if k != "seed"})
     )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), block_cols=st.sampled_from([None, 1, 4]))
+def test_int8_linear_matches_integer_reference(case, block_cols):
+    """int8 buffers (``quantize="int8"``): the same shapes, structures, layouts and ISAs
+    against the integer reference of conftest (int8_reference), exactly up to the final
+    rounding (1 ulp), then the activation within 1e-5 of the largest pre-activation.
+    Activations are scaled so that outputs do not overflow float32 (int8 tokens with an
+    infinite range give NaN)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    weight = make_weight(case["out_f"], case["in_f"], case["sparsity"], case["structure"], gen)
+    bias = torch.randn(case["out_f"], generator=gen) if case["has_bias"] else None
+    x = make_input(case["lead"], case["in_f"], case["layout"], gen)
+    assume(x.shape == (*case["lead"], case["in_f"]))
+    k_block = case["k_block"] if case["k_block"] % 4 == 0 else 4 * case["k_block"]
+    packed = ops.pack_linear(
+        weight, quantize="int8", block_cols=block_cols, k_block=k_block, row_block=case["row_block"]
+    )
+    with torch_sparsecpu.force_isa(case["isa"]):
+        y = ops.linear(x, weight, packed, bias, case["act"])
+    pre = int8_reference(x, weight, bias)
+    expected = ACTIVATION_REFERENCE[case["act"]](pre.double()).float()
+    scale = max(pre.abs().max().item() if pre.numel() else 0.0, 1e-30)
+    tolerance = 1e-5 * scale if case["act"] != "none" else torch.finfo(torch.float32).eps * scale
+    error = (y - expected).abs().max().item() if y.numel() else 0.0
+    assert y.shape == expected.shape and y.is_contiguous()
+    what = {k: v for k, v in case.items() if k != "seed"}
+    assert error <= tolerance, f"{what} block_cols={block_cols}: {error:.3g}"
 
 
 def test_every_isa_covered():

@@ -165,6 +165,19 @@ def test_tall_blocks_every_tile_and_edge(isa):
     check_every_tile_and_edge(isa, weights, ((0, 32), (1, 4), (7, 8), (128, 64)), block_rows=4)
 
 
+@pytest.mark.parametrize("shape", [(64, 128), (30, 7), (1, 5), (0, 4), (4, 0)])
+def test_nonzero_counts(shape):
+    """The one-pass C++ count the packing defaults use equals torch's: nonzeros, and
+    4 x 1 blocks holding one (the rows past the last whole block in none); any strides."""
+    weight = tall_weight(64, 128, 0.7, fill=0.6)[: shape[0], : shape[1]].contiguous()
+    whole = shape[0] // 4 * 4
+    blocks = weight[:whole].reshape(whole // 4, 4, shape[1]).ne(0).any(dim=1)
+    expected = (int(torch.count_nonzero(weight)), int(blocks.sum()))
+    assert ops.nonzero_counts(weight) == expected
+    assert ops.nonzero_counts(weight.t().contiguous().t()) == expected  # column-major
+    assert ops.nonzero_counts(weight.double()) == expected
+
+
 def test_default_block_rows():
     """4 x 1 blocks where the weight has them, filled at least TALL_BLOCK_MIN_FILL (80%);
     1 x 1 otherwise."""
@@ -212,8 +225,8 @@ def test_packed_header():
     weight = sparse_weight(70, 300, 0.9)
     packed = ops.pack_linear(weight, k_block=128, row_block=32)
     nnz = int(torch.count_nonzero(weight))
-    # version, out, in, k_block, K-blocks, row_block, row blocks, nnz, block_rows
-    assert dataclasses.astuple(ops.packed_info(packed)) == (3, 70, 300, 128, 3, 32, 3, nnz, 1)
+    # version, out, in, k_block, K-blocks, row_block, row blocks, nnz, block_rows, datatype, block_cols
+    assert dataclasses.astuple(ops.packed_info(packed)) == (4, 70, 300, 128, 3, 32, 3, nnz, 1, "f32", 1)
     segments = 70 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + nnz + (nnz + 1) // 2
     # The values of the packed buffer are exactly the nonzeros of the weight.
@@ -227,7 +240,7 @@ def test_packed_header_tall_blocks():
     weight = tall_weight(72, 300, 0.8, fill=0.75)
     packed = ops.pack_linear(weight, k_block=128, row_block=32, block_rows=4)
     blocks = int(weight.reshape(18, 4, 300).ne(0).any(1).sum())
-    assert dataclasses.astuple(ops.packed_info(packed)) == (3, 72, 300, 128, 3, 32, 3, 4 * blocks, 4)
+    assert dataclasses.astuple(ops.packed_info(packed)) == (4, 72, 300, 128, 3, 32, 3, 4 * blocks, 4, "f32", 1)
     segments = 72 // 4 * 3
     assert packed.numel() == 16 + 2 * segments + 1 + 4 * blocks + (blocks + 1) // 2
     seg_rows = packed[16 + segments + 1 : 16 + 2 * segments + 1]
@@ -325,6 +338,33 @@ def test_linear_chain_matches_layer_by_layer(isa, threads):
                     actual = ops.linear_chain(x, weights, packed, biases, acts)
                 scale = max(expected.abs().max().item(), 1.0)
                 assert_close_rel(actual, expected.float(), what=f"chain {features} tokens={tokens}", scale=scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block_rows", [1, 4])
+def test_linear_chain_equals_separate_ops(isa, block_rows):
+    """The 3-layer MLP's chain (GELU, ReLU, none; a wide middle layer), scaled down, at 90%:
+    fused equals the same layers as separate linear ops within 1e-5 relative, with more
+    tokens than the chain's 64-token panels on one and two threads (full panels, a padded
+    one, a GEMV remainder), and a float64 reference."""
+    features = (96, 384, 384, 96)
+    make = sparse_weight if block_rows == 1 else tall_weight
+    weights = [make(o, i, 0.9) for i, o in zip(features, features[1:], strict=False)]
+    biases = [torch.randn(w.shape[0]) for w in weights]
+    acts = ["gelu", "relu", "none"]
+    packed = [ops.pack_linear(w, block_rows=block_rows) for w in weights]
+    for threads, tokens in itertools.product((1, 2), (200, 197, 129)):
+        x = torch.randn(tokens, features[0])
+        expected = _chain_reference(x, weights, biases, acts)
+        scale = max(expected.abs().max().item(), 1.0)
+        with torch_threads(threads), torch_sparsecpu.force_isa(isa):
+            fused = ops.linear_chain(x, weights, packed, biases, acts)
+            separate = x
+            for w, p, b, a in zip(weights, packed, biases, acts, strict=True):
+                separate = ops.linear(separate, w, p, b, a)
+        what = f"block_rows={block_rows} threads={threads} tokens={tokens}"
+        assert_close_rel(fused, separate, what=f"fused vs separate, {what}", scale=scale)
+        assert_close_rel(fused, expected.float(), what=f"fused vs float64, {what}", scale=scale)
 
 
 # Long chains (6 to 8 layers through the op, 8 through torch.compile) run in a child

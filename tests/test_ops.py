@@ -85,10 +85,12 @@ def test_packed_info():
         "num_row_blocks": 7,
         "nnz": 8,
         "block_rows": 9,
+        "datatype": 10,
+        "block_cols": 11,
     }
     weight = sparse_weight(24, 300, 0.9)
     info = ops.packed_info(ops.pack_linear(weight, k_block=128, row_block=8, block_rows=1))
-    assert info == ops.PackedInfo(3, 24, 300, 128, 3, 8, 3, int(torch.count_nonzero(weight)), 1)
+    assert info == ops.PackedInfo(4, 24, 300, 128, 3, 8, 3, int(torch.count_nonzero(weight)), 1, "f32", 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.nnz = 0
     with pytest.raises(TypeError, match="packed must be a torch.Tensor"):
@@ -171,3 +173,35 @@ def test_opcheck_linear_tall_blocks():
     packed = ops.pack_linear(weight, block_rows=4)
     torch.library.opcheck(torch.ops.sparsecpu.linear.default, (torch.randn(5, 16), weight, packed, None, "relu"))
     torch.library.opcheck(torch.ops.sparsecpu.pack_linear.default, (weight, 8, 8, 4))
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+def test_transposed_weight_matches_addmm(activation):
+    """weight_transposed: a weight stored [in, out] (GPT-2's Conv1D), packed from
+    weight.t(), gives act(addmm(bias, x, weight)) and its gradients; opcheck with and
+    without grad."""
+    weight = sparse_weight(20, 32, 0.7)  # [in, out]
+    packed = ops.pack_linear(weight.t())
+    x, bias, grad = torch.randn(6, 20), torch.randn(32), torch.randn(6, 32)
+    torch.library.opcheck(torch.ops.sparsecpu.linear.default, (x, weight, packed, bias, activation, True))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    dense_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    args = (leaves[0], leaves[1], packed, leaves[2], activation, True)
+    torch.library.opcheck(torch.ops.sparsecpu.linear.default, args)
+    output = ops.linear(*args[:5], weight_transposed=True)
+    expected = ACTIVATION_REFERENCE[activation](torch.addmm(dense_leaves[2], dense_leaves[0], dense_leaves[1]))
+    assert_close_rel(output, expected, what="output")
+    output.backward(grad)
+    expected.backward(grad)
+    for name, leaf, dense_leaf in zip(("input", "weight", "bias"), leaves, dense_leaves, strict=True):
+        assert_close_rel(leaf.grad, dense_leaf.grad, rel=1e-4, what=f"grad of {name}")
+
+
+def test_transposed_use_of_a_square_weight_is_another_weight():
+    """A buffer packed from a square weight's transpose, first run with the weight read
+    transposed, is not trusted for the same weight read as it is (a shape check could
+    not tell them apart): the op packs the weight as it reads it."""
+    weight, x = sparse_weight(16, 16, 0.7), torch.randn(3, 16)
+    packed = ops.pack_linear(weight.t())
+    assert_close_rel(ops.linear(x, weight, packed, weight_transposed=True), x @ weight, what="transposed")
+    assert_close_rel(ops.linear(x, weight, packed), F.linear(x, weight), what="as it is")

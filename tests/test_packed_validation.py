@@ -21,17 +21,20 @@ HEADER_WORDS = 16  # kHeaderWords in csrc/kernels/spmm.h
 
 
 def packed_layout(packed):
-    """Word index of each section of a packed buffer, and its segment and value counts."""
+    """Word index of each section of a packed buffer, and its segment and value counts.
+    An int8 buffer's values section starts with its row scales and sums (out_features
+    words each), then nnz int8 values four to a word."""
     info = ops.packed_info(packed)
     segments = info.out_features // info.block_rows * info.num_k_blocks
     seg_ptr = HEADER_WORDS
     seg_rows = seg_ptr + segments + 1
     values = seg_rows + segments
+    value_words = 2 * info.out_features + (info.nnz + 3) // 4 if info.datatype == "int8" else info.nnz
     return {
         "seg_ptr": seg_ptr,
         "seg_rows": seg_rows,
         "values": values,
-        "offsets": values + info.nnz,
+        "offsets": values + value_words,
         "segments": segments,
         "nnz": info.nnz,
     }
@@ -76,6 +79,43 @@ HEADER_CORRUPTIONS = {
     # 4 divides every size, but the buffer's length is for 1
     "block_rows_size": (_set_field("block_rows", lambda v: 4), "packed weight rejected"),
 }
+
+
+# The same for int8 buffers, and what only they hold (their words after the header:
+# seg_ptr, seg_rows, then row scales, row sums, values).
+def _int8_word(section, index, value):
+    def corrupt(bad):
+        bad[packed_layout(bad)[section] + index] = value(int(bad[packed_layout(bad)[section] + index]))
+        return bad
+
+    return corrupt
+
+
+INT8_CORRUPTIONS = {
+    "datatype_unknown": (_set_field("datatype", lambda v: 7), "inconsistent header"),
+    "datatype_f32": (_set_field("datatype", lambda v: 0), "inconsistent header"),
+    "block_cols_unknown": (_set_field("block_cols", lambda v: 3), "inconsistent header"),
+    "block_rows_tall": (_set_field("block_rows", lambda v: 4), "inconsistent header"),
+    "k_block_not_quads": (_set_field("k_block", lambda v: v - 2), "inconsistent header"),
+    "scale_negative": (_int8_word("values", 1, lambda v: int(torch.tensor(-1.0).view(torch.int32))), "scale"),
+    "scale_nan": (_int8_word("values", 2, lambda v: 0x7FC00000), "scale"),
+    "wsum": (_int8_word("values", 24 + 3, lambda v: v + 1), "sum of values"),
+    "value_minus_128": (_int8_word("values", 48, lambda v: (v & ~0xFF) | 0x80), "-128"),
+    "offset_off_its_block": (_int8_word("offsets", 0, lambda v: v | 1), "off its block"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(INT8_CORRUPTIONS))
+def test_corrupted_int8_buffer_is_refused(corruption):
+    weight = (torch.randn(24, 16, 4) * (torch.rand(24, 16, 1) > 0.5)).reshape(24, 64)
+    packed = ops.pack_linear(weight, quantize="int8", block_cols=4, k_block=16, row_block=8)
+    assert ops.packed_info(packed).datatype == "int8"
+    ops.linear(torch.randn(4, 64), weight, packed)  # the good buffer runs
+    corrupt, message = INT8_CORRUPTIONS[corruption]
+    bad = corrupt(packed.clone())
+    with pytest.raises(ValueError, match="packed weight rejected") as excinfo:
+        ops.linear(torch.randn(4, 64), weight, bad)
+    assert excinfo.match(message)
 
 
 @pytest.mark.parametrize("corruption", list(HEADER_CORRUPTIONS))
@@ -168,8 +208,8 @@ def test_packed_edited_after_first_use_never_crashes(kind):
 
 
 # Every section a kernel reads, filled mid-buffer with random words after the first use
-# and without a version bump, for every ISA, GEMV and panel widths, 1 x 1 and 4 x 1
-# blocks, and each op (linear, a chain of two layers, a 3 x 3 convolution). Under
+# and without a version bump, for every ISA, GEMV and panel widths, fp32 1 x 1 and 4 x 1
+# blocks and int8 1 x 1 and 1 x 4 blocks, and each op (linear, a chain of two layers, a 3 x 3 convolution). Under
 # `make sanitize` (ASan) any access outside an allocation would abort the child.
 _SCRAMBLE_CHILD = _CHILD_PRELUDE + textwrap.dedent("""
     import torch_sparsecpu
@@ -192,10 +232,14 @@ _SCRAMBLE_CHILD = _CHILD_PRELUDE + textwrap.dedent("""
         w = w * (torch.rand(w.shape, generator=gen) > 0.7)
         return w.expand(-1, block_rows, -1).reshape(out_features, in_features).contiguous()
 
-    def runs(tokens, block_rows):
+    def runs(tokens, blocks):  # blocks: (block_rows, None) for fp32, (1, block_cols) for int8
+        block_rows, block_cols = blocks
         w1, w2 = weight_of(96, 72, block_rows), weight_of(48, 96, block_rows)
-        pack1 = lambda: ops.pack_linear(w1, k_block=24, row_block=16, block_rows=block_rows)  # K-blocks 24, 24, 24
-        pack2 = lambda: ops.pack_linear(w2, k_block=40, row_block=8, block_rows=block_rows)   # 40, 40, 16
+        quantize = None if block_cols is None else "int8"
+        pack = lambda w, **sizes: ops.pack_linear(w, block_rows=block_rows, quantize=quantize, block_cols=block_cols,
+                                                  **sizes)
+        pack1 = lambda: pack(w1, k_block=24, row_block=16)  # K-blocks 24, 24, 24
+        pack2 = lambda: pack(w2, k_block=40, row_block=8)   # 40, 40, 16
         x = torch.randn(tokens, 72, generator=gen)
         p1 = pack1()
         yield "linear", lambda p1=p1: ops.linear(x, w1, p1), [p1]
@@ -210,15 +254,15 @@ _SCRAMBLE_CHILD = _CHILD_PRELUDE + textwrap.dedent("""
         with torch_sparsecpu.force_isa(isa):
             for section in ("seg_ptr", "seg_rows", "offsets"):
                 for tokens in (1, 3, 7, 8, 33, 131):
-                    for block_rows in (1, 4):
-                        for op, call, buffers in runs(tokens, block_rows):
+                    for blocks in ((1, None), (4, None), (1, 1), (1, 4)):
+                        for op, call, buffers in runs(tokens, blocks):
                             call()  # good buffers: checked and remembered
                             for packed in buffers:
                                 scramble(packed, section)
                             try:
                                 call()
                             except ValueError:
-                                print(isa, section, tokens, block_rows, op, "REFUSED", flush=True)
+                                print(isa, section, tokens, blocks, op, "REFUSED", flush=True)
     print("DONE", flush=True)
 """)
 

@@ -73,7 +73,9 @@ def test_rewrite_result_names_what_the_backend_keeps():
         "_sparsecpu_packed_0_bias",
         "_sparsecpu_packed_3",
     ]
-    assert {source_name(n): a for n, a in result.packed_attr_of.items()} == {"head.weight": "_sparsecpu_packed_3"}
+    assert {(source_name(n), t): a for (n, t), a in result.packed_attr_of.items()} == {
+        ("head.weight", False): "_sparsecpu_packed_3"
+    }
     assert sorted(map(source_name, result.rebuild_if_changed)) == [
         "conv.bias",
         "conv.weight",

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import ops
 from .passes import (
     LayerDecision,
     fetch_attr,
@@ -58,6 +59,10 @@ class SparseCPUOptions:
     fold_batch_norm:   fold an eval-mode batch norm that follows a sparse convolution
                        into its weight and bias (inference only, like fuse_layers).
     verbose:           log each linear / conv2d taken or skipped at INFO instead of DEBUG.
+    quantize:          None (fp32 everywhere, the default) or "int8": sparse linears whose
+                       weights ops.int8_pays for (nonzeros in 1 x 4 blocks, or calls of at
+                       most 7 tokens) run int8 kernels, fp32 in and out; explain shows each
+                       layer's datatype (docs/kernels.md#int8-kernels).
     """
 
     min_sparsity: float = 0.6
@@ -66,6 +71,7 @@ class SparseCPUOptions:
     fuse_layers: bool = True
     fold_batch_norm: bool = True
     verbose: bool = False
+    quantize: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.min_sparsity, (int, float)) or isinstance(self.min_sparsity, bool):
@@ -76,6 +82,10 @@ class SparseCPUOptions:
             raise ValueError(
                 f"option 'inner' must be one of {', '.join(map(repr, INNER_COMPILERS))}, got {self.inner!r}"
             )
+        quantized_types = ops.DATATYPES[1:]  # "f32" is quantize=None
+        if self.quantize is not None and self.quantize not in quantized_types:
+            choices = ", ".join(map(repr, quantized_types))
+            raise ValueError(f"option 'quantize' must be None or one of {choices}, got {self.quantize!r}")
         for flag in ("fuse_activations", "fuse_layers", "fold_batch_norm", "verbose"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"option {flag!r} must be True or False, got {getattr(self, flag)!r}")
@@ -257,6 +267,7 @@ class SparseCompiledGraph:
             fuse_activations=self._options.fuse_activations,
             fold_batch_norms=self._options.fold_batch_norm and inference,
             fold_computed_weights=inference,
+            quantize=self._options.quantize,
         )
         if self._options.fuse_layers and inference:
             fuse_conv_chains(graph, rewritten, static)

@@ -34,11 +34,17 @@ def _check_isa_name(isa_name) -> None:
         raise ValueError(f"isa_name must be one of {', '.join(ISAS)}, got {isa_name!r}")
 
 
-def kernel_names(isa_name: str) -> list[str]:
-    """Register tiles of one ISA, e.g. ``spmm_f32_1x64__avx2`` (1 row x 64 tokens) and
-    the GEMV kernels ``spmv_f32_1x1__avx2`` ... ``spmv_f32_1x7__avx2``."""
+def kernel_names(isa_name: str, datatype: str = "f32") -> list[str]:
+    """Register tiles of one ISA for one datatype of packed buffers (``ops.DATATYPES``),
+    e.g. ``spmm_f32_1x64__avx2`` (1 row x 64 tokens) and the GEMV kernels
+    ``spmv_f32_1x1__avx2`` ... ``spmv_f32_1x7__avx2``; for ``"int8"``,
+    ``spmm_qd8_f32_qc8w_1x4x64__avx2`` (1 x 4 blocks, 64 tokens) and so on. The int8
+    kernels of ``avx512`` are named ``__avx512vnni`` on a CPU with AVX512-VNNI, ``__avx2``
+    elsewhere (the ones it runs there)."""
     _check_isa_name(isa_name)
-    return list(_C.kernel_names(isa_name))
+    if datatype not in _C.DATATYPES:
+        raise ValueError(f"datatype must be one of {', '.join(_C.DATATYPES)}, got {datatype!r}")
+    return list(_C.kernel_names(isa_name, datatype))
 
 
 def max_panel_width(isa_name: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import TALL_BLOCK_ROWS
+from .ops import TALL_BLOCK_ROWS, WIDE_BLOCK_COLS
 
 
 def magnitude_prune_(
@@ -15,6 +15,7 @@ def magnitude_prune_(
     layer_types: tuple[type[nn.Module], ...] = (nn.Linear,),
     name_filter=None,
     block_rows: int = 1,
+    block_cols: int = 1,
 ) -> nn.Module:
     """Zeros the ``sparsity`` fraction of smallest-magnitude weights of every layer of
     ``layer_types`` in ``module`` (each layer pruned on its own), in place.
@@ -23,7 +24,11 @@ def magnitude_prune_(
     prunes 4 x 1 blocks (4 consecutive output rows of one input feature) by their L2
     norm instead of single weights: the packed kernels load each activation once for
     a whole block (``ops.default_block_rows``). Layers whose output count is not a
-    multiple of 4 are then pruned weight by weight. Returns ``module``.
+    multiple of 4 are then pruned weight by weight. ``block_cols=4`` prunes 1 x 4 blocks
+    (4 consecutive input features of one output row, starting on a multiple of 4), what
+    the int8 kernels want (``ops.default_block_cols``); layers whose input count (all but
+    the first dimension of the weight) is not a multiple of 4 are then pruned weight by
+    weight. Returns ``module``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -37,6 +42,12 @@ def magnitude_prune_(
         raise TypeError(f"block_rows must be an int, got {type(block_rows).__name__}")
     if block_rows not in (1, TALL_BLOCK_ROWS):
         raise ValueError(f"block_rows must be 1 or {TALL_BLOCK_ROWS}, got {block_rows}")
+    if not isinstance(block_cols, int) or isinstance(block_cols, bool):
+        raise TypeError(f"block_cols must be an int, got {type(block_cols).__name__}")
+    if block_cols not in (1, WIDE_BLOCK_COLS):
+        raise ValueError(f"block_cols must be 1 or {WIDE_BLOCK_COLS}, got {block_cols}")
+    if block_rows > 1 and block_cols > 1:
+        raise ValueError(f"block_rows={block_rows} and block_cols={block_cols}: prune in one block shape at a time")
     if isinstance(layer_types, type):
         layer_types = (layer_types,)
     if not isinstance(layer_types, tuple) or not all(
@@ -56,14 +67,15 @@ def magnitude_prune_(
             if weight.numel() == 0:
                 continue
             rows = block_rows if weight.size(0) % block_rows == 0 else 1
-            # [groups of `rows` output rows, rows, everything else]: one block per (group, column).
-            blocks = weight.reshape(weight.size(0) // rows, rows, -1)
+            cols = block_cols if (weight.numel() // weight.size(0)) % block_cols == 0 else 1
+            # [groups of `rows` output rows, rows, column groups, cols]: one block per (row group, column group).
+            blocks = weight.reshape(weight.size(0) // rows, rows, -1, cols)
             prune_count = int(round(sparsity * blocks.size(0) * blocks.size(2)))
             if prune_count == 0:
                 continue
-            order = blocks.norm(dim=1).flatten().argsort()
+            order = blocks.norm(dim=(1, 3)).flatten().argsort()
             pruned = torch.zeros(blocks.size(0) * blocks.size(2), dtype=torch.bool, device=weight.device)
             pruned[order[:prune_count]] = True
-            mask = pruned.view(blocks.size(0), 1, blocks.size(2)).expand(blocks.shape).reshape(weight.shape)
+            mask = pruned.view(blocks.size(0), 1, blocks.size(2), 1).expand(blocks.shape).reshape(weight.shape)
             weight.masked_fill_(mask, 0.0)
     return module

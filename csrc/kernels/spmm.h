@@ -13,20 +13,33 @@ namespace sparsecpu {
 namespace kernels {
 
 // ---------------------------------------------------------------------------
-// Packed weight: offset-CSR, CSR-blocked (format version 3). One int32 buffer:
+// Packed weight: offset-CSR, CSR-blocked (format version 4). One int32 buffer:
 //
 //   header      kHeaderWords words, see HeaderField
 //   seg_ptr     S + 1 words: start of each segment, counted in nonzero blocks
 //   seg_rows    S words: first row (within its row block) of each segment
-//   values      nnz words, fp32 bit patterns, block_rows per nonzero block
+//   fp32 buffers (datatype kF32):
+//     values      nnz words, fp32 bit patterns, block_rows per nonzero block
+//   int8 buffers (datatype kInt8):
+//     row_scales  out_features words, fp32: each output row's weight scale
+//     row_wsums   out_features words, int32: the sum of each row's int8 values
+//     values      ceil(nnz / 4) words holding nnz int8 values, block_cols per block
 //   offsets     ceil(blocks / 2) words holding one uint16 per nonzero block: its
-//               input feature, counted from the first feature of its K-block
+//               (first) input feature, counted from the first feature of its K-block
 //
-// Nonzeros are stored in blocks of block_rows x 1: block_rows consecutive output
-// rows (a row group) sharing one input feature. block_rows is 1 (plain CSR) or
-// kTallBlockRows, when the weight has that structure: the kernel then loads each
-// activation once for all the rows of a block. A block's values are consecutive,
-// zeros inside a block included; blocks = nnz / block_rows.
+// Nonzeros are stored in blocks of block_rows x block_cols: block_rows consecutive
+// output rows (a row group) times block_cols consecutive input features. fp32 buffers
+// have block_cols 1 and block_rows 1 (plain CSR) or kTallBlockRows, when the weight has
+// that structure: the kernel then loads each activation once for all the rows of a
+// block. int8 buffers have block_rows 1 and block_cols 1 or kWideBlockCols (1 x 4
+// blocks, which fill the 4-way int8 dot products; their first feature is a multiple of
+// 4). A block's values are consecutive, zeros inside a block included;
+// blocks = nnz / (block_rows * block_cols).
+//
+// int8 values are the weight quantized per output row, symmetric: q = clamp(nearbyint(w *
+// (127 / max|w_row|)), -127, 127), row_scales[r] = max|w_row| / 127 (0 for a row of zeros),
+// row_wsums[r] = sum of the row's q (docs/kernels.md#int8-kernels). Their K-blocks are
+// multiples of 4 features (kWideBlockCols).
 //
 // Output rows are grouped in row blocks of `row_block` rows (a multiple of
 // block_rows) and the input dimension in K-blocks of `k_block` features. A segment
@@ -41,12 +54,18 @@ namespace kernels {
 // an offset by the row stride of the activation panel it reads (`panel_width` floats).
 // ---------------------------------------------------------------------------
 constexpr int32_t kPackedMagic = 0x31435053;  // "SPC1" little-endian
-constexpr int32_t kPackedVersion = 3;
+constexpr int32_t kPackedVersion = 4;
 // Offsets are 16-bit, relative to their K-block: K-blocks hold at most this many features.
 constexpr int64_t kMaxKBlock = 65536;
 constexpr int64_t kHeaderWords = 16;
 // Rows of the one multi-row block shape, "tall" 4 x 1 blocks: block_rows is 1 or this.
 constexpr int64_t kTallBlockRows = 4;
+// Features of the one multi-feature block shape, "wide" 1 x 4 blocks of int8 buffers:
+// block_cols is 1 or this. Also the features of one int8 dot product (a "quad").
+constexpr int64_t kWideBlockCols = 4;
+// int8 buffers: at most this many input features, so that no int32 accumulator can
+// overflow (127 * 127 * 131072 < 2^31).
+constexpr int64_t kMaxInt8InFeatures = 131072;
 
 // The header's words, X(enumerator, name) in word order from word 0 (names as
 // Python's ops.HEADER_FIELDS spells them); the other words up to kHeaderWords are 0.
@@ -60,7 +79,9 @@ constexpr int64_t kTallBlockRows = 4;
   X(kRowBlock, row_block)                  \
   X(kNumRowBlocks, num_row_blocks)         \
   X(kNnz, nnz)                             \
-  X(kBlockRows, block_rows)
+  X(kBlockRows, block_rows)                \
+  X(kDatatype, datatype)                   \
+  X(kBlockCols, block_cols)
 
 enum HeaderField : int {
 #define SPARSECPU_ENUMERATOR(e, name) e,
@@ -103,13 +124,18 @@ struct PackedLinearView {
   int64_t num_k_blocks = 0;
   int64_t row_block = 0;
   int64_t num_row_blocks = 0;
-  int64_t nnz = 0;         // stored values: blocks * block_rows
+  int64_t nnz = 0;         // stored values: blocks * block_rows * block_cols
   int64_t block_rows = 1;  // rows per nonzero block (1 or kTallBlockRows)
-  int32_t blocks = 0;      // nonzero blocks: nnz / block_rows
+  int64_t block_cols = 1;  // features per nonzero block (1 or kWideBlockCols, int8 only)
+  Datatype datatype = Datatype::kF32;
+  int32_t blocks = 0;      // nonzero blocks: nnz / (block_rows * block_cols)
   int64_t offset_mask = 0;  // pow2ceil(k_block) - 1: every valid offset is below k_block
   const int32_t* seg_ptr = nullptr;
   const int32_t* seg_rows = nullptr;
-  const float* values = nullptr;
+  const float* values = nullptr;       // fp32: block j's values at values + j * block_rows
+  const int8_t* int8_values = nullptr;  // int8: block j's values at int8_values + j * block_cols
+  const float* row_scales = nullptr;   // int8: per output row
+  const int32_t* row_wsums = nullptr;  // int8: per output row
   const uint16_t* offsets = nullptr;
 
   int64_t rows_in_block(int64_t rb) const {
@@ -127,30 +153,54 @@ struct PackedLinearView {
     const int64_t first = segment(rb, 0, 0);
     const int64_t end = first + segments_in_block(rb) * num_k_blocks;
     const int64_t count = int64_t{clamp_index(seg_ptr[end], blocks)} - clamp_index(seg_ptr[first], blocks);
-    return (count > 0 ? count : 0) * block_rows;
+    return (count > 0 ? count : 0) * block_rows * block_cols;
   }
   // Rows an activation panel for this weight must have, for the panel kernels or the
   // GEMV kernels (gemv): the kernels may read them all. K-block kb's offsets reach row
   // kb * k_block + offset_mask once masked, kb * k_block + 65535 unmasked. Rows past
   // in_features are read only for a corrupted buffer; their contents do not matter.
+  // For an int8 buffer a multiple of 4: whole quads (QuantizedPanel).
   int64_t panel_rows(bool gemv) const {
     return (num_k_blocks - 1) * k_block + (gemv ? kMaxKBlock : offset_mask + 1);
   }
 };
 
-// Packs a dense row-major [out_features, in_features] matrix (row stride
-// `row_stride` floats). k_block <= 0 means one K-block over all inputs (at most
-// kMaxKBlock features: wider inputs get K-blocks of kMaxKBlock). block_rows (1 or
-// kTallBlockRows) must divide out_features and row_block.
-std::vector<int32_t> pack_linear_f32(const float* weight, int64_t out_features,
-                                     int64_t in_features, int64_t row_stride,
-                                     int64_t k_block, int64_t row_block, int64_t block_rows = 1);
+// How pack_linear packs a weight: block sizes, block shape and datatype.
+struct PackOptions {
+  // <= 0: one K-block over all inputs (at most kMaxKBlock features: wider inputs get
+  // K-blocks of kMaxKBlock). int8: a multiple of kWideBlockCols once clamped to the
+  // inputs (one K-block over 5 inputs has k_block 8).
+  int64_t k_block = 0;
+  int64_t row_block = 1;
+  int64_t block_rows = 1;  // 1 or kTallBlockRows (fp32 only); divides out_features and row_block
+  int64_t block_cols = 1;  // 1 or kWideBlockCols (int8 only)
+  Datatype datatype = Datatype::kF32;
+};
+
+// Packs a dense row-major [out_features, in_features] matrix (row stride `row_stride`
+// floats). The options must be valid (the ops check them); an int8 weight must be finite.
+std::vector<int32_t> pack_linear(const float* weight, int64_t out_features, int64_t in_features,
+                                 int64_t row_stride, const PackOptions& options);
+
+// The options a buffer was packed with (its K-block as stored).
+PackOptions pack_options_of(const PackedLinearView& w);
+
+// The nonzeros of a row-major [out_features, in_features] matrix, and its nonzero
+// kTallBlockRows x 1 blocks (groups of kTallBlockRows consecutive rows sharing a
+// feature; the last out_features % kTallBlockRows rows are in none): what the default
+// packing choices need (ops.default_block_rows, ops.default_k_block), in one pass.
+struct NonzeroCounts {
+  int64_t nonzeros = 0;
+  int64_t tall_blocks = 0;
+};
+NonzeroCounts count_nonzeros_f32(const float* weight, int64_t out_features, int64_t in_features,
+                                 int64_t row_stride);
 
 // Validates a packed buffer of `words` int32 and returns a view of it. On a
 // bad buffer returns false and writes the reason to `error`. The header and sizes
 // are always checked (O(1)); with `check_contents` also every segment pointer,
-// segment row and offset (O(nnz)), so that no buffer can make a kernel read out
-// of bounds.
+// segment row and offset, and an int8 buffer's values, scales and sums (O(nnz)), so
+// that no buffer can make a kernel read out of bounds.
 bool view_packed_linear(const int32_t* data, int64_t words, bool check_contents,
                         PackedLinearView* view, std::string* error);
 
@@ -215,18 +265,106 @@ void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int6
                        int64_t feature_stride, int64_t panel_width, float* panel);
 void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens,
                         float* y, int64_t y_stride);
+// The scalar activation `act` of x (lists.h, spmm_f32__scalar.cpp), which the scalar int8
+// kernels use too.
+float activate_scalar(float x, Activation act);
 
-// Kernel tables, one per ISA of lists.h (defined in spmm_f32__<isa>.cpp).
-#define SPARSECPU_DECLARE_TABLE(name, table, cpu_has, may_default) extern const SpmmKernels table;
+// ---------------------------------------------------------------------------
+// int8 kernels (datatype kInt8; docs/kernels.md#int8-kernels).
+// ---------------------------------------------------------------------------
+// An int8 buffer's activation panel: each token's activations quantized to 7-bit
+// unsigned integers (quantize_token), feature-major in quads of kWideBlockCols features,
+// feature 4q + c of token t at quads[(q * panel_width + t) * 4 + c]: one SIMD load of
+// 4 * kWidth bytes is 4 features of kWidth tokens, the operand of a 4-way int8 dot product
+// per token. Tokens past the real ones and features past in_features are 0 (a padding
+// token has scale 0). The kernels may read w.panel_rows(gemv) / 4 quads and, for a
+// 1-token GEMV panel, 3 bytes past them (allocate them).
+struct QuantizedPanel {
+  uint8_t* quads;
+  float* scales;         // [panel_width]: each token's scale; NaN for a token with a non-finite value
+  int32_t* zero_points;  // [panel_width]: each token's zero point, in [0, 127]
+};
+
+// How one token's activations are quantized, the same on every ISA so that every
+// kernel computes the same integers: over its range [lo, hi] = [min(min x, 0),
+// max(max x, 0)], scale = (hi - lo) / 127, inv_scale = 127 / (hi - lo) (float
+// divisions), zero_point = nearbyint(-lo * inv_scale), and each activation becomes
+// quantize_activation(x). A token of zeros, or whose range is so small that inv_scale
+// overflows, gets scale 0 (it contributes nothing); a token with a NaN or an infinity, or
+// whose range overflows, gets scale NaN (its outputs are NaN).
+struct TokenQuantization {
+  float scale;
+  float inv_scale;
+  int32_t zero_point;
+};
+TokenQuantization quantize_token(float lowest, float highest, bool finite);
+
+// clamp(nearbyint(x * inv_scale) + zero_point, 0, 127) in float (round half to even, a
+// NaN clamped to 0): exactly what the SIMD quantizers compute lane by lane (their max
+// returns the second operand on NaN, as `v > 0 ? v : 0` does).
+inline float quantize_activation(float x, float inv_scale, float zero_point) {
+  float v = __builtin_nearbyintf(x * inv_scale) + zero_point;
+  v = v > 0.0f ? v : 0.0f;
+  return v < 127.0f ? v : 127.0f;
+}
+
+// The int8 kernels of one ISA. Partial sums cross K-blocks as int32 in the float tile
+// [rows_in_block][panel_width] (the same bytes); after the last K-block the kernel writes
+// there, as floats, y = fma(row_scale * token_scale, float(acc - zero_point * row_wsum),
+// bias) and then the activation (docs/kernels.md#int8-kernels).
+struct Qd8Kernels {
+  const char* isa;          // the name in its kernel names
+  int64_t vector_width;     // tokens per SIMD register (1 for scalar)
+  int64_t max_panel_width;  // tokens per full panel
+
+  // Quantizes tokens [0, tokens) of x (token stride / feature stride in floats) into a
+  // panel of width panel_width (QuantizedPanel), zero-padding tokens >= `tokens` and the
+  // last quad's features >= in_features.
+  void (*quantize_panel)(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                         int64_t feature_stride, int64_t panel_width, const QuantizedPanel& panel);
+
+  // As SpmmKernels::spmm_row_block, over a quantized panel.
+  void (*spmm_row_block)(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                         const QuantizedPanel& panel, int64_t panel_width, const float* bias, Activation act,
+                         float* tile);
+
+  // The same for a narrow panel of 1..kMaxGemvTokens tokens (panel_width == tokens).
+  void (*spmv_row_block)(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
+                         const QuantizedPanel& panel, int64_t panel_width, const float* bias, Activation act,
+                         float* tile);
+
+  // As SpmmKernels::unpack_tile.
+  void (*unpack_tile)(const float* tile, int64_t rows, int64_t panel_width, int64_t tokens, float* y,
+                      int64_t y_stride);
+};
+
+// The scalar quantizer (any strides, spmm_qd8__scalar.cpp) and the AVX2 one
+// (spmm_qd8__avx2.cpp), which the AVX-512 VNNI table uses too. Signatures as in Qd8Kernels.
+void quantize_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                           int64_t feature_stride, int64_t panel_width, const QuantizedPanel& panel);
+void quantize_panel_avx2(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
+                         int64_t feature_stride, int64_t panel_width, const QuantizedPanel& panel);
+
+// int8 kernel tables (spmm_qd8__<isa>.cpp), named by lists.h's ISA list.
+extern const Qd8Kernels kQd8Scalar;
+extern const Qd8Kernels kQd8Avx2;
+extern const Qd8Kernels kQd8Avx512Vnni;
+
+// fp32 kernel tables, one per ISA of lists.h (defined in spmm_f32__<isa>.cpp).
+#define SPARSECPU_DECLARE_TABLE(name, f32_table, int8_table, cpu_has, may_default) \
+  extern const SpmmKernels f32_table;
 SPARSECPU_FOR_EACH_ISA(SPARSECPU_DECLARE_TABLE)
 #undef SPARSECPU_DECLARE_TABLE
 
-// Names of the register tiles each ISA's table instantiates, e.g.
-// "spmm_f32_1x64__avx2": 1 output row x 64 tokens.
-std::vector<std::string> spmm_kernel_names(const SpmmKernels& kernels);
+// Names of the register tiles an ISA's kernels instantiate for one datatype, e.g.
+// "spmm_f32_1x64__avx2": 1 output row x 64 tokens; "spmm_qd8_f32_qc8w_1x4x64__avx2":
+// int8, 1 x 4 blocks, 64 tokens. Empty for an unknown ISA.
+std::vector<std::string> spmm_kernel_names(const std::string& isa, Datatype datatype);
 
-// The table of the ISA named `isa` (lists.h), or null.
+// The fp32 table of the ISA named `isa` (lists.h), or null.
 const SpmmKernels* kernels_named(const std::string& isa);
+// Its int8 table on this CPU, or null.
+const Qd8Kernels* qd8_kernels_named(const std::string& isa);
 
 // "a, b, c": a list's names for an error message.
 std::string joined(const char* const* names, size_t count);
@@ -237,6 +375,9 @@ std::string joined(const char* const* names, size_t count);
 bool cpu_supports(const std::string& isa);
 std::vector<std::string> available_isas();
 const SpmmKernels& active_kernels();
+const Qd8Kernels& active_qd8_kernels();
+// The name of the active ISA.
+const char* active_isa();
 // Returns false (and changes nothing) if the name is unknown or unsupported.
 bool set_isa(const std::string& isa, std::string* error);
 

@@ -19,10 +19,6 @@ float activate_silu(float x) { return x / (1.0f + std::exp(-x)); }
 float activate_relu6(float x) { return x < 0.0f ? 0.0f : (x > 6.0f ? 6.0f : x); }
 float activate_hardswish(float x) { return x * std::min(std::max(x + 3.0f, 0.0f), 6.0f) / 6.0f; }
 
-float activate_scalar(float x, Activation act) {
-  SPARSECPU_RETURN_ACTIVATED(act, x);
-}
-
 void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                            const float* panel, int64_t panel_width, const float* bias, Activation act,
                            float* tile) {
@@ -50,6 +46,10 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_beg
 }
 
 }  // namespace
+
+float activate_scalar(float x, Activation act) {
+  SPARSECPU_RETURN_ACTIVATED(act, x);
+}
 
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                        int64_t feature_stride, int64_t panel_width, float* panel) {

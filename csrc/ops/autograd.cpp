@@ -24,13 +24,14 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor linear_below_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
-                                 const std::optional<at::Tensor>& bias, c10::string_view activation) {
+                                 const std::optional<at::Tensor>& bias, c10::string_view activation,
+                                 bool weight_transposed) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sparsecpu::linear", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, c10::string_view)>();
+                                               const std::optional<at::Tensor>&, c10::string_view, bool)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(input, weight, packed, bias, activation);
+  return op.call(input, weight, packed, bias, activation, weight_transposed);
 }
 
 // backward_<name>(grad, pre): d act(pre) / d pre applied to grad, for each activation
@@ -65,10 +66,11 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   // A bias, when given, is the fourth variable of the graph (needs_input_grad(3)).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                            const std::string& activation) {
-    at::Tensor output = linear_below_autograd(input, weight, packed, bias, activation);
+                            const std::string& activation, bool weight_transposed) {
+    at::Tensor output = linear_below_autograd(input, weight, packed, bias, activation, weight_transposed);
     ctx->save_for_backward({input, weight, packed, bias.value_or(at::Tensor())});
     ctx->saved_data["activation"] = activation;
+    ctx->saved_data["weight_transposed"] = weight_transposed;
     return output;
   }
 
@@ -76,20 +78,23 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &weight = saved[1], &packed = saved[2], &bias = saved[3];
     const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const bool weight_transposed = ctx->saved_data["weight_transposed"].toBool();
     at::Tensor grad = grad_outputs[0];
     if (activation != "none") {
       const std::optional<at::Tensor> maybe_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-      const at::Tensor pre = linear_below_autograd(input, weight, packed, maybe_bias, "none");
+      const at::Tensor pre = linear_below_autograd(input, weight, packed, maybe_bias, "none", weight_transposed);
       grad = activation_backward(grad, pre, activation);
     }
-    const int64_t out_features = weight.size(0), in_features = weight.size(1);
+    const at::Tensor out_by_in = weight_transposed ? weight.t() : weight;
+    const int64_t out_features = out_by_in.size(0), in_features = out_by_in.size(1);
     at::Tensor grad_input, grad_weight, grad_bias;
-    if (ctx->needs_input_grad(0)) grad_input = at::matmul(grad, weight);
-    if (ctx->needs_input_grad(1)) {
-      grad_weight = at::mm(grad.reshape({-1, out_features}).t(), input.reshape({-1, in_features}));
+    if (ctx->needs_input_grad(0)) grad_input = at::matmul(grad, out_by_in);
+    if (ctx->needs_input_grad(1)) {  // in the weight's own layout: [out, in], or [in, out] when transposed
+      const at::Tensor grad_2d = grad.reshape({-1, out_features}), input_2d = input.reshape({-1, in_features});
+      grad_weight = weight_transposed ? at::mm(input_2d.t(), grad_2d) : at::mm(grad_2d.t(), input_2d);
     }
     if (bias.defined() && ctx->needs_input_grad(3)) grad_bias = grad.reshape({-1, out_features}).sum(0);
-    return {grad_input, grad_weight, at::Tensor(), grad_bias, at::Tensor()};
+    return {grad_input, grad_weight, at::Tensor(), grad_bias, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -153,8 +158,9 @@ at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, co
 }
 
 at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& packed,
-                           const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  return LinearFunction::apply(input, weight, packed, bias, std::string(activation));
+                           const std::optional<at::Tensor>& bias, c10::string_view activation,
+                           bool weight_transposed) {
+  return LinearFunction::apply(input, weight, packed, bias, std::string(activation), weight_transposed);
 }
 
 }  // namespace

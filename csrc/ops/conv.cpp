@@ -97,18 +97,39 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
   if (batch == 0 || pixels == 0 || w.out_features == 0) return y;
   float* y_data = y.data_ptr<float>();
   const kernels::SpmmKernels& k = kernels::active_kernels();
+  const kernels::Qd8Kernels& qk = kernels::active_qd8_kernels();
+  const bool int8 = w.datatype == kernels::Datatype::kInt8;
   // Channels-last output: token-major [pixels of all images, channels]; NCHW: one
   // feature-major plane per channel and image.
   const auto output_of = [&](int64_t n) { return y_data + n * w.out_features * pixels; };
   const OutputLayout layout = channels_last ? OutputLayout{w.out_features, 1} : OutputLayout{1, pixels};
+  // The layer over `tokens` pixels read with strides (int8: quantized as they are read),
+  // or copied by any source (int8: copied, then quantized).
+  const auto run_strided = [&](const float* x, int64_t tokens, int64_t token_stride, int64_t feature_stride,
+                               float* out) {
+    if (int8) {
+      sparse_linear_2d_int8(qk, w, quantized_strided_source(qk, x, w.in_features, token_stride, feature_stride),
+                            tokens, data_or_null(bias_c), act, out, layout);
+    } else {
+      sparse_linear_2d(k, w, strided_source(k, x, token_stride, feature_stride), tokens, data_or_null(bias_c), act,
+                       out, layout);
+    }
+  };
+  const auto run_source = [&](const PanelSource& source, int64_t tokens, float* out) {
+    if (int8) {
+      sparse_linear_2d_int8(qk, w, quantized_source(qk, source, w.in_features), tokens, data_or_null(bias_c), act, out,
+                            layout);
+    } else {
+      sparse_linear_2d(k, w, source, tokens, data_or_null(bias_c), act, out, layout);
+    }
+  };
 
   if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0) {
     // A linear layer over the pixels of the strided grid, read in place.
     at::Tensor x = input.slice(2, 0, c10::nullopt, g.stride_h).slice(3, 0, c10::nullopt, g.stride_w);
     if (channels_last) {  // all images' pixels as the tokens of one call
       const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({-1, channels});
-      sparse_linear_2d(k, w, strided_source(k, rows.data_ptr<float>(), rows.stride(0), rows.stride(1)),
-                       rows.size(0), data_or_null(bias_c), act, y_data, layout);
+      run_strided(rows.data_ptr<float>(), rows.size(0), rows.stride(0), rows.stride(1), y_data);
       return y;
     }
     // The pixels need one stride. A dimension of size 1 may carry any stride (even in a
@@ -116,9 +137,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
     if (out_h > 1 && out_w > 1 && x.stride(2) != out_w * x.stride(3)) x = x.contiguous();
     const int64_t pixel_stride = out_w > 1 ? x.stride(3) : x.stride(2);
     for (int64_t n = 0; n < batch; ++n) {
-      const float* image = x.data_ptr<float>() + n * x.stride(0);
-      sparse_linear_2d(k, w, strided_source(k, image, pixel_stride, x.stride(1)), pixels, data_or_null(bias_c),
-                       act, output_of(n), layout);
+      run_strided(x.data_ptr<float>() + n * x.stride(0), pixels, pixel_stride, x.stride(1), output_of(n));
     }
     return y;
   }
@@ -138,8 +157,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const a
   }
   for (int64_t n = 0; n < batch; ++n) {
     const float* image = padded.data_ptr<float>() + n * channels * padded_h * padded_w;
-    sparse_linear_2d(k, w, padded_image_source(image, feature_offsets, padded_w, out_w, g), pixels,
-                     data_or_null(bias_c), act, output_of(n), layout);
+    run_source(padded_image_source(image, feature_offsets, padded_w, out_w, g), pixels, output_of(n));
   }
   return y;
 }

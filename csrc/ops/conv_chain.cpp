@@ -515,19 +515,34 @@ int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t ba
 
 // ---- the op -----------------------------------------------------------------------------
 
-// Sizes the band images for the tallest band (`tallest` rows) at its most inner place
-// (the most halo rows), and packs each tap layer's weight for its image's geometry
-// (held by *tap_packed). Returns the most tokens a stage of a band has.
-int64_t size_band_images(Chain& chain, int64_t tallest, at::TensorList weights, std::vector<at::Tensor>* tap_packed) {
-  const int64_t inner = (chain.last().out_h - tallest) / 2;
-  const auto rows = band_rows(chain, inner, inner + tallest);
+// Output rows [first, end) of band `band` of `bands` over the last layer's `height` rows.
+std::pair<int64_t, int64_t> band_of(int64_t height, int64_t bands, int64_t band) {
+  return {band * height / bands, (band + 1) * height / bands};
+}
+
+// Sizes each band image for the most rows any of the `bands` bands writes into it, and
+// packs each tap layer's weight for its image's geometry (held by *tap_packed). Returns
+// the most tokens a stage of a band has. (Not from one inner band alone: when the bands
+// are at most one row shorter than the image, none has halos on both sides, and a band
+// at the bottom edge can need more rows than one at the top.)
+int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, std::vector<at::Tensor>* tap_packed) {
+  std::vector<int64_t> most_rows(chain.layers.size(), 0), stage_most_tokens(chain.layers.size(), 0);
+  for (int64_t band = 0; band < bands; ++band) {
+    const auto [first, end] = band_of(chain.last().out_h, bands, band);
+    const auto rows = band_rows(chain, first, end);
+    for (const auto& stage : chain.stages) {
+      const ChainLayer& head = chain.layers[stage.first];
+      most_rows[stage.first] = std::max(most_rows[stage.first], padded_rows(head, rows[stage.first]));
+      stage_most_tokens[stage.first] = std::max(stage_most_tokens[stage.first], stage_tokens(head, rows[stage.first]));
+    }
+  }
   int64_t most_tokens = 1;
   for (const auto& stage : chain.stages) {
     ChainLayer& head = chain.layers[stage.first];
-    const int64_t tokens = stage_tokens(head, rows[stage.first]);
+    const int64_t tokens = stage_most_tokens[stage.first];
     most_tokens = std::max({most_tokens, tokens, head.tap_width});
     if (stage.first == 0) continue;
-    const int64_t image_rows = padded_rows(head, rows[stage.first]);
+    const int64_t image_rows = most_rows[stage.first];
     head.plane_stride = head.taps() ? image_rows * head.pitch : ceil_div(image_rows * head.pitch, 16) * 16;
     head.band_image_floats = head.in_channels * head.copies * head.plane_stride;
     if (head.taps()) {
@@ -576,6 +591,8 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
     packed_now.push_back(packed_for(weight, packed[l]));
     ChainLayer layer;
     layer.w = checked_view(packed_now.back());
+    TORCH_CHECK_VALUE(layer.w.datatype == kernels::Datatype::kF32, op, ": packed[", l,
+                      "] is an int8 buffer (pack_linear(..., quantize=\"int8\")); conv_chain runs fp32 buffers only");
     bias_tensors.push_back(checked_bias(layer.w, weight.flatten(1), biases.get(l), op));
     layer.bias = data_or_null(bias_tensors.back());
     layer.act = parse_activation(activations[l]);
@@ -637,7 +654,7 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
   if (y.numel() == 0) return y;
   const int64_t bands = plan_bands(chain, k, band_rows_override);
   std::vector<at::Tensor> tap_packed;  // held while the views are used
-  const int64_t most_tokens = size_band_images(chain, ceil_div(height, bands), weights, &tap_packed);
+  const int64_t most_tokens = size_band_images(chain, bands, weights, &tap_packed);
   // The input as the kernels read it: rows of pixels with any strides (a
   // channels-last-like input is transposed 8 pixels at a time; see pack_image_tokens).
   const at::Tensor x = channels_last || input.stride(3) == 1 ? input : input.contiguous();
@@ -652,7 +669,8 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
       const int64_t image = item / bands, band = item % bands;
       const ImageView x_image{x_data + image * x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
       const ImageView y_image{y_data + image * y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
-      run_band(k, chain, x_image, y_image, band * height / bands, (band + 1) * height / bands, panel_floats, scratch);
+      const auto [first_row, end_row] = band_of(height, bands, band);
+      run_band(k, chain, x_image, y_image, first_row, end_row, panel_floats, scratch);
     }
     for (ScratchBuffer& buffer : scratch.images) buffer.release_if_large();
     for (ScratchBuffer& buffer : scratch.panels) buffer.release_if_large();

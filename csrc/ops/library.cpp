@@ -6,9 +6,14 @@
 namespace sparsecpu {
 
 TORCH_LIBRARY(sparsecpu, m) {
-  // row_block's default is ops.DEFAULT_ROW_BLOCK (a test checks they agree).
-  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=128, int block_rows=1) -> Tensor");
-  m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\") -> Tensor");
+  // row_block's default is ops.DEFAULT_ROW_BLOCK (a test checks they agree). quantize:
+  // None (fp32 values) or "int8"; block_cols: 1, or 4 for int8 1 x 4 blocks.
+  m.def("pack_linear(Tensor weight, int k_block=128, int row_block=128, int block_rows=1, str? quantize=None, "
+        "int block_cols=1) -> Tensor");
+  // weight_transposed: weight is given as [in_features, out_features], the layout of
+  // GPT-2's Conv1D (addmm(bias, x, weight)); packed is still packed from [out, in].
+  m.def("linear(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, str activation=\"none\", "
+        "bool weight_transposed=False) -> Tensor");
   m.def("linear_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, str[] activations) -> Tensor");
   // flexible_layout: Inductor may hand conv2d channels-last input (its layout
   // optimisation for graphs with convolutions) instead of converting it to NCHW.

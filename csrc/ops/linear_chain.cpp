@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,12 @@ namespace {
 
 using kernels::Activation;
 using kernels::PackedLinearView;
+
+// Tokens per chain panel at most, whatever the ISA's full panel: on the AVX-512 machine
+// (1 MiB L2), 128-token panels ran the 3-layer MLP 768 -> 3072 -> 3072 -> 768 at 90%
+// 1.01-1.32x slower than 64-token ones, and were never faster at 70-95%, in 1 x 1 or 4 x 1
+// blocks (docs/tile_planner.md#panel-width-of-a-chain). AVX2's panels are 64 tokens already.
+constexpr int64_t kMaxChainPanelTokens = 64;
 
 // A pair of chained layers whose second layer reads a panel larger than L2 but
 // writes a tile that fits in one tile group runs as a pipeline (run_layer_pair):
@@ -51,40 +58,66 @@ void run_layer_pair(const kernels::SpmmKernels& k, const PackedLinearView& first
   }
 }
 
-// Tensor columns: every layer of a chain over one panel of tokens before the next
-// panel, so intermediate activations never leave the thread's caches as a whole
-// tensor and never change layout: a layer's output tile is already the next layer's
-// input panel. Threads take whole panels; panels shrink (down to one register) when
-// there are fewer panels than threads.
-void sparse_linear_chain_2d(const kernels::SpmmKernels& k, const std::vector<PackedLinearView>& layers, const float* x,
-                            int64_t tokens, int64_t token_stride, int64_t feature_stride,
-                            const std::vector<const float*>& biases,
+// Tensor columns: every layer of a chain over one panel of tokens before the next panel,
+// so intermediate activations never leave the thread's caches as a whole tensor and
+// never change layout: a layer's output tile is already the next layer's input panel
+// (an int8 layer quantizes it first, into a buffer of its own). Threads take whole
+// panels of at most kMaxChainPanelTokens tokens; panels shrink (down to one register)
+// when there are fewer panels than threads.
+void sparse_linear_chain_2d(const kernels::SpmmKernels& k, const kernels::Qd8Kernels& qk,
+                            const std::vector<PackedLinearView>& layers, const float* x, int64_t tokens,
+                            int64_t token_stride, int64_t feature_stride, const std::vector<const float*>& biases,
                             const std::vector<Activation>& acts, float* y) {
+  const auto is_int8 = [](const PackedLinearView& w) { return w.datatype == kernels::Datatype::kInt8; };
+  const bool any_int8 = std::any_of(layers.begin(), layers.end(), is_int8);
+  // Panels every layer's kernels take: whole registers of both tables, at most both full panels.
+  const int64_t vector_width = any_int8 ? std::max(k.vector_width, qk.vector_width) : k.vector_width;
+  const int64_t max_panel_width = any_int8 ? std::min(k.max_panel_width, qk.max_panel_width) : k.max_panel_width;
   const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = ceil_div(ceil_div(tokens, threads), k.vector_width) * k.vector_width;
-  const PanelPlan plan{k, tokens, std::max(k.vector_width, std::min(k.max_panel_width, per_thread))};
-  // Each of the three buffers holds a layer's panel (PanelPlan::panel_floats) or its
-  // output tile, which is the next layer's panel.
-  int64_t max_floats = 0;
+  const int64_t per_thread = ceil_div(ceil_div(tokens, threads), vector_width) * vector_width;
+  const int64_t max_width = std::min(max_panel_width, kMaxChainPanelTokens);
+  const PanelPlan plan{vector_width, tokens, std::max(vector_width, std::min(max_width, per_thread))};
+  // Each of the three buffers holds a layer's float panel (PanelPlan::panel_floats) or its
+  // output tile, which is the next layer's panel; the fourth an int8 layer's quantized panel.
+  int64_t max_floats = 0, max_quantized_floats = 0;
   for (const PackedLinearView& w : layers) {
-    max_floats = std::max({max_floats, plan.panel_floats(w), w.num_row_blocks * w.row_block * plan.max_width});
+    max_floats = std::max(max_floats, w.num_row_blocks * w.row_block * plan.max_width);
+    if (is_int8(w)) {
+      max_quantized_floats = std::max(max_quantized_floats, plan.panel_floats(w));
+    } else {
+      max_floats = std::max(max_floats, plan.panel_floats(w));
+    }
   }
   const PackedLinearView& last = layers.back();
   const size_t n = layers.size();
   at::parallel_for(0, plan.num_panels(), 1, [&](int64_t begin, int64_t end) {
-    const size_t buffer_floats = static_cast<size_t>(max_floats + k.vector_width);
-    thread_local ScratchBuffer buffers[3];
+    const size_t buffer_floats = static_cast<size_t>(max_floats + vector_width);
+    thread_local ScratchBuffer buffers[4];
     float* panels[3];
     for (int b = 0; b < 3; ++b) panels[b] = buffers[b].get(buffer_floats);
+    float* quantized = max_quantized_floats > 0 ? buffers[3].get(static_cast<size_t>(max_quantized_floats)) : nullptr;
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t width = plan.width_of(p);
+      const int64_t width = plan.width_of(p), first_tokens = plan.tokens_in(p);
       const bool gemv = plan.is_gemv(p);
-      int current = 0;  // panels[current] holds the input of layer l
-      k.pack_panel(x + p * plan.max_width * token_stride, plan.tokens_in(p), layers.front().in_features,
-                   token_stride, feature_stride, width, panels[current]);
+      const float* x_panel = x + p * plan.max_width * token_stride;
+      int current = 0;  // panels[current] holds the input of layer l (but an int8 first layer's)
+      if (!is_int8(layers.front())) {
+        k.pack_panel(x_panel, first_tokens, layers.front().in_features, token_stride, feature_stride, width,
+                     panels[current]);
+      }
       for (size_t l = 0; l < n;) {
         float* next = panels[(current + 1) % 3];
-        if (l + 1 < n && pipelines_into(layers[l + 1], width, gemv)) {
+        if (is_int8(layers[l])) {
+          const kernels::QuantizedPanel panel = quantized_panel_at(quantized, layers[l], gemv, width);
+          if (l == 0) {  // straight from the input
+            qk.quantize_panel(x_panel, first_tokens, layers[l].in_features, token_stride, feature_stride, width, panel);
+          } else {  // from the previous layer's tile, feature-major
+            qk.quantize_panel(panels[current], first_tokens, layers[l].in_features, 1, width, width, panel);
+          }
+          run_row_blocks(qk, layers[l], 0, layers[l].num_row_blocks, panel, width, gemv, biases[l], acts[l], next);
+          current = (current + 1) % 3;
+          l += 1;
+        } else if (l + 1 < n && !is_int8(layers[l + 1]) && pipelines_into(layers[l + 1], width, gemv)) {
           float* after = panels[(current + 2) % 3];
           run_layer_pair(k, layers[l], layers[l + 1], panels[current], width, biases[l], acts[l],
                          biases[l + 1], acts[l + 1], next, after);
@@ -97,7 +130,7 @@ void sparse_linear_chain_2d(const kernels::SpmmKernels& k, const std::vector<Pac
           l += 1;
         }
       }
-      k.unpack_tile(panels[current], last.out_features, width, plan.tokens_in(p),
+      k.unpack_tile(panels[current], last.out_features, width, first_tokens,
                     y + p * plan.max_width * last.out_features, last.out_features);
     }
     for (ScratchBuffer& buffer : buffers) buffer.release_if_large();
@@ -131,8 +164,8 @@ at::Tensor linear_chain_cpu(const at::Tensor& input, at::TensorList weights, at:
   const at::Tensor x2d = input.reshape({-1, layers.front().in_features});
   const int64_t tokens = x2d.size(0);
   if (tokens == 0 || layers.back().out_features == 0) return y;
-  sparse_linear_chain_2d(kernels::active_kernels(), layers, x2d.data_ptr<float>(), tokens, x2d.stride(0),
-                         x2d.stride(1), bias_ptrs, acts, y.data_ptr<float>());
+  sparse_linear_chain_2d(kernels::active_kernels(), kernels::active_qd8_kernels(), layers, x2d.data_ptr<float>(),
+                         tokens, x2d.stride(0), x2d.stride(1), bias_ptrs, acts, y.data_ptr<float>());
   return y;
 }
 

@@ -13,7 +13,8 @@ namespace sparsecpu {
 namespace {
 
 // What a weight tensor reads: its storage, the address of its first element (the
-// storage offset included), sizes and strides, and its version counter. The
+// storage offset included), sizes and strides, and whether the op reads it
+// transposed (a [in, out] weight). The
 // storage is held by a weak reference, so its StorageImpl cannot be reused by
 // another tensor while the identity is remembered (the address alone could be).
 struct TensorIdentity {
@@ -22,16 +23,17 @@ struct TensorIdentity {
   int64_t dim = 0;
   std::array<int64_t, 4> sizes{};
   std::array<int64_t, 4> strides{};
+  bool transposed = false;
 
   bool operator==(const TensorIdentity& other) const {
     return storage == other.storage && data == other.data && dim == other.dim && sizes == other.sizes &&
-           strides == other.strides;
+           strides == other.strides && transposed == other.transposed;
   }
 };
 
 struct TensorIdentityHash {
   size_t operator()(const TensorIdentity& id) const {
-    size_t hash = std::hash<const void*>()(id.storage) * 31 + std::hash<const void*>()(id.data);
+    size_t hash = (std::hash<const void*>()(id.storage) * 31 + std::hash<const void*>()(id.data)) * 2 + id.transposed;
     for (int64_t d = 0; d < id.dim; ++d) hash = (hash * 31 + static_cast<size_t>(id.sizes[d])) * 31 + static_cast<size_t>(id.strides[d]);
     return hash;
   }
@@ -61,9 +63,10 @@ bool identify(const at::Tensor& t, TensorIdentity* id) {
 // As the tables grow, first uses of dead buffers and repacks of dead weights are swept.
 class PackedWeights {
  public:
-  at::Tensor packed_for(const at::Tensor& weight, const at::Tensor& packed) {
+  at::Tensor packed_for(const at::Tensor& weight, const at::Tensor& packed, bool weight_transposed) {
     TensorIdentity weight_id, packed_id;
     if (!identify(weight, &weight_id) || !identify(packed, &packed_id)) return packed;
+    weight_id.transposed = weight_transposed;
     const uint32_t weight_version = version_of(weight), packed_version = version_of(packed);
     std::lock_guard<std::mutex> guard(mutex_);
     auto first_use = first_weight_.find(packed_id.storage);
@@ -86,7 +89,7 @@ class PackedWeights {
       return cached->second.packed;
     }
     sweep_if_grown();
-    at::Tensor fresh = repack_like(weight, packed);
+    at::Tensor fresh = repack_like(weight_transposed ? weight.t() : weight, packed);
     if (!fresh.defined()) return packed;  // not a weight this buffer could hold: the op's checks report it
     repacked_.insert_or_assign(weight_id, Repacked{weight.storage().getWeakStorageImpl(), weight_version, fresh});
     ++repacked_count_;
@@ -113,7 +116,8 @@ class PackedWeights {
   };
 
   // `weight` (2-D, or a convolution's 4-D weight as [out, in x kernel]) packed with
-  // the block sizes of `packed`; undefined when the shapes or dtype do not fit.
+  // the block sizes, block shape and datatype of `packed` (an int8 buffer is
+  // quantized again); undefined when the shapes or dtype do not fit.
   static at::Tensor repack_like(const at::Tensor& weight, const at::Tensor& packed) {
     if (packed.scalar_type() != at::kInt || packed.dim() != 1 || !packed.is_contiguous()) return {};
     kernels::PackedLinearView view;
@@ -127,8 +131,11 @@ class PackedWeights {
     }
     const at::Tensor matrix = weight.detach().flatten(1).contiguous();
     if (matrix.size(0) != view.out_features || matrix.size(1) != view.in_features) return {};
-    std::vector<int32_t> words = kernels::pack_linear_f32(matrix.data_ptr<float>(), matrix.size(0), matrix.size(1),
-                                                          matrix.size(1), view.k_block, view.row_block, view.block_rows);
+    TORCH_CHECK_VALUE(view.datatype != kernels::Datatype::kInt8 || at::isfinite(matrix).all().item<bool>(),
+                      "sparsecpu: the weight of an int8 packed buffer was edited to hold a NaN or an infinity, "
+                      "which int8 cannot quantize");
+    std::vector<int32_t> words = kernels::pack_linear(matrix.data_ptr<float>(), matrix.size(0), matrix.size(1),
+                                                      matrix.size(1), kernels::pack_options_of(view));
     at::Tensor fresh = at::empty({static_cast<int64_t>(words.size())}, packed.options());
     std::copy(words.begin(), words.end(), fresh.data_ptr<int32_t>());
     return fresh;
@@ -162,7 +169,9 @@ PackedWeights& tables() {
 
 }  // namespace
 
-at::Tensor packed_for(const at::Tensor& weight, const at::Tensor& packed) { return tables().packed_for(weight, packed); }
+at::Tensor packed_for(const at::Tensor& weight, const at::Tensor& packed, bool weight_transposed) {
+  return tables().packed_for(weight, packed, weight_transposed);
+}
 
 int64_t repacked_weights() { return tables().repacked_count(); }
 

@@ -1,6 +1,7 @@
 // One sparse layer over tokens, split over torch's threads (sparse_layer.cpp), and the
-// building blocks linear_chain.cpp reuses. The kernel table `k` is resolved once per op
-// call (kernels::active_kernels()) and passed down, so one call runs one ISA throughout.
+// building blocks linear_chain.cpp reuses. The kernel table `k` (fp32 buffers) or `qk`
+// (int8 buffers) is resolved once per op call (kernels::active_kernels(),
+// kernels::active_qd8_kernels()) and passed down, so one call runs one ISA throughout.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,6 +26,20 @@ using PanelSource = std::function<void(int64_t first_token, int64_t tokens, int6
 PanelSource strided_source(const kernels::SpmmKernels& k, const float* x, int64_t token_stride,
                            int64_t feature_stride);
 
+// Quantizes tokens [first_token, first_token + tokens) of an int8 layer's input into
+// `panel` (kernels::QuantizedPanel), zero-padding tokens past `tokens` up to `width`.
+using QuantizedPanelSource = std::function<void(int64_t first_token, int64_t tokens, int64_t width,
+                                                const kernels::QuantizedPanel& panel)>;
+
+// The quantized source of a 2-D x[token, feature] of any strides, quantized in one pass
+// by qk.quantize_panel.
+QuantizedPanelSource quantized_strided_source(const kernels::Qd8Kernels& qk, const float* x, int64_t in_features,
+                                              int64_t token_stride, int64_t feature_stride);
+
+// The quantized source of any float source: each panel copied feature-major (a
+// thread's scratch buffer), then quantized (a convolution's input).
+QuantizedPanelSource quantized_source(const kernels::Qd8Kernels& qk, const PanelSource& source, int64_t in_features);
+
 // Where a layer's output goes: y[t * token_stride + o * feature_stride] for token t
 // and output feature o. Linear writes token-major rows (feature_stride 1); a
 // convolution into NCHW writes feature-major planes (token_stride 1).
@@ -38,6 +53,11 @@ struct OutputLayout {
 void sparse_linear_2d(const kernels::SpmmKernels& k, const kernels::PackedLinearView& w,
                       const PanelSource& source, int64_t tokens, const float* bias, kernels::Activation act,
                       float* y, OutputLayout out);
+
+// The same for an int8 buffer (w.datatype == kInt8), whose tokens `source` quantizes.
+void sparse_linear_2d_int8(const kernels::Qd8Kernels& qk, const kernels::PackedLinearView& w,
+                           const QuantizedPanelSource& source, int64_t tokens, const float* bias,
+                           kernels::Activation act, float* y, OutputLayout out);
 
 // A contiguous output of a linear op: input's sizes with the last one out_features.
 at::Tensor linear_output(const at::Tensor& input, int64_t out_features);
@@ -56,8 +76,13 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kPanelInL2Bytes = 256 * 1024;
 constexpr int64_t kTileGroupBytes = 256 * 1024;
 
+// Bytes of one activation of a panel for w: a float, or an int8 buffer's quantized byte.
+inline int64_t panel_element_bytes(const kernels::PackedLinearView& w) {
+  return w.datatype == kernels::Datatype::kInt8 ? 1 : 4;
+}
+
 inline bool panel_fits_l2(const kernels::PackedLinearView& w, int64_t width) {
-  return w.in_features * width * 4 <= kPanelInL2Bytes;
+  return w.in_features * width * panel_element_bytes(w) <= kPanelInL2Bytes;
 }
 
 // Row blocks per group for a panel of `width` tokens: small groups (the tile near
@@ -103,9 +128,23 @@ class ScratchBuffer {
   size_t capacity_ = 0;
 };
 
-// How a layer's tokens are cut into panels for the kernels of one ISA.
+// The quantized panel (kernels::QuantizedPanel) of an int8 layer w in a scratch buffer:
+// w.panel_rows(gemv) x width bytes of quads and one spare word (a 1-token GEMV kernel
+// gathers whole dwords, 3 bytes past its last feature), then the tokens' scales and
+// zero points.
+inline int64_t quantized_panel_floats(const kernels::PackedLinearView& w, bool gemv, int64_t width) {
+  return ceil_div(w.panel_rows(gemv) * width, 4) + 1 + 2 * width;
+}
+inline kernels::QuantizedPanel quantized_panel_at(float* buffer, const kernels::PackedLinearView& w, bool gemv,
+                                                 int64_t width) {
+  float* scales = buffer + ceil_div(w.panel_rows(gemv) * width, 4) + 1;
+  return {reinterpret_cast<uint8_t*>(buffer), scales, reinterpret_cast<int32_t*>(scales + width)};
+}
+
+// How a layer's tokens are cut into panels for the kernels of one ISA (vector_width
+// tokens per register).
 struct PanelPlan {
-  const kernels::SpmmKernels& k;
+  int64_t vector_width;
   int64_t tokens;
   int64_t max_width;  // tokens per full panel
 
@@ -113,27 +152,56 @@ struct PanelPlan {
   int64_t tokens_in(int64_t p) const { return std::min(max_width, tokens - p * max_width); }
   // Panels of up to kMaxGemvTokens tokens run the GEMV kernels unpadded; wider
   // panels are padded to whole registers.
-  bool is_gemv(int64_t p) const { return k.vector_width > 1 && tokens_in(p) <= kernels::kMaxGemvTokens; }
+  bool is_gemv(int64_t p) const { return vector_width > 1 && tokens_in(p) <= kernels::kMaxGemvTokens; }
   int64_t width_of(int64_t p) const {
-    return is_gemv(p) ? tokens_in(p) : ceil_div(tokens_in(p), k.vector_width) * k.vector_width;
+    return is_gemv(p) ? tokens_in(p) : ceil_div(tokens_in(p), vector_width) * vector_width;
   }
   // Floats of a buffer that holds any panel of the plan as the input of layer w: the
   // rows the kernels may read whatever w's buffer holds (PackedLinearView::panel_rows,
-  // more than in_features) times the width. Every panel but the last is full.
+  // more than in_features) times the width, floats or (int8) quantized bytes with their
+  // scales. Every panel but the last is full.
   int64_t panel_floats(const kernels::PackedLinearView& w) const {
-    const int64_t last = num_panels() - 1;
-    return std::max(w.panel_rows(is_gemv(0)) * width_of(0), w.panel_rows(is_gemv(last)) * width_of(last));
+    const auto floats = [&](int64_t p) {
+      return w.datatype == kernels::Datatype::kInt8 ? quantized_panel_floats(w, is_gemv(p), width_of(p))
+                                                    : w.panel_rows(is_gemv(p)) * width_of(p);
+    };
+    return std::max(floats(0), floats(num_panels() - 1));
   }
 };
 
 // Runs row blocks [rb_begin, rb_end) of one layer over one panel into `tile`
 // (row block rb at tile + (rb - rb_begin) * row_block * width, i.e. the rows of
-// the output panel in order), group by group of row_blocks_per_group. For a panel
-// larger than L2, `before_k_block(kb)`, when given, runs before each group starts
+// the output panel in order), group by group of row_blocks_per_group, calling
+// row_block(rb, kb_begin, kb_end, tile of rb) (a kernel of the layer's datatype). For a
+// panel larger than L2, `before_k_block(kb)`, when given, runs before each group starts
 // on K-block kb (to pack that slice of the panel just in time).
+template <typename RowBlock>
+void run_row_blocks(const kernels::PackedLinearView& w, int64_t rb_begin, int64_t rb_end, int64_t width,
+                    float* tile, RowBlock row_block, const std::function<void(int64_t)>& before_k_block = nullptr) {
+  const auto tile_of = [&](int64_t rb) { return tile + (rb - rb_begin) * w.row_block * width; };
+  if (panel_fits_l2(w, width)) {
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) row_block(rb, int64_t{0}, w.num_k_blocks, tile_of(rb));
+    return;
+  }
+  const int64_t group = row_blocks_per_group(w, width);
+  for (int64_t g = rb_begin; g < rb_end; g += group) {
+    const int64_t g_end = std::min(rb_end, g + group);
+    for (int64_t kb = 0; kb < w.num_k_blocks; ++kb) {
+      if (before_k_block) before_k_block(kb);
+      for (int64_t rb = g; rb < g_end; ++rb) row_block(rb, kb, kb + 1, tile_of(rb));
+    }
+  }
+}
+
+// run_row_blocks with the fp32 kernels of `k` (GEMV kernels for a gemv panel).
 void run_row_blocks(const kernels::SpmmKernels& k, const kernels::PackedLinearView& w, int64_t rb_begin,
                     int64_t rb_end, const float* panel, int64_t width, bool gemv, const float* bias,
                     kernels::Activation act, float* tile,
                     const std::function<void(int64_t)>& before_k_block = nullptr);
+
+// run_row_blocks with the int8 kernels of `qk` over a quantized panel.
+void run_row_blocks(const kernels::Qd8Kernels& qk, const kernels::PackedLinearView& w, int64_t rb_begin,
+                    int64_t rb_end, const kernels::QuantizedPanel& panel, int64_t width, bool gemv,
+                    const float* bias, kernels::Activation act, float* tile);
 
 }  // namespace sparsecpu

@@ -32,8 +32,9 @@ at::Tensor pack_taps(const at::Tensor& weight, const kernels::PackedLinearView& 
   // K-blocks of as many channels as the plain packing's hold (its cache behaviour per panel).
   const int64_t channels_per_block = std::max<int64_t>(1, like.k_block / (kernel_h * kernel_w));
   const int64_t k_block = std::min(kernels::kMaxKBlock, channels_per_block * kernel_w * rows_per_plane);
-  std::vector<int32_t> words =
-      kernels::pack_linear_f32(dense.data(), out, features, features, k_block, like.row_block, like.block_rows);
+  kernels::PackOptions options = kernels::pack_options_of(like);
+  options.k_block = k_block;
+  std::vector<int32_t> words = kernels::pack_linear(dense.data(), out, features, features, options);
   at::Tensor packed = at::empty({static_cast<int64_t>(words.size())}, at::TensorOptions().dtype(at::kInt));
   std::copy(words.begin(), words.end(), packed.data_ptr<int32_t>());
   return packed;

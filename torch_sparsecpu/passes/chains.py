@@ -14,18 +14,18 @@ log = logging.getLogger(__name__)
 def fuse_sparse_chains(graph: fx.Graph) -> list[int]:
     """Merges runs of ``sparsecpu::linear`` calls where each feeds only the next into one
     ``sparsecpu::linear_chain`` call (tensor columns). Returns the length of each chain.
-    Only for inference graphs: the chain op has no autograd formula."""
-    linear = torch.ops.sparsecpu.linear.default
+    Only for inference graphs: the chain op has no autograd formula. Calls whose weight
+    is transposed (GPT-2's Conv1D) stay single: the chain op takes [out, in] weights."""
     chains: list[list[fx.Node]] = []
     in_a_chain: set[fx.Node] = set()
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not linear or node in in_a_chain:
+        if not _chainable(node) or node in in_a_chain:
             continue
         chain = [node]
         while True:
             users = list(chain[-1].users)
             nxt = users[0] if len(users) == 1 else None
-            if nxt is None or nxt.target is not linear or nxt.args[0] is not chain[-1]:
+            if nxt is None or not _chainable(nxt) or nxt.args[0] is not chain[-1]:
                 break
             chain.append(nxt)
         if len(chain) > 1:
@@ -51,3 +51,9 @@ def fuse_sparse_chains(graph: fx.Graph) -> list[int]:
         log.debug("sparsecpu: %d consecutive sparse linears fused into one chain", len(chain))
     graph.lint()
     return [len(chain) for chain in chains]
+
+
+def _chainable(node: fx.Node) -> bool:
+    """A ``sparsecpu::linear`` call whose weight is ``[out, in]``."""
+    linear = torch.ops.sparsecpu.linear.default
+    return node.op == "call_function" and node.target is linear and not node.kwargs.get("weight_transposed", False)

@@ -1,6 +1,11 @@
 """Which calls of a graph are linear or conv2d layers the sparse ops can run, why the
 others stay dense, and which activation after a layer can be fused into it.
 
+``torch.addmm(bias, x, weight)`` with a static ``weight`` of shape ``[in, out]`` (GPT-2's
+``Conv1D``) is a linear whose weight is transposed: packed as ``weight.t()``, it runs on
+``sparsecpu::linear(..., weight_transposed=True)``, which is given the weight as stored
+(rewrite.py says why).
+
 A layer is taken when its weight is a static float32 CPU parameter (a graph input
 that Dynamo marks as a parameter or buffer, or a ``get_attr`` constant) whose
 fraction of exact zeros is at least ``min_sparsity``, and its input is float32.
@@ -16,10 +21,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .. import ops
 from .static import example_value, source_name
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 CONV2D_TARGETS = (torch.conv2d, F.conv2d)
+ADDMM_TARGETS = (torch.addmm,)  # addmm(bias, x, weight), weight [in, out]: GPT-2's Conv1D
 
 
 @dataclasses.dataclass
@@ -38,10 +45,12 @@ class LayerDecision:
     kind: str = "linear"  # or "conv2d"
     batch_norm_folded: bool = False  # the eval-mode batch norm after a convolution, folded into it
     weight_origin: str = ""  # for a weight the graph computes: how ('pruned via torch.nn.utils.prune', ...)
+    datatype: str = "f32"  # the packed values: "f32", or "int8" (options={"quantize": "int8"}, ops.int8_pays)
 
     def __str__(self) -> str:
         sparsity = "   -  " if self.sparsity is None else f"{self.sparsity:6.1%}"
-        blocks = f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
+        blocks = "int8, " if self.datatype != "f32" else ""
+        blocks += f"{self.block_rows}x1 blocks, " if self.block_rows > 1 else ""
         blocks += "batch norm folded, " if self.batch_norm_folded else ""
         origin = f"{self.weight_origin}, " if self.weight_origin else ""
         what = (
@@ -61,28 +70,50 @@ class LayerCall:
     bias: Any
     name: str  # the weight's name in the model ('encoder.layer.0.output.dense.weight')
     weight_shape: tuple  # its traced shape; () when it has none
+    weight_transposed: bool = False  # the graph's weight is [in, out] (an addmm: GPT-2's Conv1D)
 
     @property
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features), or a convolution's (out_channels, in_channels);
         (0, 0) when the weight has not the expected number of dims."""
         dims = 2 if self.kind == "linear" else 4
-        return self.weight_shape[:2] if len(self.weight_shape) == dims else (0, 0)
+        if len(self.weight_shape) != dims:
+            return (0, 0)
+        return self.weight_shape[1::-1] if self.weight_transposed else self.weight_shape[:2]
 
     def decision(self, sparsity: float | None, taken: bool, reason: str = "", **fields) -> LayerDecision:
         return LayerDecision(self.name, *self.shape, sparsity, taken, reason, kind=self.kind, **fields)
 
 
-def match_layer(node: fx.Node) -> LayerCall | None:
-    """The linear or conv2d call ``node`` is, or None."""
-    if node.op != "call_function" or node.target not in LINEAR_TARGETS + CONV2D_TARGETS:
+def match_layer(node: fx.Node, static: dict[fx.Node, torch.Tensor]) -> LayerCall | None:
+    """The linear or conv2d call ``node`` is, or None. An ``addmm(bias, x, weight)`` is a
+    linear with a transposed weight when ``weight`` is a static tensor and the product is
+    not scaled; any other addmm is a matrix product, not a layer."""
+    if node.op != "call_function" or node.target not in LINEAR_TARGETS + CONV2D_TARGETS + ADDMM_TARGETS:
         return None
-    kind = "linear" if node.target in LINEAR_TARGETS else "conv2d"
-    x, weight, bias = linear_args(node) if kind == "linear" else conv_args(node)[:3]
+    if node.target in ADDMM_TARGETS:
+        args = addmm_layer_args(node)
+        if args is None or args[1] not in static:
+            return None
+        (x, weight, bias), kind, transposed = args, "linear", True
+    else:
+        kind, transposed = ("linear" if node.target in LINEAR_TARGETS else "conv2d"), False
+        x, weight, bias = linear_args(node) if kind == "linear" else conv_args(node)[:3]
     name = source_name(weight) if isinstance(weight, fx.Node) else str(weight)
     value = example_value(weight)
     shape = tuple(value.shape) if value is not None else ()
-    return LayerCall(node, kind, x, weight, bias, name, shape)
+    return LayerCall(node, kind, x, weight, bias, name, shape, transposed)
+
+
+def addmm_layer_args(node: fx.Node) -> tuple | None:
+    """input, weight ([in, out]), bias of ``addmm(bias, input, weight)``; None when
+    ``beta`` or ``alpha`` scales a term."""
+    names = ("input", "mat1", "mat2")
+    if len(node.args) > 3 or any(node.kwargs.get(scale, 1) != 1 for scale in ("beta", "alpha")):
+        return None
+    args = list(node.args) + [None] * 3
+    bias, x, weight = (node.kwargs.get(name, arg) for name, arg in zip(names, args, strict=False))
+    return x, weight, bias
 
 
 def linear_args(node: fx.Node):
@@ -153,6 +184,8 @@ def skip_reason(
     dims = 2 if call.kind == "linear" else 4
     if weight.device.type != "cpu" or weight.dim() != dims or weight.is_sparse:
         return f"weight is not a dense {dims}-D CPU tensor", None
+    if call.weight_transposed:
+        weight = weight.t()  # [out, in], as the sparse ops take it
     if weight.numel() == 0:  # eager gives bias (or zeros); the packed format needs features
         return f"weight of shape {list(weight.shape)} has no elements", None
     x_value = example_value(call.x)
@@ -172,8 +205,7 @@ def skip_reason(
                 f"bias has shape {list(bias_value.shape)}, the sparse ops take [{weight.shape[0]}] "
                 f"(one per output {'feature' if call.kind == 'linear' else 'channel'})"
             ), None
-    with torch.no_grad():
-        sparsity = 1.0 - torch.count_nonzero(weight).item() / max(weight.numel(), 1)
+    sparsity = 1.0 - ops.nonzero_counts(weight.flatten(1))[0] / max(weight.numel(), 1)
     if sparsity < min_sparsity:
         return f"sparsity {sparsity:.1%} is below min_sparsity {min_sparsity:.1%}", sparsity
     return None, sparsity

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -25,6 +26,7 @@ from .match import (
     skip_reason,
     under_autocast,
 )
+from .packed_cache import packed_once
 from .static import example_value
 from .transformer import decompose_encoder_layers
 
@@ -37,9 +39,9 @@ class RewriteResult:
     # The tensors the rewritten graph reads with get_attr, by attribute name: packed
     # weights (_sparsecpu_packed_<n>), and folded weights and biases (<that>_weight, _bias).
     attributes: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # Each packed weight's node -> its packed attribute (a weight used by several calls is
-    # packed once).
-    packed_attr_of: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
+    # Each packed weight's (node, weight_transposed) -> its packed attribute (a weight used
+    # by several calls is packed once; as [in, out], GPT-2's Conv1D, it is packed transposed).
+    packed_attr_of: dict[tuple[fx.Node, bool], str] = dataclasses.field(default_factory=dict)
     # Nodes whose change needs a rebuild: a convolution's weight and bias and its folded
     # batch norm's weight and bias (the op runs a folded copy, so its own check that a
     # packed buffer matches its weight cannot see them change); a computed weight's
@@ -70,6 +72,7 @@ def rewrite_sparse_layers(
     fold_batch_norms: bool = False,
     fold_computed_weights: bool = False,
     pack: Callable[[torch.Tensor], torch.Tensor] = ops.pack_linear,
+    quantize: str | None = None,
 ) -> RewriteResult:
     """Rewrites ``graph`` in place: each linear or conv2d call whose weight is a static
     tensor of ``static`` at least ``min_sparsity`` zeros becomes a sparse op, with the
@@ -78,8 +81,11 @@ def rewrite_sparse_layers(
     convolution into its weight and bias. ``fold_computed_weights`` (likewise) evaluates
     a weight computed from static tensors alone once and, if the layer qualifies with it,
     reads it as a constant instead (added to ``static``). A weight used by several calls
-    is packed once. ``nn.TransformerEncoderLayer``'s fused fast path is first opened up
-    into plain ops where its linears could go sparse (transformer.py)."""
+    is packed once. ``quantize`` ("int8") packs a linear's weight so where
+    ``ops.int8_pays`` for it and the call's token count (known when the graph's shapes
+    are static); convolutions and the other linears stay fp32.
+    ``nn.TransformerEncoderLayer``'s fused fast path is first opened up into plain ops
+    where its linears could go sparse (transformer.py)."""
     result = RewriteResult()
     autocast = under_autocast(graph)
     fast_paths_kept = decompose_encoder_layers(graph, static, min_sparsity=min_sparsity, autocast=autocast)
@@ -87,7 +93,7 @@ def rewrite_sparse_layers(
         if node in fast_paths_kept:
             result.decisions += fast_paths_kept[node]
             continue
-        call = match_layer(node)
+        call = match_layer(node, static)
         if call is None:
             continue
         computed = result.computed_weights.get(call.weight) or computed_weight(call.weight, static)
@@ -111,16 +117,19 @@ def rewrite_sparse_layers(
             fold = batch_norm_after(node, call.bias, static)
         output = node if fold is None else fold.node
         act_node, activation = fusable_activation(output) if fuse_activations else (None, "none")
-        attr = _packed_attribute(result, static, call, fold, pack)
+        layer_pack = pack if quantize is None or call.kind != "linear" else _quantized_pack(call, quantize, pack)
+        attr = _packed_attribute(result, static, call, fold, layer_pack)
         _emit(graph, call, attr, fold, act_node, activation, geometry)
+        info = ops.packed_info(result.attributes[attr])
         result.decisions.append(
             call.decision(
                 sparsity,
                 True,
                 activation=activation,
-                block_rows=ops.packed_info(result.attributes[attr]).block_rows,
+                block_rows=info.block_rows,
                 batch_norm_folded=fold is not None,
                 weight_origin=origin,
+                datatype=info.datatype,
             )
         )
     graph.lint()
@@ -161,6 +170,22 @@ def _fold_computed_weight(
     return dataclasses.replace(call, weight=constant)
 
 
+def _quantized_pack(
+    call: LayerCall, quantize: str, pack: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``pack`` for a linear under ``quantize``: the weight packed as ``quantize`` where
+    ``ops.int8_pays`` for it at the call's token count (its input's static sizes but the
+    last), else as ``pack`` packs it."""
+    value = example_value(call.x) if isinstance(call.x, fx.Node) else None
+    sizes = tuple(value.shape[:-1]) if value is not None and value.dim() >= 1 else None
+    tokens = math.prod(sizes) if sizes is not None and all(isinstance(s, int) for s in sizes) else None
+
+    def quantized_or_not(weight: torch.Tensor) -> torch.Tensor:
+        return ops.pack_linear(weight, quantize=quantize) if ops.int8_pays(weight, tokens) else pack(weight)
+
+    return quantized_or_not
+
+
 def _packed_attribute(
     result: RewriteResult,
     static: dict[fx.Node, torch.Tensor],
@@ -169,13 +194,15 @@ def _packed_attribute(
     pack: Callable[[torch.Tensor], torch.Tensor],
 ) -> str:
     """The attribute of ``call``'s packed weight: the one packed before for the same
-    weight, or a new one (always for a folded batch norm, whose weight is the layer's own)."""
-    if fold is None and call.weight in result.packed_attr_of:
-        return result.packed_attr_of[call.weight]
+    weight, or a new one (always for a folded batch norm, whose weight is the layer's own)
+    holding the weight's buffer of an earlier build if it has not changed since."""
+    key = (call.weight, call.weight_transposed)
+    if fold is None and key in result.packed_attr_of:
+        return result.packed_attr_of[key]
     attr = f"_sparsecpu_packed_{len(result.attributes)}"
     if fold is None:
-        result.attributes[attr] = pack_weight(static[call.weight], pack)
-        result.packed_attr_of[call.weight] = attr
+        result.attributes[attr] = packed_once(static[call.weight], pack, weight_transposed=call.weight_transposed)
+        result.packed_attr_of[key] = attr
     else:
         weight, bias = fold_batch_norm(static[call.weight], static.get(call.bias), fold)
         result.attributes[attr] = pack_weight(weight, pack)
@@ -203,7 +230,11 @@ def _emit(
             weight, bias = graph.get_attr(attr + "_weight"), graph.get_attr(attr + "_bias")
         if call.kind == "linear":
             args = (call.x, weight, packed, bias, activation)
-            sparse = graph.call_function(torch.ops.sparsecpu.linear.default, args)
+            # A transposed weight is passed as it is, never as a view: a view made in the
+            # graph reaches the op without the weight's version counter (Inductor
+            # reinterprets the storage), and the op could not see the weight edited.
+            kwargs = {"weight_transposed": True} if call.weight_transposed else {}
+            sparse = graph.call_function(torch.ops.sparsecpu.linear.default, args, kwargs)
         else:
             args = (call.x, weight, packed, bias, *geometry, activation)
             sparse = graph.call_function(torch.ops.sparsecpu.conv2d.default, args)
