@@ -323,12 +323,12 @@ def test_chain_of_weights_pruned_with_prune_hooks(model):
     for conv in convolutions:
         prune.l1_unstructured(conv, "weight", amount=0.9)
     compiled = compile_sparse(block, options=EAGER)
-    # no_grad, not inference_mode: eager's prune hook would leave an inference tensor as
-    # each module's weight.
-    with torch.no_grad():
+    with torch.inference_mode():
         assert_close_rel(compiled(x), block(x))
         assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]
+    with torch.no_grad():
         convolutions[-1].weight_mask[:1].zero_()  # the last layer's (or the shortcut's) mask
         convolutions[1].weight_orig.mul_(-1)  # a weight inside the chain
+    with torch.inference_mode():
         assert_close_rel(compiled(x), block(x), what="after editing a mask and a weight_orig")
         assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]

@@ -35,6 +35,7 @@ from .passes import (
     fuse_sparse_chains,
     rewrite_sparse_layers,
 )
+from .passes.packed_cache import tensor_identity
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,6 @@ def _inner_compile(
     return compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
-def _identity(tensor: torch.Tensor) -> tuple:
-    """What a tensor reads and its version: an in-place edit bumps the version, and
-    ``weight.data = other`` (even another view of the same storage) changes the rest."""
-    return tensor._version, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
-
-
 @dataclasses.dataclass(frozen=True)
 class _Watched:
     """A tensor a build baked into the graph (a convolution's weight or bias, or a
@@ -136,9 +131,9 @@ class _Watched:
 
     def is_stale(self, args: Sequence) -> bool:
         if self.input_index is None:
-            return _identity(self.constant) != self.identity
+            return tensor_identity(self.constant) != self.identity
         # A dead tensor's address may hold another by now: its identity proves nothing.
-        return self.is_dead() or _identity(args[self.input_index]) != self.identity
+        return self.is_dead() or tensor_identity(args[self.input_index]) != self.identity
 
     def is_dead(self) -> bool:
         return self.graph_input is not None and self.graph_input() is None
@@ -187,8 +182,8 @@ class _Build:
 
 def _watch(tensor: torch.Tensor, input_index: int | None) -> _Watched:
     if input_index is None:
-        return _Watched(tensor, None, _identity(tensor), None)
-    return _Watched(None, weakref.ref(tensor), _identity(tensor), input_index)
+        return _Watched(tensor, None, tensor_identity(tensor), None)
+    return _Watched(None, weakref.ref(tensor), tensor_identity(tensor), input_index)
 
 
 def _input_spec(value):
