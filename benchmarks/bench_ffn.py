@@ -3,7 +3,7 @@
 one ``linear_chain`` op, the layers as separate ``linear`` calls, and eager dense.
 
     python benchmarks/bench_ffn.py [--layers 2] [--sparsity 90] [--tokens 128] [--threads 2] [--rounds 7]
-                                   [--overhead] [--cpu-time]
+                                   [--block-rows 4 | --block-cols 4] [--quantize int8] [--overhead] [--cpu-time]
 
 The four are timed in interleaved rounds (medians of ``torch.utils.benchmark`` each round,
 same process, same threads); the table gives the median over rounds, then per round the
@@ -11,6 +11,11 @@ chain's time over the separate ops' and the compiled module's over the chain's (
 Dynamo's guards and the wrappers add to the op). Every sparse version is checked against
 dense first. The compiled module runs under ``torch.inference_mode`` (the backend fuses
 the layers into one chain only with grad mode off).
+
+``--quantize int8`` also times the module compiled with ``options={"quantize": "int8"}``
+(checked against dense within ``INT8_TOLERANCE``), next to the fp32 compiled module on
+the same weights; ``--block-cols 4`` draws weights whose zeros come in 1 x 4 blocks, the
+shape the int8 kernels need to pay on many tokens (``ops.int8_pays``).
 
 ``--overhead`` also times the chain and the separate ops with all-zero weights (same
 shapes, no multiply-adds): the time outside the multiplies (panel copies, bias,
@@ -51,6 +56,9 @@ ACTIVATION_MODULES = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}
 ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "relu": F.relu, "none": lambda t: t}
 ACTIVATION_NAMES = {"gelu": "GELU", "relu": "ReLU"}
 SEPARATE_OPS = {2: "two linear ops", 3: "three linear ops"}
+# The int8 path's max error over max |dense output| (weights per channel, activations per
+# token: about 1e-2 on these layers); what tests/test_backend_int8.py holds it to.
+INT8_TOLERANCE = 5e-2
 
 
 def compiled_mlp(
@@ -81,13 +89,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="time by the CPU time of all threads (time.process_time), not wall time; needs OMP_WAIT_POLICY=PASSIVE "
         "with more than one thread",
     )
+    parser.add_argument(
+        "--block-cols", type=int, choices=(1, 4), default=1, help="4: zeros in 1 x 4 blocks (with --block-rows 1)"
+    )
+    parser.add_argument(
+        "--quantize", choices=("int8",), help='also time the module compiled with options={"quantize": "int8"}'
+    )
     args = parser.parse_args(argv)
+    if args.block_cols > 1 and args.block_rows > 1:
+        parser.error("--block-cols 4 needs --block-rows 1 (zeros in 1 x 4 or in 4 x 1 blocks, not both)")
     if args.cpu_time and args.threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         parser.error("--cpu-time with --threads > 1 needs OMP_WAIT_POLICY=PASSIVE (spinning threads count as CPU time)")
 
     features, activations = LAYERS[args.layers]
     weights = [
-        random_sparse_weight(out_f, in_f, args.sparsity, seed=seed, block_rows=args.block_rows)
+        random_sparse_weight(
+            out_f, in_f, args.sparsity, seed=seed, block_rows=args.block_rows, block_cols=args.block_cols
+        )
         for in_f, out_f, seed in zip(features, features[1:], WEIGHT_SEEDS, strict=False)
     ]
     biases = [torch.randn(w.shape[0]) for w in weights]
@@ -102,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             y = ACTIVATION_FUNCTIONS[activation](F.linear(y, w, b))
         return y
 
-    def run_compiled() -> torch.Tensor:
+    def run_compiled(compiled=compiled) -> torch.Tensor:
         with torch.inference_mode():
             return compiled(x)
 
@@ -118,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "linear_chain": lambda: ops.linear_chain(x, weights, packed, biases, activations),
         separate: separate_ops,
     }
+    if args.quantize:
+        compiled_int8 = torch.compile(
+            compiled_mlp(weights, biases, activations), backend="sparsecpu", options={"quantize": args.quantize}
+        )
+        candidates["compiled int8"] = lambda: run_compiled(compiled_int8)
     expected_results = {}
     if args.overhead:
         zero_weights = [torch.zeros_like(w) for w in weights]
@@ -140,10 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         tolerance=1e-5,
         expected_results=expected_results,
         clock=time.process_time if args.cpu_time else time.perf_counter,
+        tolerances={"compiled int8": INT8_TOLERANCE},
     )
 
     dense = statistics.median(times["eager dense"])
-    zeros = "at random positions" if args.block_rows == 1 else f"in {args.block_rows}x1 blocks"
+    zeros = (
+        f"in {args.block_rows}x{args.block_cols} blocks"
+        if args.block_rows * args.block_cols > 1
+        else "at random positions"
+    )
     layers = zip(features[1:], activations, strict=True)
     shape = " ->".join(f"{f} {ACTIVATION_NAMES.get(a, '')}".strip() for f, a in layers)
     print(
@@ -153,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, ms in times.items():
         print(f"  {name:>19}  {statistics.median(ms):8.3f} ms  {dense / statistics.median(ms):6.2f}x")
-    for numerator, denominator in (("linear_chain", separate), ("compiled", "linear_chain")):
+    ratios_of = [("linear_chain", separate), ("compiled", "linear_chain")]
+    if args.quantize:
+        ratios_of.append(("compiled int8", "compiled"))
+    for numerator, denominator in ratios_of:
         ratios = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
         print(f"  {numerator} / {denominator}, per round: " + " ".join(f"{r:.2f}" for r in ratios))
     if args.overhead:

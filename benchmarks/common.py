@@ -288,9 +288,11 @@ def check_then_time(
     tolerance: float = RELATIVE_TOLERANCE,
     expected_results: Mapping[str, Tensor] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    tolerances: Mapping[str, float] | None = None,
 ) -> dict[str, list[float]]:
     """Checks every candidate against ``candidates[reference]`` (max |difference| <=
-    ``tolerance`` * max |reference|; a wrong one exits, reporting no timings), or against
+    ``tolerance`` * max |reference|, or the candidate's entry of ``tolerances``, e.g. a
+    quantized path's; a wrong one exits, reporting no timings), or against
     its entry of ``expected_results`` when it has one (a candidate that computes something
     else, timed alongside), then times them all in ``rounds`` interleaved rounds: per
     candidate, one :func:`median_ms` per round (by ``clock``), so a slow spell of the
@@ -300,7 +302,7 @@ def check_then_time(
         expected = candidates[reference]()
         for name, fn in candidates.items():
             error = relative_error(fn(), expected_results.get(name, expected))
-            if not error <= tolerance:
+            if not error <= (tolerances or {}).get(name, tolerance):
                 sys.exit(f"error: {name}: wrong result (max error {error:.3g} relative), no timings reported")
     return interleaved_rounds(
         candidates, rounds, functools.partial(median_ms, threads=threads, min_run_time=min_run_time, clock=clock)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from torch_sparsecpu.backend import sparsecpu_backend
 from torch_sparsecpu.bench import cli
 from torch_sparsecpu.bench.measure import percentile, relative_error
 from torch_sparsecpu.bench.models import IMAGE, ConfigFieldError, build_model, is_causal_lm_type, resolve_model
@@ -136,6 +137,24 @@ def test_decode_checks_tokens_and_reports_prefill_and_decode(tmp_path, monkeypat
         assert math.isclose(record["decode_tokens_per_s"], 1e3 / record["decode_ms_per_token"])
     # one decoder layer's 7 linears pruned and sparse; the LM head stays dense
     assert sparse["sparse_layers"] == "7/8"
+
+
+def test_decode_compiles_prefill_and_decode_once_for_any_prompt_length():
+    """--decode compiles the forward as README's recipe does (static KV cache,
+    ``dynamic=True``): three prompt lengths in a row compile two graphs, prefill and
+    decode, and no step recompiles."""
+    graphs = []
+
+    def counting_sparsecpu(gm, example_inputs):
+        graphs.append(gm)
+        return sparsecpu_backend(gm, example_inputs, options={"inner": "eager"})
+
+    spec = resolve_model("llama-tiny", TINY_LLAMA_CONFIG)
+    model = build_model(spec, sparsity=0.7, seq=8)
+    runner = cli._with_compiled_forward(model.module, cli.BenchPath("counting", counting_sparsecpu))
+    for length in (8, 11, 13):
+        cli._generate_timed(runner, torch.randint(0, 64, (1, length)), new_tokens=3)
+        assert len(graphs) == 2, f"{len(graphs)} graphs after a prompt of {length} tokens"
 
 
 def test_python_dash_m_help():

@@ -92,6 +92,14 @@ def test_bench_ffn_checks_then_times_four_versions(capsys):
     assert "compiled / linear_chain, per round:" in out
 
 
+def test_bench_ffn_int8_in_1x4_blocks(capsys):
+    run_main(bench_ffn, "--block-cols 4 --quantize int8 --tokens 9 --threads 1 --rounds 2 --min-run-time 0.01")
+    out = capsys.readouterr().out
+    assert "zeros in 1x4 blocks" in out and "compiled int8 / compiled, per round:" in out
+    with pytest.raises(SystemExit):
+        bench_ffn.main("--block-cols 4 --block-rows 4".split())
+
+
 def test_bench_ffn_three_layers_with_overhead(capsys, monkeypatch):
     """The 3-layer MLP, with the zero-weight versions checked against their own result
     (every token's output is the last layer's activated bias) and the bound printed, timed

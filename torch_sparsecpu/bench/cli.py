@@ -69,10 +69,11 @@ class BenchPath:
     # approximate path (quantized) sets its own; its token agreement is reported instead.
     tolerance: float | None = None
 
-    def prepare(self, fn: Callable) -> Callable:
+    def prepare(self, fn: Callable, dynamic: bool | None = None) -> Callable:
         if self.backend is None:
             return fn
-        return torch.compile(fn, backend=self.backend, options=dict(self.options) if self.options else None)
+        options = dict(self.options) if self.options else None
+        return torch.compile(fn, backend=self.backend, dynamic=dynamic, options=options)
 
 
 REFERENCE = "eager"
@@ -322,6 +323,7 @@ def _generate_timed(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens:
         min_new_tokens=new_tokens,  # no early end of sequence: every path makes N tokens
         do_sample=False,
         pad_token_id=0,  # unused (no padding); set so generate() does not warn
+        cache_implementation="static",  # see _with_compiled_forward
         logits_processor=LogitsProcessorList([clock]),
     )
     end = time.perf_counter()
@@ -336,11 +338,14 @@ def _generate_timed(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens:
 
 def _with_compiled_forward(module: torch.nn.Module, path: BenchPath) -> torch.nn.Module:
     """``module`` for generate() with its forward run by ``path``. A shallow copy shares every
-    parameter and submodule with ``module``; only its forward differs."""
+    parameter and submodule with ``module``; only its forward differs. The forward is
+    compiled as README's decoding recipe says: with generate()'s static KV cache (every
+    step sees the same shapes) and ``dynamic=True``, a prefill and a decode graph serve
+    every prompt length and every step."""
     if path.backend is None:
         return module
     runner = copy.copy(module)
-    runner.forward = path.prepare(module.forward)
+    runner.forward = path.prepare(module.forward, dynamic=True)
     return runner
 
 
