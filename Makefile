@@ -82,7 +82,7 @@ $(LINT_DIR)/%.ok: %.cpp $(wildcard csrc/*/*.h) | $(BUILD_STAMP)
 SAN_LIB := build/sanitize
 # The int8 kernels' tests (tests/test_int8.py: every ISA at tile edges, saturation
 # extremes, repacks) run under it too.
-SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py tests/test_conv.py \
+SAN_TESTS := tests/test_fuzz.py $(wildcard tests/test_kernels.py tests/test_ops.py tests/test_conv.py tests/test_conv_chain.py \
                                            tests/test_argument_errors.py tests/test_packed_validation.py \
                                            tests/test_int8.py)
 sanitize: $(BUILD_STAMP)

@@ -1,16 +1,27 @@
-"""The convolutions of a real CNN, layer by layer: dense ``F.conv2d`` against
-``torch_sparsecpu.ops.conv2d`` on the input shape each layer sees.
+"""Sparse convolutions of a real CNN: layer by layer, bottleneck by bottleneck, or the
+whole model.
 
-    python benchmarks/bench_conv.py [--model resnet50|mobilenetv2] [--sparsity 90]
-                                    [--threads 2] [--rounds 3] [--image 224]
+    python benchmarks/bench_conv.py [--mode layers|blocks|model] [--model resnet50|mobilenetv2]
+                                    [--sparsity 90] [--threads 2] [--rounds 3] [--image 224]
+                                    [--block encoder.stages.0.layers.1]
 
-The model comes from its ``transformers`` config with random weights; every ungrouped
-convolution is magnitude-pruned to the sparsity. Distinct (input shape, weight shape,
-stride, padding) layers are timed once each, dense and sparse in interleaved rounds in
-this process (medians of ``torch.utils.benchmark`` per round, then the median over
-rounds), after the sparse result was checked against dense. The table gives each
-layer's count in the model, its times, the speed-up and GFLOP/s over nonzeros next to
-dense GFLOP/s over all weights; the last line sums over the model's layers.
+The model comes from its ``transformers`` config with random weights. Every mode checks
+each path's output against the reference before timing, then times the paths in
+interleaved rounds in this process (medians of ``torch.utils.benchmark`` per round, then
+the median over rounds), so a slow spell of a shared machine hits every path alike.
+
+- ``layers`` (every ungrouped convolution magnitude-pruned to the sparsity): dense
+  ``F.conv2d`` against ``torch_sparsecpu.ops.conv2d`` on the input shape each distinct
+  layer sees, with GFLOP/s over nonzeros next to dense GFLOP/s over all weights; the last
+  line sums over the model's layers.
+- ``blocks`` (ResNet-50, convolutions pruned): each distinct bottleneck (the first and
+  second of each stage, or those named by ``--block``) compiled alone on the input it
+  sees, eager against ``backend="sparsecpu"`` with ``fuse_layers=False`` (three or four
+  ``sparsecpu::conv2d`` calls and Inductor's add + ReLU) and fused (one
+  ``sparsecpu::conv_chain`` call per bottleneck).
+- ``model``: the whole model at batch 1, every convolution but the stem pruned, eager
+  (dense kernels on the pruned weights) against sparsecpu fused and with
+  ``fuse_layers=False``; outputs within 1e-4 of eager.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from torch import nn
 
 import torch_sparsecpu
 from torch_sparsecpu import ops
-from torch_sparsecpu.bench.models import build_model, resolve_model
+from torch_sparsecpu.bench.models import BenchModel, build_model, resolve_model
 
 from common import check_then_time
 
@@ -54,8 +65,101 @@ def conv_layers(model_name: str, sparsity: float, image: int) -> list[tuple[nn.C
     return [tuple(entry) for entry in seen.values()]
 
 
+def hf_resnet50(sparsity: float, prune_stem: bool) -> nn.Module:
+    """HF ResNetModel with ResNet-50's config, random weights (seed 0), convolutions
+    magnitude-pruned to ``sparsity`` (the stem's too with ``prune_stem``)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.ResNetModel(transformers.ResNetConfig()).eval()
+    keep_stem = None if prune_stem else (lambda name: not name.startswith("embedder"))
+    return torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,), name_filter=keep_stem)
+
+
+def block_inputs(model: nn.Module, names: Sequence[str], image: int) -> dict[str, torch.Tensor]:
+    """The input each named bottleneck sees on one random image (a forward hook)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, inputs, _output):  # returns None: the output stays as it is
+            seen.setdefault(name, inputs[0].detach().clone())
+
+        return hook
+
+    hooks = [model.encoder.get_submodule(name).register_forward_hook(record(name)) for name in names]
+    with torch.no_grad():
+        model(torch.randn(1, 3, image, image))
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def op_calls(fn) -> int:
+    """How many sparsecpu ops one call of ``fn`` runs (after a first call, which may compile)."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("sparsecpu::") and e.name != "sparsecpu::pack_linear")
+
+
+def time_paths(paths: dict, args, tolerance: float) -> dict[str, float]:
+    """Checks every path against paths["eager"], then the medians over interleaved rounds."""
+    times = check_then_time(paths, "eager", args.threads, args.rounds, args.min_run_time, tolerance)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def compiled_paths(module: nn.Module, x: torch.Tensor) -> dict:
+    """eager, sparsecpu with fuse_layers=False and sparsecpu (fused), each called on x."""
+    unfused = torch.compile(module, backend="sparsecpu", options={"fuse_layers": False})
+    fused = torch.compile(module, backend="sparsecpu")
+    output = BenchModel.output
+    return {
+        "eager": lambda: output(module(x)),
+        "unfused": lambda: output(unfused(x)),
+        "fused": lambda: output(fused(x)),
+    }
+
+
+def run_blocks(args) -> None:
+    model = hf_resnet50(args.sparsity / 100, prune_stem=True)
+    names = args.block or [f"stages.{s}.layers.{i}" for s in range(4) for i in (0, 1)]
+    inputs = block_inputs(model, names, args.image)
+    print(
+        f"ResNet-50 bottlenecks compiled alone, {args.sparsity:g}% zeros, {args.threads} threads, "
+        f"{args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
+    )
+    header = ("block", 20), ("input", 18), ("eager ms", 9), ("unfused ms", 11), ("fused ms", 9), ("ops", 7)
+    print(" ".join(f"{title:>{width}}" for title, width in header), "fused/unfused")
+    with torch.inference_mode():
+        for name in names:
+            torch._dynamo.reset()  # the blocks share their class's forward: Dynamo's recompile limit is per code
+            block, x = model.encoder.get_submodule(name), inputs[name]
+            paths = compiled_paths(block, x)
+            ms = time_paths(paths, args, tolerance=1e-5)
+            ops_used = f"{op_calls(paths['unfused'])}->{op_calls(paths['fused'])}"
+            print(
+                f"{name:>20} {str(list(x.shape)):>18} {ms['eager']:>9.3f} {ms['unfused']:>11.3f} "
+                f"{ms['fused']:>9.3f} {ops_used:>7} {ms['unfused'] / ms['fused']:>13.2f}x"
+            )
+
+
+def run_model(args) -> None:
+    model = hf_resnet50(args.sparsity / 100, prune_stem=False)
+    x = torch.randn(1, 3, args.image, args.image)
+    print(
+        f"HF ResNet-50, batch 1, {args.image} x {args.image}, every convolution but the stem {args.sparsity:g}% zeros, "
+        f"{args.threads} threads, {args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
+    )
+    with torch.inference_mode():
+        ms = time_paths(compiled_paths(model, x), args, tolerance=1e-4)
+    for name in ("eager", "unfused", "fused"):
+        print(f"{name:>8} {ms[name]:>9.2f} ms  {ms['eager'] / ms[name]:>5.2f}x vs eager")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("layers", "blocks", "model"), default="layers")
+    parser.add_argument("--block", action="append", help="blocks mode: a bottleneck under encoder (repeatable)")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     parser.add_argument("--sparsity", type=float, default=90, help="percent of zero weights (default 90)")
     parser.add_argument("--threads", type=int, default=2)
@@ -69,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.manual_seed(0)
+    if args.mode != "layers" and args.model != "resnet50":
+        parser.error(f"--mode {args.mode} runs ResNet-50 only")
+    if args.mode == "blocks":
+        run_blocks(args)
+        return 0
+    if args.mode == "model":
+        run_model(args)
+        return 0
 
     layers = conv_layers(args.model, args.sparsity / 100, args.image)
     print(

@@ -113,11 +113,16 @@ def compile_sparse(model, **kwargs):
 def sparse_op_calls(fn, *args) -> tuple[object, int]:
     """Runs ``fn(*args)`` under the profiler; returns its result and (a lower bound of) the
     number of linear and conv2d layers that ran on the sparse ops: one per ``sparsecpu::linear``
-    or ``sparsecpu::conv2d`` call, two per ``sparsecpu::linear_chain`` call (a chain fuses two
-    or more layers)."""
+    or ``sparsecpu::conv2d`` call, two per ``sparsecpu::linear_chain`` or ``sparsecpu::conv_chain``
+    call (a chain fuses two or more layers)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         result = fn(*args)
-    per_call = {"sparsecpu::linear": 1, "sparsecpu::linear_chain": 2, "sparsecpu::conv2d": 1}
+    per_call = {
+        "sparsecpu::linear": 1,
+        "sparsecpu::linear_chain": 2,
+        "sparsecpu::conv2d": 1,
+        "sparsecpu::conv_chain": 2,
+    }
     layers = sum(e.count * per_call[e.key] for e in prof.key_averages() if e.key in per_call)
     return result, layers
 

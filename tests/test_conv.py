@@ -3,8 +3,6 @@ the backend rewrites (and leaves dense) in convolutional models."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +16,6 @@ from conftest import ACTIVATION_REFERENCE as ACTIVATIONS, assert_close_rel, spar
 
 # ConvNet's head pads 'same' with an even kernel on purpose (it stays dense).
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-
-CONV_CALL = re.compile(r"= torch\.ops\.sparsecpu\.conv2d\.default\(")
 
 
 def conv_weight(out_channels: int, in_channels: int, sparsity: float, kernel=(1, 1)) -> torch.Tensor:
@@ -256,16 +252,21 @@ def test_explain_takes_ungrouped_evenly_padded_convolutions():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_net_compiled_with_inductor_matches_eager(channels_last):
+@pytest.mark.parametrize("fuse_layers", [False, True])
+def test_conv_net_compiled_with_inductor_matches_eager(channels_last, fuse_layers):
     model = conv_net()
     x = torch.randn(2, 16, 10, 10)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(model, backend="sparsecpu", options={"fuse_layers": fuse_layers})
     with torch.no_grad():
         expected = model(x)
-        actual, code = run_and_get_code(torch.compile(model, backend="sparsecpu"), x)
-    assert sum(len(CONV_CALL.findall(c)) for c in code) == 4
+        actual, code = run_and_get_code(compiled, x)
+    # Fused: expand -> spatial and project -> padded, each pair one conv_chain call.
+    calls = {"conv2d": 0 if fuse_layers else 4, "conv_chain": 2 if fuse_layers else 0}
+    for op, count in calls.items():
+        assert sum(c.count(f"torch.ops.sparsecpu.{op}.default(") for c in code) == count, op
     assert_close_rel(actual, expected)
 
 

@@ -1,4 +1,4 @@
-"""Property tests of the sparse linear and conv2d ops against dense PyTorch.
+"""Property tests of the sparse linear, conv2d and chain ops against dense PyTorch.
 
 ``ops.linear(x, w, ops.pack_linear(w, k_block=..., row_block=..., block_rows=...), b, act)`` must equal
 ``act(F.linear(x, w, b))`` to 1e-5 relative (of the largest output) for every shape
@@ -257,6 +257,17 @@ def test_sparse_linear_chain_matches_dense(case):
     )
 
 
+def conv_packing_and_layout(draw) -> dict:
+    """The weights' sparsity and packing, the input's layout and the ISA of a convolution case."""
+    return dict(
+        sparsity=draw(st.sampled_from((0.0, 0.5, 0.9, 1.0))),
+        k_block=draw(st.sampled_from(K_BLOCKS)),
+        row_block=draw(st.sampled_from(ROW_BLOCKS)),
+        channels_last=draw(st.booleans()),
+        isa=draw(st.sampled_from(ISAS)),
+    )
+
+
 @st.composite
 def conv_cases(draw):
     """A convolution's geometry, packing, layout, activation and ISA, with an image at
@@ -275,13 +286,9 @@ def conv_cases(draw):
         stride=stride,
         padding=padding,
         dilation=dilation,
-        sparsity=draw(st.sampled_from((0.0, 0.5, 0.9, 1.0))),
-        k_block=draw(st.sampled_from(K_BLOCKS)),
-        row_block=draw(st.sampled_from(ROW_BLOCKS)),
-        channels_last=draw(st.booleans()),
         bias=draw(st.booleans()),
         act=draw(st.sampled_from(ops.ACTIVATIONS)),
-        isa=draw(st.sampled_from(ISAS)),
+        **conv_packing_and_layout(draw),
     )
 
 
@@ -306,3 +313,92 @@ def test_sparse_conv2d_matches_dense(case):
     terms = F.conv2d(x.abs().double(), weight.abs().double(), None, **geometry)
     scale = max(float(expected.abs().max()), float(terms.max())) if expected.numel() else 0.0
     assert_close_rel(actual, expected, scale=scale, what=str(case))
+
+
+@st.composite
+def conv_chain_cases(draw):
+    """A chain of 1..3 convolutions (the first 1 x 1 without padding), with or without a
+    residual shortcut into a last 1 x 1 layer, its packing, layout, band height and ISA."""
+    layers = draw(st.integers(1, 3))
+    kernels = [1] + [draw(st.sampled_from((1, 3))) for _ in range(layers - 1)]
+    strides = [draw(st.integers(1, 2)) for _ in range(layers)]
+    paddings = [0] + [draw(st.integers(0, k // 2)) for k in kernels[1:]]
+    shortcut = draw(st.booleans()) and kernels[-1] == 1 and strides[-1] == 1
+    channels = [draw(st.integers(1, 12)) for _ in range(layers + 1)]
+    return dict(
+        batch=draw(st.integers(0, 2)),
+        channels=channels,
+        size=(draw(st.integers(3, 13)), draw(st.integers(3, 13))),
+        kernels=kernels,
+        strides=strides,
+        paddings=paddings,
+        shortcut=shortcut,
+        acts=[draw(st.sampled_from(ops.ACTIVATIONS)) for _ in range(layers)],
+        band_rows=draw(st.integers(0, 3)),
+        **conv_packing_and_layout(draw),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_chain_cases())
+def test_sparse_conv_chain_matches_dense(case):
+    """``ops.conv_chain`` (layers fused band of rows by band, a residual shortcut as extra
+    input channels of the last layer) against dense convolutions one after another."""
+    gen = torch.Generator().manual_seed(0)
+    channels, kernels, strides, paddings = case["channels"], case["kernels"], case["strides"], case["paddings"]
+    x = torch.randn(case["batch"], channels[0], *case["size"], generator=gen)
+    height, width = case["size"]
+    for k, s, p in zip(kernels, strides, paddings, strict=True):
+        height, width = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
+    assume(height >= 1 and width >= 1)
+    total_stride = 1
+    for s in strides:
+        total_stride *= s
+    if case["shortcut"]:  # the chain's input sampled at its stride must have the output's size
+        assume(
+            ((case["size"][0] - 1) // total_stride + 1, (case["size"][1] - 1) // total_stride + 1) == (height, width)
+        )
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = []
+    for i, k in enumerate(kernels):
+        in_c = channels[i] + (channels[0] if case["shortcut"] and i == len(kernels) - 1 else 0)
+        shape = (channels[i + 1], in_c, k, k)
+        weights.append(torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) >= case["sparsity"]))
+    biases = [torch.randn(w.size(0), generator=gen) for w in weights]
+    packed = [ops.pack_linear(w.flatten(1), k_block=case["k_block"], row_block=case["row_block"]) for w in weights]
+    with torch_sparsecpu.force_isa(case["isa"]):
+        actual = ops.conv_chain(
+            x,
+            weights,
+            packed,
+            biases,
+            strides,
+            paddings,
+            case["acts"],
+            shortcut=case["shortcut"],
+            band_rows=case["band_rows"],
+        )
+    # float64 layer by layer; the scale rounding works at grows with each layer's sum of |terms|.
+    h, scale = x.double(), x.double().abs()
+    for i, (weight, bias, act) in enumerate(zip(weights, biases, case["acts"], strict=True)):
+        conv = dict(stride=strides[i], padding=paddings[i])
+        w64, b64 = weight.double(), bias.double()
+        if case["shortcut"] and i == len(weights) - 1:
+            own, sampled = h.size(1), x.double()[:, :, ::total_stride, ::total_stride]
+            pre = F.conv2d(h, w64[:, :own], b64) + F.conv2d(sampled, w64[:, own:])
+            terms = F.conv2d(scale, w64[:, :own].abs(), b64.abs()) + F.conv2d(sampled.abs(), w64[:, own:].abs())
+        else:
+            pre = F.conv2d(h, w64, b64, **conv)
+            terms = F.conv2d(scale, w64.abs(), b64.abs(), **conv)
+        h, scale = ACTIVATION_REFERENCE[act](pre), terms * 1.13  # |act'| <= 1.13 (GELU's maximum)
+    expected = h.float()
+    assert actual.shape == expected.shape
+    largest = float(scale.max()) if scale.numel() else 0.0
+    assert_close_rel(
+        actual,
+        expected,
+        rel=1e-5 * len(weights),
+        scale=max(largest, float(expected.abs().max()) if expected.numel() else 0.0),
+        what=str(case),
+    )

@@ -227,6 +227,25 @@ def test_edits_after_compiling_are_honoured(inner, kind, caplog):
     assert caplog.text.count(REBUILT) == rebuilds, f"rebuilt again after {kind} with nothing changed"
 
 
+@pytest.mark.parametrize("inner", INNERS)
+def test_eager_calls_under_inference_mode_in_between(inner):
+    """Eager's prune hook under torch.inference_mode leaves an inference tensor (which has
+    no version counter) as each module's weight, which the compiled graph then reads."""
+    model = pruned(mlp())
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": inner})
+    x = torch.randn(6, 64)
+    with torch.inference_mode():
+        for _ in range(2):
+            assert_close_rel(compiled(x), model(x))
+    with torch.no_grad():
+        model[0].weight_mask[:1].zero_()
+    with torch.inference_mode():
+        assert_close_rel(compiled(x), model(x), what="after editing a mask")
+        actual, calls = sparse_op_calls(compiled, x)
+        assert_close_rel(actual, model(x))
+        assert calls == 2
+
+
 def test_low_sparsity_pruned_model_stays_dense():
     model = pruned(mlp(), amount=0.3)
     x = torch.randn(6, 64)

@@ -27,7 +27,15 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .passes import LayerDecision, fetch_attr, find_static_tensors, fuse_sparse_chains, rewrite_sparse_layers
+from .passes import (
+    LayerDecision,
+    fetch_attr,
+    find_static_tensors,
+    fuse_conv_chains,
+    fuse_sparse_chains,
+    rewrite_sparse_layers,
+)
+from .passes.packed_cache import tensor_identity
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +53,10 @@ class SparseCPUOptions:
     inner:             "inductor" compiles the rest of the graph; "eager" runs it as is.
     fuse_activations:  fuse a ReLU / GELU / SiLU / ReLU6 that follows a sparse layer into it.
     fuse_layers:       run sparse linears that feed each other as one op, panel of
-                       tokens by panel, so intermediates stay in cache (inference
-                       only: graphs compiled with grad mode on, or that turn it on
-                       inside, keep separate layers).
+                       tokens by panel, and sparse convolutions that do (a ResNet
+                       bottleneck, its residual add included) band of rows by band,
+                       so intermediates stay in cache (inference only: graphs compiled
+                       with grad mode on, or that turn it on inside, keep separate layers).
     fold_batch_norm:   fold an eval-mode batch norm that follows a sparse convolution
                        into its weight and bias (inference only, like fuse_layers).
     verbose:           log each linear / conv2d taken or skipped at INFO instead of DEBUG.
@@ -107,12 +116,6 @@ def _inner_compile(
     return compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
-def _identity(tensor: torch.Tensor) -> tuple:
-    """What a tensor reads and its version: an in-place edit bumps the version, and
-    ``weight.data = other`` (even another view of the same storage) changes the rest."""
-    return tensor._version, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
-
-
 @dataclasses.dataclass(frozen=True)
 class _Watched:
     """A tensor a build baked into the graph (a convolution's weight or bias, or a
@@ -128,9 +131,9 @@ class _Watched:
 
     def is_stale(self, args: Sequence) -> bool:
         if self.input_index is None:
-            return _identity(self.constant) != self.identity
+            return tensor_identity(self.constant) != self.identity
         # A dead tensor's address may hold another by now: its identity proves nothing.
-        return self.is_dead() or _identity(args[self.input_index]) != self.identity
+        return self.is_dead() or tensor_identity(args[self.input_index]) != self.identity
 
     def is_dead(self) -> bool:
         return self.graph_input is not None and self.graph_input() is None
@@ -179,8 +182,8 @@ class _Build:
 
 def _watch(tensor: torch.Tensor, input_index: int | None) -> _Watched:
     if input_index is None:
-        return _Watched(tensor, None, _identity(tensor), None)
-    return _Watched(None, weakref.ref(tensor), _identity(tensor), input_index)
+        return _Watched(tensor, None, tensor_identity(tensor), None)
+    return _Watched(None, weakref.ref(tensor), tensor_identity(tensor), input_index)
 
 
 def _input_spec(value):
@@ -262,6 +265,7 @@ class SparseCompiledGraph:
             quantize=self._options.quantize,
         )
         if self._options.fuse_layers and inference:
+            fuse_conv_chains(graph, rewritten, static)
             fuse_sparse_chains(graph)
         decisions = rewritten.decisions
         level = logging.INFO if self._options.verbose else logging.DEBUG

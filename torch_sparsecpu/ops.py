@@ -302,24 +302,15 @@ def linear(
     return torch.ops.sparsecpu.linear(input, weight, packed, bias, activation, weight_transposed)
 
 
-def linear_chain(
-    input: Tensor,
-    weights: list[Tensor],
-    packed: list[Tensor],
-    biases: list[Tensor | None],
-    activations: list[str],
-) -> Tensor:
-    """Several :func:`linear` layers in a row, each feeding the next, run as one op:
-    every layer over one cache-sized panel of tokens before the next panel, so the
-    intermediate activations stay in cache ("tensor columns"). Inference only: it has
-    no autograd formula (the backend fuses chains only when grad mode is off)."""
-    lists = {"weights": weights, "packed": packed, "biases": biases, "activations": activations}
+def _check_chain_arguments(input, **lists) -> None:
+    """The checks of a chain op's arguments: ``lists`` (weights, packed, biases,
+    activations, ...) are lists of the same length >= 1 of the types the op takes."""
     for name, value in lists.items():
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{name} must be a list, got {type(value).__name__}")
-    if len({len(v) for v in lists.values()}) != 1 or not weights:
+    if len({len(v) for v in lists.values()}) != 1 or not lists["weights"]:
         raise ValueError(
-            "weights, packed, biases and activations must have the same length >= 1, got "
+            f"{', '.join(list(lists)[:-1])} and {list(lists)[-1]} must have the same length >= 1, got "
             + ", ".join(str(len(v)) for v in lists.values())
         )
     if not isinstance(input, Tensor):
@@ -333,9 +324,23 @@ def linear_chain(
         for index, value in enumerate(lists[name]):
             if not isinstance(value, accepted):
                 raise TypeError(f"{name}[{index}] must be a {what}, got {type(value).__name__}")
-    for activation in activations:
+    for activation in lists["activations"]:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activations must be in {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def linear_chain(
+    input: Tensor,
+    weights: list[Tensor],
+    packed: list[Tensor],
+    biases: list[Tensor | None],
+    activations: list[str],
+) -> Tensor:
+    """Several :func:`linear` layers in a row, each feeding the next, run as one op:
+    every layer over one cache-sized panel of tokens before the next panel, so the
+    intermediate activations stay in cache ("tensor columns"). Inference only: it has
+    no autograd formula (the backend fuses chains only when grad mode is off)."""
+    _check_chain_arguments(input, weights=weights, packed=packed, biases=biases, activations=activations)
     return torch.ops.sparsecpu.linear_chain(input, list(weights), list(packed), list(biases), list(activations))
 
 
@@ -386,6 +391,62 @@ def conv2d(
     )
 
 
+def conv_chain(
+    input: Tensor,
+    weights: list[Tensor],
+    packed: list[Tensor],
+    biases: list[Tensor | None],
+    strides: list[int | tuple[int, int]],
+    paddings: list[int | tuple[int, int]],
+    activations: list[str],
+    *,
+    shortcut: bool = False,
+    band_rows: int = 0,
+) -> Tensor:
+    """Several :func:`conv2d` layers in a row, each feeding the next, run as one op: band
+    of output rows by band, every layer computing the rows the next one needs, so the
+    intermediate images stay in cache ("tensor columns"; docs/tile_planner.md). Zero
+    padding, no dilation or groups; the first layer is a 1 x 1 convolution without padding.
+
+    With ``shortcut``, the last layer (1 x 1, stride 1, no padding) also reads ``input``
+    sampled at the chain's stride (the product of the layers' strides) as extra input
+    channels after the previous layer's: a residual block ``act(conv(h) + shortcut(x))``
+    is that layer with weight ``cat([W, W_shortcut], 1)`` (``W_shortcut`` the identity
+    for an identity shortcut) and bias the sum of both. ``band_rows`` (0: the tile
+    planner's choice) sets the output rows per band. Inference only: no autograd formula."""
+    layers = dict(weights=weights, packed=packed, biases=biases, activations=activations)
+    _check_chain_arguments(input, **layers, strides=strides, paddings=paddings)
+    if not isinstance(shortcut, bool):
+        raise TypeError(f"shortcut must be True or False, got {shortcut!r}")
+    if not isinstance(band_rows, int) or isinstance(band_rows, bool):
+        raise TypeError(f"band_rows must be an int, got {type(band_rows).__name__}")
+    if band_rows < 0:
+        raise ValueError(f"band_rows must be >= 0 (0: the tile planner's choice), got {band_rows}")
+    flat_strides = [v for i, s in enumerate(strides) for v in _pair(f"strides[{i}]", s, 1)]
+    flat_paddings = [v for i, p in enumerate(paddings) for v in _pair(f"paddings[{i}]", p, 0)]
+    return torch.ops.sparsecpu.conv_chain(
+        input,
+        list(weights),
+        list(packed),
+        list(biases),
+        flat_strides,
+        flat_paddings,
+        list(activations),
+        shortcut,
+        band_rows,
+    )
+
+
+def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _output_memory_format(input: Tensor) -> torch.memory_format:
+    """Channels-last in, channels-last out (the rule of the C++ ops' is_channels_last)."""
+    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 # The fake kernels let torch.compile / torch.export trace the ops without running them.
 @torch.library.register_fake("sparsecpu::pack_linear")
 def _pack_linear_fake(weight, k_block=128, row_block=DEFAULT_ROW_BLOCK, block_rows=1, quantize=None, block_cols=1):
@@ -424,18 +485,32 @@ def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0)
         lambda: f"sparsecpu::conv2d: input must be [batch, {weight.size(1)}, height, width], got {tuple(input.shape)}",
     )
     height, width = (
-        (input.size(d) + 2 * padding[i] - dilation[i] * (weight.size(d) - 1) - 1) // stride[i] + 1
+        _conv_output_size(input.size(d), weight.size(d), stride[i], padding[i], dilation[i])
         for i, d in enumerate((2, 3))
     )
-    # Channels-last in, channels-last out (the rule of conv.cpp's is_channels_last).
-    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
     return torch.empty(
         (input.size(0), weight.size(0), height, width),
         dtype=input.dtype,
         device=input.device,
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        memory_format=_output_memory_format(input),
+    )
+
+
+@torch.library.register_fake("sparsecpu::conv_chain")
+def _conv_chain_fake(input, weights, packed, biases, strides, paddings, activations, shortcut=False, band_rows=0):
+    torch._check(input.dim() == 4, lambda: f"sparsecpu::conv_chain: input must be 4-D, got {tuple(input.shape)}")
+    height, width = input.size(2), input.size(3)
+    for layer, weight in enumerate(weights):
+        height = _conv_output_size(height, weight.size(2), strides[2 * layer], paddings[2 * layer])
+        width = _conv_output_size(width, weight.size(3), strides[2 * layer + 1], paddings[2 * layer + 1])
+    return torch.empty(
+        (input.size(0), weights[-1].size(0), height, width),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=_output_memory_format(input),
     )
 
 
 # Autograd for sparsecpu::linear and sparsecpu::conv2d is registered in C++ (csrc/ops/autograd.cpp): the
-# gradients of the dense layer, without a Python call in grad mode.
+# gradients of the dense layer, without a Python call in grad mode. linear_chain and conv_chain have none:
+# the backend fuses layers only in graphs compiled with grad mode off.

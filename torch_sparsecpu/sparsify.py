@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .passes.packed_cache import tensor_identity
 
 
 class SparseLinear(nn.Module):
@@ -33,8 +34,7 @@ class SparseLinear(nn.Module):
         self._packed_from = self._weight_identity()
 
     def _weight_identity(self) -> tuple:
-        weight = self.weight
-        return weight._version, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride())
+        return tensor_identity(self.weight)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Under torch.compile the op itself runs an edited weight with a buffer packed

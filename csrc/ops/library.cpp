@@ -1,5 +1,5 @@
 // The schemas of every sparsecpu op, defined once (the CPU kernels are registered by
-// linear.cpp, linear_chain.cpp and conv.cpp, the Autograd kernels by autograd.cpp; the
+// linear.cpp, linear_chain.cpp, conv.cpp and conv_chain.cpp, the Autograd kernels by autograd.cpp; the
 // fake kernels by torch_sparsecpu/ops.py).
 #include <torch/library.h>
 
@@ -19,6 +19,12 @@ TORCH_LIBRARY(sparsecpu, m) {
   // optimisation for graphs with convolutions) instead of converting it to NCHW.
   m.def("conv2d(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
         "int[2] dilation=1, str activation=\"none\") -> Tensor",
+        {at::Tag::flexible_layout});
+  // Consecutive convolutions (a ResNet bottleneck) as tensor columns: strides and paddings
+  // hold (height, width) per layer; with shortcut the last layer (1 x 1) reads the input
+  // too, as extra channels (conv_chain.cpp). band_rows=0: the tile planner's choice.
+  m.def("conv_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, int[] strides, "
+        "int[] paddings, str[] activations, bool shortcut=False, int band_rows=0) -> Tensor",
         {at::Tag::flexible_layout});
 }
 

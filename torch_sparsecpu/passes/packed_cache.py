@@ -28,8 +28,10 @@ _buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def tensor_identity(tensor: torch.Tensor) -> tuple:
-    """What a tensor reads and its version (inference tensors have none and cannot be
-    edited outside inference mode)."""
+    """What a tensor reads and its version: an in-place edit bumps the version, and
+    ``weight.data = other`` (even another view of the same storage) changes the rest.
+    Inference tensors have no version and cannot be edited outside inference mode (a
+    pruned module's weight is one after an eager call under ``torch.inference_mode``)."""
     version = 0 if tensor.is_inference() else tensor._version
     return version, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
 

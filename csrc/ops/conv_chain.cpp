@@ -1,0 +1,687 @@
+// sparsecpu::conv_chain: consecutive sparse convolutions (a ResNet bottleneck, its
+// residual included) run as tensor columns, band of output rows by band. Each thread
+// takes whole bands and carries each through every layer: a layer computes the rows
+// the next one needs (a k x k layer's halo rows are recomputed by both bands that need
+// them, never shared between threads), so a band's intermediate images stay in the
+// thread's L2 cache (docs/tile_planner.md#tensor-columns-for-convolutions-conv_chain).
+//
+// Layout of the work. A layer's input is either the previous layer's output tile
+// (a 1 x 1 convolution, stride 1, no padding: the tile is its panel, as in
+// linear_chain) or a band image: the rows of its input it needs, channel-major and
+// zero-padded, written by the previous layer straight into that layout. A k x k layer
+// with stride 1 computes wide rows: every column of the padded input is a token, so
+// each of its panel's feature rows is one contiguous run of the band image (no
+// per-row copies); the tokens past a row's outputs are dropped when the rows are
+// written out. Where rows rounded up to whole registers waste little, such a layer
+// reads its band image in place (the tap layout, tap_weights.h): the previous layer
+// writes one copy of its rows per kernel column, shifted, and the k x k weight is
+// packed so that its features are rows of that image: no panel is copied at all.
+//
+// The residual: with `shortcut`, the last layer (1 x 1) reads the chain's input too,
+// sampled at the chain's stride, as extra input channels after the previous layer's:
+// its weight is [W_last | W_shortcut] (or [W_last | I] for an identity shortcut) and
+// its bias the sum of both, so act(W_last h + W_shortcut x + b) -- add and final
+// activation included -- is one sparse product.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_caches.h"
+#include "packed_weights.h"
+#include "sparse_layer.h"
+#include "tap_weights.h"
+
+namespace sparsecpu {
+namespace {
+
+using kernels::Activation;
+using kernels::PackedLinearView;
+
+// A k x k layer of stride 1 reads its band image in place (tap layout) when its rows,
+// rounded up to whole registers, hold at most 1/8 dropped tokens and panels of
+// kMinTapVectors registers divide them (a narrower panel spends more per nonzero on
+// its index and broadcast, over fewer multiply-adds); else it computes wide rows when
+// the dropped tokens (kernel_w - 1 per row) are at most 1/8 of a row; else exactly its
+// output columns, copied row by row.
+constexpr int64_t kMaxDroppedTokensDenominator = 8;
+constexpr int64_t kMinTapVectors = 4;
+
+// One convolution of the chain and the sizes of its input and output images.
+struct ChainLayer {
+  PackedLinearView w;
+  const float* bias = nullptr;
+  Activation act = Activation::kNone;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
+  int64_t in_channels = 0, out_channels = 0;  // in_channels: the convolution's, without the shortcut's
+  int64_t in_h = 0, in_w = 0, out_h = 0, out_w = 0;
+  bool reads_tile = false;  // its panel is the previous layer's output tile
+  // Tokens per output row in its panels: out_w, or for wide rows padded_w() (tap
+  // layout: `pitch`).
+  int64_t token_pitch = 0;
+  // Its band image, unless it reads a tile: `copies` planes per channel (kernel_w in
+  // the tap layout, else 1) of rows of `pitch` floats, plane_stride floats apart (set
+  // when the bands are planned), and band_image_floats in all.
+  int64_t copies = 1, pitch = 0, plane_stride = 0, band_image_floats = 0;
+  // Tap layout: its panels are tap_width tokens of the band image itself; 0 otherwise.
+  int64_t tap_width = 0;
+  bool taps() const { return tap_width > 0; }
+
+  int64_t padded_w() const { return in_w + 2 * pad_w; }
+  int64_t conv_features() const { return in_channels * kernel_h * kernel_w; }
+  // Rows of its (padded) input that output rows [first, end) read: [first * stride_h, input_end(end)).
+  int64_t input_end(int64_t end) const { return (end - 1) * stride_h + kernel_h; }
+};
+
+// Element (c, row, col) of an image at data + c * channel_stride + row * row_stride +
+// col * col_stride.
+struct ImageView {
+  const float* data;
+  int64_t channel_stride, row_stride, col_stride;
+};
+
+// A layer's band image: the padded input rows [first_row, first_row + rows) it reads,
+// channel by channel. A channel has `copies` planes: plane j holds padded pixel (row,
+// col + j) at (row - first_row) * pitch + col (one plane, but kernel_w shifted ones in
+// the tap layout). Planes are plane_stride floats apart.
+struct BandImage {
+  float* data;
+  int64_t copies, plane_stride, pitch, first_row, rows;
+  float* at(int64_t c, int64_t j, int64_t row, int64_t col) const {
+    return data + (c * copies + j) * plane_stride + (row - first_row) * pitch + col;
+  }
+};
+
+// Tokens [first, first + count) of a band whose rows hold `pitch` tokens each, of which
+// the first `valid` are output pixels (wide rows: the others are dropped).
+struct TokenRange {
+  int64_t first, count, pitch, valid;
+
+  // f(t, r, q, pixels, run) for each piece of the range inside one row: `run` tokens
+  // from token first + t, in band row r from column q; the first `pixels` are pixels.
+  template <typename F>
+  void for_each_row(F f) const {
+    for (int64_t t = 0; t < count;) {
+      const int64_t r = (first + t) / pitch, q = (first + t) % pitch;
+      const int64_t run = std::min(count - t, pitch - q);
+      f(t, r, q, std::max<int64_t>(0, std::min(run, valid - q)), run);
+      t += run;
+    }
+  }
+  bool all_pixels() const { return valid == pitch; }
+};
+
+// Band rows are cut into panels as wide as possible but equal, in whole registers
+// (the last takes the rest): sparse_linear_2d's rule, without GEMV panels (a band is
+// never that narrow but at image edges, where a padded register costs little).
+// A tap layer's panels all have its tap_width (the row stride of its image).
+struct PanelCut {
+  int64_t tokens, width;  // width: of every panel but the last
+  PanelCut(const kernels::SpmmKernels& k, const ChainLayer& head, int64_t tokens) : tokens(tokens) {
+    const int64_t panels = ceil_div(tokens, k.max_panel_width);
+    width = head.taps() ? head.tap_width : ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
+  }
+  int64_t num_panels() const { return ceil_div(tokens, width); }
+  int64_t tokens_in(int64_t p) const { return std::min(width, tokens - p * width); }
+};
+
+struct Chain {
+  std::vector<ChainLayer> layers;
+  // Stages: runs of layers [first, last] that go panel by panel, each but the first
+  // reading the previous one's tile.
+  std::vector<std::pair<size_t, size_t>> stages;
+  bool shortcut = false;
+  int64_t shortcut_stride_h = 1, shortcut_stride_w = 1;  // the chain's stride: the product of its layers'
+  int64_t batch = 0, in_channels = 0;
+  const ChainLayer& last() const { return layers.back(); }
+};
+
+// Output rows [first, end) of every layer for the band of the last layer's rows
+// [first, end): each layer computes exactly the rows the next one reads.
+std::vector<std::pair<int64_t, int64_t>> band_rows(const Chain& chain, int64_t first, int64_t end) {
+  std::vector<std::pair<int64_t, int64_t>> rows(chain.layers.size());
+  rows.back() = {first, end};
+  for (size_t l = chain.layers.size() - 1; l > 0; --l) {
+    const ChainLayer& layer = chain.layers[l];
+    rows[l - 1] = {std::max<int64_t>(0, rows[l].first * layer.stride_h - layer.pad_h),
+                   std::min(layer.in_h, layer.input_end(rows[l].second) - layer.pad_h)};
+  }
+  return rows;
+}
+
+// Tokens of a stage for output rows [first, end): wide rows hold token_pitch tokens,
+// of which the last row keeps only its pixels.
+int64_t stage_tokens(const ChainLayer& first_layer, std::pair<int64_t, int64_t> rows) {
+  return (rows.second - rows.first - 1) * first_layer.token_pitch + first_layer.out_w;
+}
+
+// Padded input rows of `layer` that its output rows [first, end) read.
+int64_t padded_rows(const ChainLayer& layer, std::pair<int64_t, int64_t> rows) {
+  return layer.input_end(rows.second) - rows.first * layer.stride_h;
+}
+
+// ---- copying into panels ----------------------------------------------------------
+
+// to[i] = from[i * step] for i < count.
+inline void copy_pixels(const float* from, int64_t count, int64_t step, float* to) {
+  if (step == 1) {
+    std::copy_n(from, count, to);
+  } else {
+    for (int64_t i = 0; i < count; ++i) to[i] = from[i * step];
+  }
+}
+
+// Panel rows from an input image: channels [first_channel, end_channel) of the tokens
+// of `tokens` into rows (channel c at rows + (c - first_channel) * width), zeros past
+// the pixels up to `width`. Token (band row r, column q) is pixel (first_row + r *
+// stride_h, q * stride_w). Channel-major images are copied row by row; others
+// (channels-last) are transposed 8 pixels at a time by k.pack_panel.
+void pack_image_tokens(const kernels::SpmmKernels& k, const ImageView& image, int64_t first_row, int64_t stride_h,
+                       int64_t stride_w, const TokenRange& tokens, int64_t first_channel, int64_t end_channel,
+                       int64_t width, float* rows) {
+  const int64_t channels = end_channel - first_channel;
+  const float* origin = image.data + first_channel * image.channel_stride + first_row * image.row_stride;
+  const int64_t pixel_stride = stride_w * image.col_stride;
+  // Consecutive tokens are consecutive pixels in memory: one run for the whole range.
+  const bool one_run = tokens.all_pixels() && stride_h * image.row_stride == tokens.pitch * pixel_stride;
+  if (image.col_stride == 1) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const float* plane = origin + c * image.channel_stride;
+      float* row = rows + c * width;
+      if (one_run && stride_w == 1) {
+        std::copy_n(plane + tokens.first, tokens.count, row);
+      } else {
+        tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
+          copy_pixels(plane + r * stride_h * image.row_stride + q * pixel_stride, pixels, pixel_stride, row + t);
+          std::fill(row + t + pixels, row + t + run, 0.0f);
+        });
+      }
+      std::fill(row + tokens.count, row + width, 0.0f);
+    }
+    return;
+  }
+  thread_local ScratchBuffer chunk_buffer;
+  constexpr int64_t kChunk = 8;  // pack_panel's transposing fast path takes 8 x 8 blocks
+  float* chunk = chunk_buffer.get(static_cast<size_t>(channels * kChunk));
+  const auto transpose = [&](const float* pixels, int64_t count, int64_t t) {
+    for (int64_t done = 0; done < count; done += kChunk) {
+      const int64_t n = std::min(kChunk, count - done);
+      k.pack_panel(pixels + done * pixel_stride, n, channels, pixel_stride, image.channel_stride, kChunk, chunk);
+      for (int64_t c = 0; c < channels; ++c) std::copy_n(chunk + c * kChunk, n, rows + c * width + t + done);
+    }
+  };
+  if (one_run) {
+    transpose(origin + tokens.first * pixel_stride, tokens.count, 0);
+  } else {
+    tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
+      transpose(origin + r * stride_h * image.row_stride + q * pixel_stride, pixels, t);
+      for (int64_t c = 0; c < channels; ++c) std::fill(rows + c * width + t + pixels, rows + c * width + t + run, 0.0f);
+    });
+  }
+  for (int64_t c = 0; c < channels; ++c) std::fill(rows + c * width + tokens.count, rows + (c + 1) * width, 0.0f);
+}
+
+// Panel rows of a layer that reads a band image: features [first, end) of the
+// convolution, (c, i, j) in weight.flatten(1)'s order. Feature (c, i, j) of token
+// (band row r, column q) is padded pixel (first_output_row * stride_h + r * stride_h +
+// i, q * stride_w + j): with wide rows one contiguous run of the image.
+void pack_band_features(const ChainLayer& layer, const BandImage& image, int64_t first_output_row,
+                        const TokenRange& tokens, int64_t first, int64_t end, int64_t width, float* panel) {
+  const int64_t taps = layer.kernel_h * layer.kernel_w;
+  const int64_t row_step = layer.stride_h * image.pitch;
+  const bool one_run = layer.stride_w == 1 && row_step == tokens.pitch;
+  for (int64_t f = first; f < end; ++f) {
+    const int64_t c = f / taps, i = f % taps / layer.kernel_w, j = f % layer.kernel_w;
+    const float* plane = image.at(c, 0, first_output_row * layer.stride_h + i, j);
+    float* row = panel + f * width;
+    if (one_run) {
+      std::copy_n(plane + tokens.first, tokens.count, row);
+    } else {
+      tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
+        copy_pixels(plane + r * row_step + q * layer.stride_w, pixels, layer.stride_w, row + t);
+        std::fill(row + t + pixels, row + t + run, 0.0f);
+      });
+    }
+    std::fill(row + tokens.count, row + width, 0.0f);
+  }
+}
+
+// ---- writing tiles out ----------------------------------------------------------------
+
+// Writes the pixels of an output tile [channels][width] into the band image of the
+// next layer: token (band row r, column q) is output row first_output_row + r, at
+// padded row + pad_h, padded column q + pad_w, i.e. column q + pad_w - j of plane j
+// (pixels left of a shifted plane's first column are not in it).
+void write_tile_to_band(const float* tile, int64_t channels, int64_t width, const TokenRange& tokens,
+                        int64_t first_output_row, const ChainLayer& next, const BandImage& image) {
+  for (int64_t c = 0; c < channels; ++c) {
+    tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
+      for (int64_t j = 0; j < image.copies; ++j) {
+        const int64_t skip = std::max<int64_t>(0, j - next.pad_w - q);
+        if (skip >= pixels) continue;
+        std::copy_n(tile + c * width + t + skip, pixels - skip,
+                    image.at(c, j, first_output_row + r + next.pad_h, q + skip + next.pad_w - j));
+      }
+    });
+  }
+}
+
+// Zeroes what no layer writes in a band image: its padding rows and columns, the
+// floats after each plane's last row, and a tap layer's panel width after the last
+// plane (its last panel's dropped tokens read that far).
+// written_rows: the image rows [first, end) the previous layer writes.
+void zero_band_padding(const ChainLayer& layer, const BandImage& image, std::pair<int64_t, int64_t> written_rows) {
+  const int64_t first_written = written_rows.first + layer.pad_h, end_written = written_rows.second + layer.pad_h;
+  for (int64_t c = 0; c < layer.in_channels; ++c) {
+    for (int64_t j = 0; j < image.copies; ++j) {
+      for (int64_t row = image.first_row; row < image.first_row + image.rows; ++row) {
+        float* at = image.at(c, j, row, 0);
+        if (row < first_written || row >= end_written) {
+          std::fill(at, at + image.pitch, 0.0f);
+        } else {
+          std::fill(at, at + std::max<int64_t>(0, layer.pad_w - j), 0.0f);
+          std::fill(at + std::max<int64_t>(0, layer.pad_w + layer.in_w - j), at + image.pitch, 0.0f);
+        }
+      }
+      std::fill(image.at(c, j, image.first_row + image.rows, 0), image.at(c, j + 1, image.first_row, 0), 0.0f);
+    }
+  }
+  float* planes_end = image.at(layer.in_channels, 0, image.first_row, 0);
+  std::fill(planes_end, planes_end + layer.tap_width, 0.0f);
+}
+
+// Writes the pixels of the last layer's tile into the output image y (one image):
+// token (band row r, column q) is pixel (first_output_row + r, q).
+void write_tile_to_output(const kernels::SpmmKernels& k, const float* tile, int64_t channels, int64_t width,
+                          const TokenRange& tokens, int64_t first_output_row, const ImageView& y) {
+  float* origin = const_cast<float*>(y.data) + first_output_row * y.row_stride;
+  // Rows of pixels follow each other in y: one run for the whole range.
+  const bool one_run = tokens.all_pixels() && y.row_stride == tokens.pitch * y.col_stride;
+  if (y.col_stride == 1) {
+    for (int64_t c = 0; c < channels; ++c) {
+      float* plane = origin + c * y.channel_stride;
+      if (one_run) {
+        std::copy_n(tile + c * width, tokens.count, plane + tokens.first);
+        continue;
+      }
+      tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
+        std::copy_n(tile + c * width + t, pixels, plane + r * y.row_stride + q);
+      });
+    }
+    return;
+  }
+  if (one_run) {  // one transpose
+    k.unpack_tile(tile, channels, width, tokens.count, origin + tokens.first * y.col_stride, y.col_stride);
+    return;
+  }
+  tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
+    k.unpack_tile(tile + t, channels, width, pixels, origin + r * y.row_stride + q * y.col_stride, y.col_stride);
+  });
+}
+
+// ---- one band -----------------------------------------------------------------------
+
+// A thread's buffers, grow-only and reused across bands and calls: the band image of
+// each layer that reads one, and the two panels a stage alternates between (a layer's
+// panel, its output tile = the next layer's panel).
+struct BandScratch {
+  std::vector<ScratchBuffer> images;
+  ScratchBuffer panels[2];
+};
+
+// Floats of each of the two panel buffers: any layer's panel (the rows its kernels may
+// read, PackedLinearView::panel_rows; a tap layer's is its band image) or output tile,
+// `width` tokens wide.
+int64_t panel_buffer_floats(const kernels::SpmmKernels& k, const Chain& chain, int64_t width) {
+  int64_t floats = 0;
+  for (const ChainLayer& layer : chain.layers) {
+    const PackedLinearView& w = layer.w;
+    const int64_t panel_rows = layer.taps() ? 0 : std::max(w.panel_rows(false), w.in_features);
+    floats = std::max({floats, panel_rows * width, w.num_row_blocks * w.row_block * width});
+  }
+  return floats + k.vector_width;
+}
+
+// Runs the band of the last layer's output rows [first_row, end_row) of image n
+// through every layer into y.
+void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView& x, const ImageView& y,
+              int64_t first_row, int64_t end_row, int64_t panel_floats, BandScratch& scratch) {
+  const size_t num_layers = chain.layers.size();
+  const auto rows = band_rows(chain, first_row, end_row);
+  scratch.images.resize(num_layers);
+  std::vector<BandImage> images(num_layers, BandImage{nullptr, 1, 0, 0, 0, 0});
+  float* panels[2] = {scratch.panels[0].get(static_cast<size_t>(panel_floats)),
+                      scratch.panels[1].get(static_cast<size_t>(panel_floats))};
+
+  for (const auto& stage : chain.stages) {  // the band images, written by the stage before
+    const size_t l = stage.first;
+    if (l == 0) continue;
+    const ChainLayer& head = chain.layers[l];
+    float* data = scratch.images[l].get(static_cast<size_t>(head.band_image_floats));
+    images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, rows[l].first * head.stride_h,
+                          padded_rows(head, rows[l])};
+    zero_band_padding(head, images[l], rows[l - 1]);
+  }
+  for (const auto& [first_layer, last_layer] : chain.stages) {
+    const ChainLayer& head = chain.layers[first_layer];
+    const auto out_rows = rows[first_layer];
+    const bool writes_output = last_layer == num_layers - 1;
+    const PanelCut cut(k, head, stage_tokens(head, out_rows));
+    for (int64_t p = 0; p < cut.num_panels(); ++p) {
+      const TokenRange tokens{p * cut.width, cut.tokens_in(p), head.token_pitch, head.out_w};
+      const int64_t width = head.taps() ? cut.width : ceil_div(tokens.count, k.vector_width) * k.vector_width;
+      int current = 0;  // panels[current]: the input panel of layer l
+      for (size_t l = first_layer; l <= last_layer; ++l) {
+        const ChainLayer& layer = chain.layers[l];
+        float* panel = panels[current];
+        // Copies panel rows [first, end) that are not already there: the convolution's
+        // features (unless the panel is the previous tile), then the shortcut's.
+        const auto pack = [&](int64_t first, int64_t end) {
+          const int64_t conv_end = std::min(end, layer.conv_features());
+          if (!layer.reads_tile && first < conv_end) {
+            if (l == 0) {
+              pack_image_tokens(k, x, out_rows.first * layer.stride_h, layer.stride_h, layer.stride_w, tokens, first,
+                                conv_end, width, panel + first * width);
+            } else {
+              pack_band_features(layer, images[l], out_rows.first, tokens, first, conv_end, width, panel);
+            }
+          }
+          const int64_t shortcut_first = std::max(first, layer.conv_features());
+          if (chain.shortcut && l == num_layers - 1 && shortcut_first < end) {
+            pack_image_tokens(k, x, out_rows.first * chain.shortcut_stride_h, chain.shortcut_stride_h,
+                              chain.shortcut_stride_w, tokens, shortcut_first - layer.conv_features(),
+                              end - layer.conv_features(), width, panel + shortcut_first * width);
+          }
+        };
+        const PackedLinearView& w = layer.w;
+        float* tile = panels[1 - current];
+        if (layer.taps()) {  // its panel is its band image, from this panel's first token on
+          run_row_blocks(k, w, 0, w.num_row_blocks, images[l].data + tokens.first, width, /*gemv=*/false, layer.bias,
+                         layer.act, tile);
+        } else if (panel_fits_l2(w, width)) {
+          pack(0, w.in_features);
+          run_row_blocks(k, w, 0, w.num_row_blocks, panel, width, /*gemv=*/false, layer.bias, layer.act, tile);
+        } else {  // a K-block slice at a time, right before the kernels sweep it
+          run_row_blocks(k, w, 0, w.num_row_blocks, panel, width, /*gemv=*/false, layer.bias, layer.act, tile,
+                         [&](int64_t kb) { pack(kb * w.k_block, std::min(w.in_features, (kb + 1) * w.k_block)); });
+        }
+        current = 1 - current;
+      }
+      const ChainLayer& tail = chain.layers[last_layer];
+      if (writes_output) {
+        write_tile_to_output(k, panels[current], tail.out_channels, width, tokens, out_rows.first, y);
+      } else {
+        write_tile_to_band(panels[current], tail.out_channels, width, tokens, out_rows.first,
+                           chain.layers[last_layer + 1], images[last_layer + 1]);
+      }
+    }
+  }
+}
+
+// ---- the tile planner -------------------------------------------------------------
+
+// How a layer reads its input (reads_tile, or its band image's layout) and the pitch
+// of its tokens. A 1 x 1 layer (stride 1, no padding) after a layer of exact rows reads
+// that layer's tile; after wide rows it reads a band image of exact rows instead: the
+// wide tile's rows would have to be copied (and the shortcut's and output's pixels)
+// piece by piece, for every one of its channels. A k x k layer of stride 1 takes the
+// tap layout or wide rows (kMaxDroppedTokensDenominator, kMinTapVectors).
+void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels::SpmmKernels& k) {
+  const bool stride_1 = layer.stride_h == 1 && layer.stride_w == 1;
+  const bool one_by_one = layer.kernel_h == 1 && layer.kernel_w == 1;
+  const bool k_by_k = previous != nullptr && !one_by_one;
+  layer.reads_tile = previous != nullptr && one_by_one && stride_1 && layer.pad_h == 0 && layer.pad_w == 0 &&
+                     previous->token_pitch == previous->out_w;
+  const int64_t register_pitch = ceil_div(layer.padded_w(), k.vector_width) * k.vector_width;
+  int64_t tap_width = 0;  // the widest panel of whole registers that divides the pitch
+  for (int64_t panel = k.vector_width; panel <= std::min(k.max_panel_width, register_pitch); panel += k.vector_width) {
+    if (register_pitch % panel == 0) tap_width = panel;
+  }
+  const bool taps = k_by_k && stride_1 && tap_width >= kMinTapVectors * k.vector_width &&
+                    (register_pitch - layer.out_w) * kMaxDroppedTokensDenominator <= register_pitch;
+  const bool wide = k_by_k && layer.stride_w == 1 &&
+                    (layer.kernel_w - 1) * kMaxDroppedTokensDenominator <= layer.padded_w();
+  layer.pitch = taps ? register_pitch : layer.padded_w();
+  if (taps) {
+    layer.copies = layer.kernel_w;
+    layer.tap_width = tap_width;
+  }
+  layer.token_pitch = layer.reads_tile ? previous->token_pitch : (taps || wide ? layer.pitch : layer.out_w);
+}
+
+// Work of one band, in the units of sparse_linear_2d's cost (multiply-adds and per-row
+// overhead per token), plus one unit per float copied into a panel or written out.
+int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, int64_t first_row, int64_t end_row) {
+  const auto rows = band_rows(chain, first_row, end_row);
+  int64_t cost = 0;
+  for (const auto& [first_layer, last_layer] : chain.stages) {
+    const ChainLayer& head = chain.layers[first_layer];
+    const PanelCut cut(k, head, stage_tokens(head, rows[first_layer]));
+    int64_t per_token = 0;
+    for (size_t l = first_layer; l <= last_layer; ++l) {
+      const ChainLayer& layer = chain.layers[l];
+      const int64_t copied = layer.taps() ? 0
+                             : layer.reads_tile ? layer.w.in_features - layer.conv_features()
+                                                : layer.w.in_features;
+      per_token += layer.w.nnz + 2 * layer.w.out_features + copied;
+    }
+    const size_t next = last_layer + 1;
+    per_token += chain.layers[last_layer].out_channels * (next < chain.layers.size() ? chain.layers[next].copies : 1);
+    cost += cut.num_panels() * cut.width * per_token;
+  }
+  return cost;
+}
+
+// Bytes of the band images a band writes and reads back: what should stay in L2.
+int64_t band_image_bytes(const Chain& chain, int64_t first_row, int64_t end_row) {
+  const auto rows = band_rows(chain, first_row, end_row);
+  int64_t bytes = 0;
+  for (const auto& [first_layer, last_layer] : chain.stages) {
+    if (first_layer == 0) continue;
+    const ChainLayer& head = chain.layers[first_layer];
+    bytes += head.in_channels * head.copies * padded_rows(head, rows[first_layer]) * head.pitch * 4;
+  }
+  return bytes;
+}
+
+// Bands per image. The makespan of B bands on T threads (whole bands, contiguous
+// ranges: at::parallel_for's split) is ceil(batch * B / T) bands of ceil(height / B)
+// rows; taller bands recompute fewer halo rows, more bands keep threads busy. Among the
+// heights whose band images fit the L2 cache, the planner takes the band count of
+// least makespan (the fewest bands on a tie); when none fits, one row per band.
+// band_rows > 0 overrides it.
+int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override) {
+  const int64_t height = chain.last().out_h;
+  if (band_rows_override > 0) return ceil_div(height, std::min(band_rows_override, height));
+  const int64_t threads = at::get_num_threads(), budget = l2_cache_bytes();
+  int64_t best = height, best_makespan = -1;
+  for (int64_t bands = 1; bands <= height; ++bands) {
+    const int64_t rows = ceil_div(height, bands);
+    if (ceil_div(height, rows) != bands) continue;  // the same height as a smaller count
+    const int64_t first = (height - rows) / 2;  // an inner band: halos on both sides
+    if (band_image_bytes(chain, first, first + rows) > budget) continue;
+    const int64_t makespan = ceil_div(chain.batch * bands, threads) * band_cost(chain, k, first, first + rows);
+    if (best_makespan < 0 || makespan < best_makespan) {
+      best = bands;
+      best_makespan = makespan;
+    }
+  }
+  return best;
+}
+
+// ---- the op -----------------------------------------------------------------------------
+
+// Output rows [first, end) of band `band` of `bands` over the last layer's `height` rows.
+std::pair<int64_t, int64_t> band_of(int64_t height, int64_t bands, int64_t band) {
+  return {band * height / bands, (band + 1) * height / bands};
+}
+
+// Sizes each band image for the most rows any of the `bands` bands writes into it, and
+// packs each tap layer's weight for its image's geometry (held by *tap_packed). Returns
+// the most tokens a stage of a band has. (Not from one inner band alone: when the bands
+// are at most one row shorter than the image, none has halos on both sides, and a band
+// at the bottom edge can need more rows than one at the top.)
+int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, std::vector<at::Tensor>* tap_packed) {
+  std::vector<int64_t> most_rows(chain.layers.size(), 0), stage_most_tokens(chain.layers.size(), 0);
+  for (int64_t band = 0; band < bands; ++band) {
+    const auto [first, end] = band_of(chain.last().out_h, bands, band);
+    const auto rows = band_rows(chain, first, end);
+    for (const auto& stage : chain.stages) {
+      const ChainLayer& head = chain.layers[stage.first];
+      most_rows[stage.first] = std::max(most_rows[stage.first], padded_rows(head, rows[stage.first]));
+      stage_most_tokens[stage.first] = std::max(stage_most_tokens[stage.first], stage_tokens(head, rows[stage.first]));
+    }
+  }
+  int64_t most_tokens = 1;
+  for (const auto& stage : chain.stages) {
+    ChainLayer& head = chain.layers[stage.first];
+    const int64_t tokens = stage_most_tokens[stage.first];
+    most_tokens = std::max({most_tokens, tokens, head.tap_width});
+    if (stage.first == 0) continue;
+    const int64_t image_rows = most_rows[stage.first];
+    head.plane_stride = head.taps() ? image_rows * head.pitch : ceil_div(image_rows * head.pitch, 16) * 16;
+    head.band_image_floats = head.in_channels * head.copies * head.plane_stride;
+    if (head.taps()) {
+      tap_packed->push_back(
+          tap_packed_weight(weights[stage.first], head.w, head.pitch, head.tap_width, head.plane_stride));
+      head.w = checked_view(tap_packed->back());
+      // The kernels may read panel_rows() rows from any panel's first token on.
+      head.band_image_floats = std::max(head.band_image_floats, tokens + head.w.panel_rows(false) * head.tap_width) +
+                               head.tap_width;
+    }
+  }
+  return most_tokens;
+}
+
+bool is_channels_last(const at::Tensor& t) { return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
+
+at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList packed,
+                          const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef strides,
+                          at::IntArrayRef paddings, const std::vector<std::string>& activations, bool shortcut,
+                          int64_t band_rows_override) {
+  const char* op = "sparsecpu::conv_chain";
+  const kernels::SpmmKernels& k = kernels::active_kernels();
+  const size_t n = weights.size();
+  TORCH_CHECK_VALUE(n >= 1 && packed.size() == n && biases.size() == n && activations.size() == n, op,
+                    ": weights, packed, biases and activations must have the same length >= 1, got ", weights.size(),
+                    ", ", packed.size(), ", ", biases.size(), ", ", activations.size());
+  TORCH_CHECK_VALUE(strides.size() == 2 * n && paddings.size() == 2 * n, op,
+                    ": strides and paddings must hold 2 values (height, width) per layer, ", 2 * n, " each, got ",
+                    strides.size(), " and ", paddings.size());
+  TORCH_CHECK_VALUE(band_rows_override >= 0, op, ": band_rows must be >= 0 (0: the planner's choice), got ",
+                    band_rows_override);
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
+                    ": input must be a float32 CPU tensor, got ", input.scalar_type(), " on ", input.device());
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be [batch, channels, height, width], got shape ",
+                    input.sizes());
+  Chain chain;
+  chain.shortcut = shortcut;
+  chain.batch = input.size(0);
+  chain.in_channels = input.size(1);
+  std::vector<at::Tensor> packed_now, bias_tensors;  // held while the views are used
+  int64_t channels = input.size(1), height = input.size(2), width = input.size(3);
+  for (size_t l = 0; l < n; ++l) {
+    const at::Tensor& weight = weights[l];
+    TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weights[", l,
+                      "] must be [out_channels, in_channels, kernel_h, kernel_w], got shape ", weight.sizes());
+    packed_now.push_back(packed_for(weight, packed[l]));
+    ChainLayer layer;
+    layer.w = checked_view(packed_now.back());
+    TORCH_CHECK_VALUE(layer.w.datatype == kernels::Datatype::kF32, op, ": packed[", l,
+                      "] is an int8 buffer (pack_linear(..., quantize=\"int8\")); conv_chain runs fp32 buffers only");
+    bias_tensors.push_back(checked_bias(layer.w, weight.flatten(1), biases.get(l), op));
+    layer.bias = data_or_null(bias_tensors.back());
+    layer.act = parse_activation(activations[l]);
+    layer.kernel_h = weight.size(2);
+    layer.kernel_w = weight.size(3);
+    layer.stride_h = strides[2 * l];
+    layer.stride_w = strides[2 * l + 1];
+    layer.pad_h = paddings[2 * l];
+    layer.pad_w = paddings[2 * l + 1];
+    TORCH_CHECK_VALUE(layer.stride_h >= 1 && layer.stride_w >= 1 && layer.pad_h >= 0 && layer.pad_w >= 0, op,
+                      ": layer ", l, " needs strides >= 1 and paddings >= 0, got stride (", layer.stride_h, ", ",
+                      layer.stride_w, "), padding (", layer.pad_h, ", ", layer.pad_w, ")");
+    const bool one_by_one = layer.kernel_h == 1 && layer.kernel_w == 1;
+    TORCH_CHECK_VALUE(l > 0 || (one_by_one && layer.pad_h == 0 && layer.pad_w == 0), op,
+                      ": the first layer must be a 1 x 1 convolution without padding, got a ", layer.kernel_h, " x ",
+                      layer.kernel_w, " kernel with padding (", layer.pad_h, ", ", layer.pad_w, ")");
+    const bool reads_shortcut = shortcut && l == n - 1;
+    const int64_t expected_in = channels + (reads_shortcut ? input.size(1) : 0);
+    TORCH_CHECK_VALUE(weight.size(1) == expected_in, op, ": weights[", l, "] takes ", weight.size(1),
+                      " input channels, expected ", expected_in,
+                      reads_shortcut ? " (the previous layer's, then the input's for the shortcut)"
+                                     : (l == 0 ? " (the input's)" : " (the previous layer's output channels)"));
+    TORCH_CHECK_VALUE(!reads_shortcut || (one_by_one && layer.stride_h == 1 && layer.stride_w == 1 &&
+                                          layer.pad_h == 0 && layer.pad_w == 0),
+                      op, ": with shortcut=True the last layer must be a 1 x 1 convolution, stride 1, no padding");
+    layer.in_channels = channels;
+    layer.out_channels = weight.size(0);
+    layer.in_h = height;
+    layer.in_w = width;
+    const int64_t spare_h = height + 2 * layer.pad_h - layer.kernel_h;
+    const int64_t spare_w = width + 2 * layer.pad_w - layer.kernel_w;
+    TORCH_CHECK_VALUE(height > 0 && width > 0 && spare_h >= 0 && spare_w >= 0, op, ": layer ", l, "'s input of ",
+                      height, " x ", width, " is smaller than its ", layer.kernel_h, " x ", layer.kernel_w,
+                      " kernel with padding (", layer.pad_h, ", ", layer.pad_w, ")");
+    layer.out_h = spare_h / layer.stride_h + 1;
+    layer.out_w = spare_w / layer.stride_w + 1;
+    choose_layout(layer, l == 0 ? nullptr : &chain.layers[l - 1], k);
+    if (!layer.reads_tile) chain.stages.push_back({l, l});
+    chain.stages.back().second = l;
+    chain.shortcut_stride_h *= layer.stride_h;
+    chain.shortcut_stride_w *= layer.stride_w;
+    channels = layer.out_channels;
+    height = layer.out_h;
+    width = layer.out_w;
+    chain.layers.push_back(layer);
+  }
+  if (shortcut) {
+    const int64_t sampled_h = (input.size(2) - 1) / chain.shortcut_stride_h + 1;
+    const int64_t sampled_w = (input.size(3) - 1) / chain.shortcut_stride_w + 1;
+    TORCH_CHECK_VALUE(sampled_h == height && sampled_w == width, op, ": the shortcut samples the ", input.size(2),
+                      " x ", input.size(3), " input at the chain's stride (", chain.shortcut_stride_h, ", ",
+                      chain.shortcut_stride_w, ") into ", sampled_h, " x ", sampled_w,
+                      " pixels, but the chain's output is ", height, " x ", width);
+  }
+  const bool channels_last = is_channels_last(input);
+  at::Tensor y = at::empty({chain.batch, channels, height, width},
+                           input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                       : at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  const int64_t bands = plan_bands(chain, k, band_rows_override);
+  std::vector<at::Tensor> tap_packed;  // held while the views are used
+  const int64_t most_tokens = size_band_images(chain, bands, weights, &tap_packed);
+  // The input as the kernels read it: rows of pixels with any strides (a
+  // channels-last-like input is transposed 8 pixels at a time; see pack_image_tokens).
+  const at::Tensor x = channels_last || input.stride(3) == 1 ? input : input.contiguous();
+  // No panel is wider than the most tokens of any stage, nor than a full panel.
+  const int64_t widest = std::min(k.max_panel_width, ceil_div(most_tokens, k.vector_width) * k.vector_width);
+  const int64_t panel_floats = panel_buffer_floats(k, chain, widest);
+  const float* x_data = x.data_ptr<float>();
+  float* y_data = y.data_ptr<float>();
+  at::parallel_for(0, chain.batch * bands, 1, [&](int64_t begin, int64_t end) {
+    thread_local BandScratch scratch;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t image = item / bands, band = item % bands;
+      const ImageView x_image{x_data + image * x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+      const ImageView y_image{y_data + image * y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+      const auto [first_row, end_row] = band_of(height, bands, band);
+      run_band(k, chain, x_image, y_image, first_row, end_row, panel_floats, scratch);
+    }
+    for (ScratchBuffer& buffer : scratch.images) buffer.release_if_large();
+    for (ScratchBuffer& buffer : scratch.panels) buffer.release_if_large();
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsecpu, CPU, m) {
+  m.impl("conv_chain", &conv_chain_cpu);
+}
+
+}  // namespace sparsecpu

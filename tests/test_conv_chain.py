@@ -1,0 +1,334 @@
+"""Consecutive convolutions as tensor columns: the sparsecpu::conv_chain op against
+F.conv2d, its argument checks, and the backend's fusion of ResNet bottlenecks (with
+fuse_layers=False and eager as references)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as prune
+from torch import nn
+
+import torch_sparsecpu
+from torch_sparsecpu import ops
+
+from conftest import EAGER, assert_close_rel, compile_sparse, sparse_weight
+
+ISAS = torch_sparsecpu.available_isas()
+
+
+def conv_weight(out_channels: int, in_channels: int, kernel: int, sparsity: float = 0.8) -> torch.Tensor:
+    weight = sparse_weight(out_channels, in_channels * kernel * kernel, sparsity)
+    return weight.view(out_channels, in_channels, kernel, kernel)
+
+
+def bottleneck_args(in_c, mid_c, out_c, stride, shortcut, *, biases=True):
+    """The op arguments of a bottleneck 1x1 -> 3x3 (stride) -> 1x1: shortcut is None,
+    "identity" or "projection" (a 1 x 1 convolution at the stride, appended to the
+    last weight along its input channels)."""
+    weights = [conv_weight(mid_c, in_c, 1), conv_weight(mid_c, mid_c, 3), conv_weight(out_c, mid_c, 1)]
+    if shortcut == "identity":
+        weights[-1] = torch.cat([weights[-1], torch.eye(out_c).view(out_c, out_c, 1, 1)], 1)
+    elif shortcut == "projection":
+        weights[-1] = torch.cat([weights[-1], conv_weight(out_c, in_c, 1)], 1)
+    biases = [torch.randn(w.size(0)) if biases else None for w in weights]
+    return weights, biases, [1, stride, 1], [0, 1, 0]
+
+
+def reference(x, weights, biases, strides, paddings, activations, shortcut: bool):
+    """The chain layer by layer in float64, the shortcut as F.conv2d of the strided input."""
+    h, x64 = x.double(), x.double()
+    for layer, (weight, bias, stride, padding, act) in enumerate(
+        zip(weights, biases, strides, paddings, activations, strict=True)
+    ):
+        weight, bias = weight.double(), None if bias is None else bias.double()
+        if shortcut and layer == len(weights) - 1:
+            total = 1
+            for s in strides:
+                total *= s
+            own = h.size(1)
+            z = F.conv2d(h, weight[:, :own], bias) + F.conv2d(x64[:, :, ::total, ::total], weight[:, own:])
+        else:
+            z = F.conv2d(h, weight, bias, stride, padding)
+        h = {"relu": F.relu, "none": lambda v: v, "relu6": F.relu6}[act](z)
+    return h.float()
+
+
+def run_chain(x, weights, biases, strides, paddings, activations, shortcut, band_rows=0, isa=None):
+    packed = [ops.pack_linear(w.flatten(1)) for w in weights]
+    with torch_sparsecpu.force_isa(isa or torch_sparsecpu.isa()):
+        return ops.conv_chain(
+            x, weights, packed, biases, strides, paddings, activations, shortcut=shortcut, band_rows=band_rows
+        )
+
+
+# batch, in, mid, out, height, width, stride, shortcut: odd sizes (7, 14, 15), stride 2
+# inside the chain, batch > 1, identity and projection shortcuts
+BOTTLENECKS = [
+    (1, 16, 8, 16, 7, 7, 1, "identity"),
+    (2, 16, 8, 16, 14, 14, 1, "identity"),
+    (1, 16, 8, 32, 15, 15, 2, "projection"),
+    (2, 24, 8, 40, 15, 13, 2, "projection"),
+    (1, 16, 8, 24, 14, 14, 1, "projection"),
+    (3, 16, 4, 8, 9, 11, 2, None),
+    # rows wide enough for the tap layout on every ISA (64 floats: 4 AVX-512 registers)
+    (1, 8, 4, 8, 60, 62, 1, "identity"),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", BOTTLENECKS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bottleneck_matches_conv2d(isa, case, channels_last):
+    batch, in_c, mid_c, out_c, height, width, stride, shortcut = case
+    weights, biases, strides, paddings = bottleneck_args(in_c, mid_c, out_c, stride, shortcut)
+    x = torch.randn(batch, in_c, height, width)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    activations = ["relu", "relu", "relu" if shortcut else "none"]
+    expected = reference(x, weights, biases, strides, paddings, activations, shortcut is not None)
+    for band_rows in (0, 1, 2, 5):  # every band at an image border, or none
+        actual = run_chain(x, weights, biases, strides, paddings, activations, shortcut is not None, band_rows, isa)
+        what = f"{isa} {case} band_rows={band_rows}"
+        assert_close_rel(actual, expected, what=what)
+        # Channels-last in, channels-last out, like F.conv2d.
+        assert actual.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize(
+    "kernels,strides,paddings",
+    [
+        ([1, 1, 1], [1, 1, 1], [0, 0, 0]),  # pointwise layers read the previous tile
+        ([1, 3, 3], [1, 1, 2], [0, 1, 1]),  # two k x k layers, the second strided
+        ([1, 5, 1], [1, 1, 1], [0, 2, 0]),  # a 5 x 5 kernel: halos of 2 rows
+        ([1, 1], [2, 1], [0, 0]),  # a strided first layer
+        ([1, 3], [1, 1], [0, 0]),  # a k x k layer without padding
+        ([1, 1, 3], [1, 2, 1], [0, 0, 1]),  # a strided 1 x 1 layer inside the chain
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_other_chains_match_conv2d(kernels, strides, paddings, channels_last):
+    channels = [12, 8, 16, 8][: len(kernels) + 1]
+    weights = [conv_weight(channels[i + 1], channels[i], k) for i, k in enumerate(kernels)]
+    biases = [torch.randn(w.size(0)) for w in weights]
+    activations = ["relu6", "relu", "none"][: len(kernels)]
+    x = torch.randn(2, 12, 13, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = reference(x, weights, biases, strides, paddings, activations, False)
+    for band_rows in (0, 1, 3):
+        actual = run_chain(x, weights, biases, strides, paddings, activations, False, band_rows)
+        assert_close_rel(actual, expected, what=f"{kernels} band_rows={band_rows}")
+
+
+@pytest.mark.parametrize("band_rows", [0, 2])
+def test_band_at_the_bottom_edge_needs_the_most_rows(band_rows):
+    """3 output rows in bands of 1 and 2 rows: no band has halos on both sides, and the
+    bottom one needs more rows of the middle layer than the top one (its band image
+    must be sized for it: the fuzz test once found it overrun)."""
+    kernels, strides, paddings = [1, 3, 3], [2, 1, 2], [0, 1, 1]
+    weights = [conv_weight(c_out, c_in, k) for c_in, c_out, k in zip([11, 6, 2], [6, 2, 11], kernels, strict=True)]
+    biases = [torch.randn(w.size(0)) for w in weights]
+    x = torch.randn(1, 11, 12, 6)
+    activations = ["relu", "none", "relu"]
+    expected = reference(x, weights, biases, strides, paddings, activations, False)
+    actual = run_chain(x, weights, biases, strides, paddings, activations, False, band_rows)
+    assert_close_rel(actual, expected)
+
+
+def test_strided_views_and_4x1_blocks():
+    """A non-contiguous input (every other column) and weights packed in 4 x 1 blocks."""
+    weights, biases, strides, paddings = bottleneck_args(16, 8, 16, 1, "identity")
+    x = torch.randn(1, 16, 9, 22)[:, :, :, ::2]
+    activations = ["relu"] * 3
+    packed = [ops.pack_linear(w.flatten(1), block_rows=4, k_block=16) for w in weights]
+    actual = ops.conv_chain(x, weights, packed, biases, strides, paddings, activations, shortcut=True)
+    assert_close_rel(actual, reference(x, weights, biases, strides, paddings, activations, True))
+
+
+def test_empty_batch_and_single_pixel():
+    weights, biases, strides, paddings = bottleneck_args(8, 4, 8, 1, "identity")
+    args = (weights, [ops.pack_linear(w.flatten(1)) for w in weights], biases, strides, paddings, ["relu"] * 3)
+    assert ops.conv_chain(torch.randn(0, 8, 5, 5), *args, shortcut=True).shape == (0, 8, 5, 5)
+    x = torch.randn(2, 8, 1, 1)
+    actual = ops.conv_chain(x, *args, shortcut=True)
+    assert_close_rel(actual, reference(x, weights, biases, strides, paddings, ["relu"] * 3, True))
+
+
+def test_opcheck_conv_chain():
+    weights, biases, strides, paddings = bottleneck_args(8, 4, 12, 2, "projection")
+    packed = [ops.pack_linear(w.flatten(1)) for w in weights]
+    flat = lambda pairs: [v for p in pairs for v in (p, p)]  # noqa: E731
+    for x in (torch.randn(2, 8, 9, 7), torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)):
+        args = (x, weights, packed, biases, flat(strides), flat(paddings), ["relu"] * 3, True, 2)
+        torch.library.opcheck(torch.ops.sparsecpu.conv_chain.default, args)
+
+
+def test_conv_chain_bad_arguments():
+    weights, biases, strides, paddings = bottleneck_args(8, 4, 8, 1, "identity")
+    packed = [ops.pack_linear(w.flatten(1)) for w in weights]
+    x = torch.randn(1, 8, 6, 6)
+    acts = ["relu"] * 3
+
+    def chain(*, x=x, weights=weights, packed=packed, biases=biases, strides=strides, paddings=paddings, **kw):
+        return ops.conv_chain(x, weights, packed, biases, strides, paddings, acts, **{"shortcut": True, **kw})
+
+    cases = [
+        (ValueError, "same length", lambda: chain(packed=packed[:2])),
+        (TypeError, "shortcut must be", lambda: chain(shortcut=1)),
+        (ValueError, "band_rows must be >= 0", lambda: chain(band_rows=-1)),
+        (
+            ValueError,
+            "first layer must be a 1 x 1",
+            lambda: chain(weights=[weights[1], *weights[1:]], packed=[packed[1], *packed[1:]], paddings=[1, 1, 0]),
+        ),
+        (ValueError, "input channels", lambda: chain(shortcut=False)),  # the last weight has the shortcut's too
+        (ValueError, "stride", lambda: chain(strides=[1, 0, 1])),
+        (ValueError, "smaller than", lambda: chain(x=torch.randn(1, 8, 1, 1), paddings=[0, 0, 0])),
+        (ValueError, "shortcut samples", lambda: chain(paddings=[0, 0, 0])),
+        (ValueError, "float32", lambda: chain(x=x.double())),
+        (ValueError, "4-D|\\[batch, channels", lambda: chain(x=torch.randn(8, 6, 6))),
+        (ValueError, "does not match the packed", lambda: chain(packed=[packed[1], packed[1], packed[2]])),
+        (
+            ValueError,
+            "int8 buffer.*fp32 buffers only",
+            lambda: chain(packed=[ops.pack_linear(weights[0].flatten(1), quantize="int8"), *packed[1:]]),
+        ),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+# ---------------------------------------------------------------------------
+# The backend: HF ResNet bottlenecks fused, against fuse_layers=False and eager
+# ---------------------------------------------------------------------------
+
+
+def resnet_stage(in_channels=32, hidden=(32, 64), depths=(2, 2), sparsity=0.9, seed=0):
+    """A small HF ResNetModel (bottleneck layers; the first layer of each stage but the
+    first is stride 2 with a projection shortcut), random init, convolutions pruned."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.ResNetConfig(
+        embedding_size=in_channels, hidden_sizes=list(hidden), depths=list(depths), layer_type="bottleneck"
+    )
+    model = transformers.ResNetModel(config).eval()
+    torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,))
+    with torch.no_grad():  # non-trivial batch norms, so that folding them is tested
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def sparse_op_names(fn, *args) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*args)
+    return [e.name for e in prof.events() if e.name.startswith("sparsecpu::")]
+
+
+@pytest.mark.parametrize("layer", ["stages.0.layers.1", "stages.1.layers.0"], ids=["identity", "projection_stride2"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_hf_bottleneck_is_one_conv_chain_call(layer, channels_last):
+    model = resnet_stage()
+    block = model.encoder.get_submodule(layer)
+    in_channels = block.layer[0].convolution.in_channels
+    x = torch.randn(2, in_channels, 15, 15)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = compile_sparse(block, options=EAGER)
+    unfused = compile_sparse(block, options={**EAGER, "fuse_layers": False})
+    with torch.inference_mode():
+        expected = block(x)
+        actual = fused(x)
+        assert sparse_op_names(fused, x) == ["sparsecpu::conv_chain"]
+        assert_close_rel(actual, expected, what="fused vs eager")
+        assert_close_rel(actual, unfused(x), what="fused vs fuse_layers=False")
+        assert sparse_op_names(unfused, x).count("sparsecpu::conv2d") == 3 + (layer == "stages.1.layers.0")
+
+
+@pytest.mark.parametrize("size", [7, 14, 15])
+def test_hf_resnet_fused_matches_unfused_and_eager_with_inductor(size):
+    model = resnet_stage()
+    x = torch.randn(2, 3, 4 * size, 4 * size)  # the embedder divides by 4
+    fused = compile_sparse(model)
+    unfused = compile_sparse(model, options={"fuse_layers": False})
+    with torch.inference_mode():
+        expected = model(x).last_hidden_state
+        actual = fused(x).last_hidden_state
+        # The 4 bottlenecks, each one op.
+        assert sparse_op_names(fused, x).count("sparsecpu::conv_chain") == 4
+        assert_close_rel(actual, expected, rel=1e-4, what="fused vs eager")
+        assert_close_rel(actual, unfused(x).last_hidden_state, rel=1e-4, what="fused vs fuse_layers=False")
+
+
+def test_conv_chains_only_without_grad():
+    model = resnet_stage()
+    block = model.encoder.stages[0].layers[1]
+    x = torch.randn(1, 32, 8, 8)
+    compiled = compile_sparse(block, options=EAGER)
+    # Grad mode on: no batch norm folded, no chain (neither has an autograd formula).
+    assert_close_rel(compiled(x), block(x))
+    names = sparse_op_names(compiled, x)
+    assert "sparsecpu::conv_chain" not in names and "sparsecpu::conv2d" in names
+
+
+class PlainBottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 with biases and no batch norms, identity shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(16, 8, 1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        return F.relu(self.expand(F.relu(self.mix(F.relu(self.reduce(x))))) + x)
+
+
+def test_unfolded_weights_of_a_residual_chain_are_watched():
+    """A chain whose last convolution has no batch norm: its weight is copied into the
+    concatenated [W | I] constant, so editing it must rebuild."""
+    block = PlainBottleneck().eval()
+    torch_sparsecpu.magnitude_prune_(block, 0.9, layer_types=(nn.Conv2d,))
+    x = torch.randn(1, 16, 9, 9)
+    compiled = compile_sparse(block, options=EAGER)
+    with torch.inference_mode():
+        assert_close_rel(compiled(x), block(x))
+        assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]
+    with torch.no_grad():
+        block.expand.weight.mul_(2)
+        block.expand.bias.add_(1)
+    with torch.inference_mode():
+        assert_close_rel(compiled(x), block(x), what="after editing the last convolution")
+
+
+@pytest.mark.parametrize("model", ["plain", "hf_projection"])
+def test_chain_of_weights_pruned_with_prune_hooks(model):
+    """Weights computed as weight_orig * weight_mask (torch.nn.utils.prune, hooks kept) are
+    folded into constants and still fuse into one chain; edits of a mask or of weight_orig
+    after compiling are honoured (the chain is rebuilt)."""
+    if model == "plain":
+        torch.manual_seed(0)
+        block, x = PlainBottleneck().eval(), torch.randn(1, 16, 9, 9)
+    else:
+        block = resnet_stage(sparsity=0.0).encoder.stages[1].layers[0]  # stride 2, projection shortcut
+        x = torch.randn(2, block.layer[0].convolution.in_channels, 15, 15)
+    convolutions = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convolutions:
+        prune.l1_unstructured(conv, "weight", amount=0.9)
+    compiled = compile_sparse(block, options=EAGER)
+    with torch.inference_mode():
+        assert_close_rel(compiled(x), block(x))
+        assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]
+    with torch.no_grad():
+        convolutions[-1].weight_mask[:1].zero_()  # the last layer's (or the shortcut's) mask
+        convolutions[1].weight_orig.mul_(-1)  # a weight inside the chain
+    with torch.inference_mode():
+        assert_close_rel(compiled(x), block(x), what="after editing a mask and a weight_orig")
+        assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]
