@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import torch_sparsecpu
 from torch_sparsecpu.backend import sparsecpu_backend
 from torch_sparsecpu.bench import cli
 from torch_sparsecpu.bench.measure import percentile, relative_error
@@ -200,6 +201,16 @@ def test_decode_compiles_prefill_and_decode_once_for_any_prompt_length():
     for length in (8, 11, 13):
         cli._generate_timed(runner, torch.randint(0, 64, (1, length)), new_tokens=3)
         assert len(graphs) == 2, f"{len(graphs)} graphs after a prompt of {length} tokens"
+
+
+def test_int8_layer_counts_of_prompt_and_decode_step_apart():
+    """Under quantize="int8", zeros anywhere: the 8-token prompt's linears stay fp32 and a
+    one-token decode step's run int8 (ops.int8_pays); --decode reports both."""
+    spec = resolve_model("llama-tiny", TINY_LLAMA_CONFIG)
+    model = build_model(spec, sparsity=0.7, seq=8)
+    assert torch_sparsecpu._C.MAX_GEMV_TOKENS < 8
+    counts = cli._sparse_layers(model, cli.PATHS["sparsecpu-int8"], decode=True)
+    assert counts == "7/8, int8: 0 in the prompt, 7 in a decode step", counts
 
 
 def test_python_dash_m_help():

@@ -281,10 +281,12 @@ def _first_call(fn: Callable[[], object]) -> tuple[object, float, float]:
     return result, time.perf_counter() - start, peak_rss_mb()
 
 
-def _sparse_layers(model: BenchModel, path: BenchPath) -> str | None:
+def _sparse_layers(model: BenchModel, path: BenchPath, decode: bool = False) -> str | None:
     """How many layers run sparse under a sparsecpu path, as "taken/total" (from
     torch_sparsecpu.explain on one call's inputs), with how many of them run int8 under
-    a quantizing path ("taken/total, N int8"); None for other paths."""
+    a quantizing path ("taken/total, N int8"); None for other paths. With ``decode`` the
+    int8 count is given for the prompt and for a one-token decode step apart: the
+    per-layer rule (ops.int8_pays) may pick int8 for one and fp32 for the other."""
     if path.backend != "sparsecpu":
         return None
     options = dict(path.options or {})
@@ -292,7 +294,15 @@ def _sparse_layers(model: BenchModel, path: BenchPath) -> str | None:
     counts = f"{sum(d.taken for d in decisions)}/{len(decisions)}"
     if options.get("quantize") is None:
         return counts
-    return f"{counts}, {sum(d.taken and d.datatype != 'f32' for d in decisions)} {options['quantize']}"
+
+    def quantized(decisions) -> int:
+        return sum(d.taken and d.datatype != "f32" for d in decisions)
+
+    if not decode:
+        return f"{counts}, {quantized(decisions)} {options['quantize']}"
+    (prompt,) = model.inputs
+    step = torch_sparsecpu.explain(model.module, prompt[:, -1:], **options)
+    return f"{counts}, {options['quantize']}: {quantized(decisions)} in the prompt, {quantized(step)} in a decode step"
 
 
 def run_forward(model: BenchModel, names: Sequence[str], repeats: int, warmup: int):
@@ -620,7 +630,7 @@ def run(args: argparse.Namespace, spec: ModelSpec) -> int:
         except ResultMismatch as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 1
-        sparse_layers = {name: _sparse_layers(model, PATHS[name]) for name in args.compare}
+        sparse_layers = {name: _sparse_layers(model, PATHS[name], bool(args.decode)) for name in args.compare}
     for name in args.compare:
         if name == REFERENCE:
             checked = "the reference"
