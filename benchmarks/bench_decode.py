@@ -306,7 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-sparsity", type=int, default=60, help="the backend option, in percent (default 60)")
     parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor")
     parser.add_argument("--model", choices=tuple(MODEL_SIZES), default="llama")
-    parser.add_argument("--quantize", choices=("int8",), help="also time the model compiled with this quantize option")
+    parser.add_argument(
+        "--quantize",
+        choices=torch_sparsecpu.ops.QUANTIZED_DATATYPES,
+        help="also time the model compiled with this quantize option",
+    )
     sizes = ("layers", "hidden", "intermediate", "heads", "vocab")
     for size in sizes:
         parser.add_argument(f"--{size}", type=int, help="default: the model's, " + str(MODEL_SIZES))

@@ -13,7 +13,7 @@ dense first. The compiled module runs under ``torch.inference_mode`` (the backen
 the layers into one chain only with grad mode off).
 
 ``--quantize int8`` also times the module compiled with ``options={"quantize": "int8"}``
-(checked against dense within ``INT8_TOLERANCE``), next to the fp32 compiled module on
+(checked against dense within common's ``QUANTIZED_TOLERANCE``), next to the fp32 compiled module on
 the same weights; ``--block-cols 4`` draws weights whose zeros come in 1 x 4 blocks, the
 shape the int8 kernels need to pay on many tokens (``ops.int8_pays``).
 
@@ -43,7 +43,13 @@ import torch.nn.functional as F
 
 from torch_sparsecpu import ops
 
-from common import add_single_case_arguments, check_then_time, random_input, random_sparse_weight
+from common import (
+    QUANTIZED_TOLERANCE,
+    add_single_case_arguments,
+    check_then_time,
+    random_input,
+    random_sparse_weight,
+)
 
 HIDDEN, INTERMEDIATE = 768, 3072
 # Features and activations per --layers: BERT's FFN block, and the 3-layer MLP.
@@ -56,9 +62,6 @@ ACTIVATION_MODULES = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}
 ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "relu": F.relu, "none": lambda t: t}
 ACTIVATION_NAMES = {"gelu": "GELU", "relu": "ReLU"}
 SEPARATE_OPS = {2: "two linear ops", 3: "three linear ops"}
-# The int8 path's max error over max |dense output| (weights per channel, activations per
-# token: about 1e-2 on these layers); what tests/test_backend_int8.py holds it to.
-INT8_TOLERANCE = 5e-2
 
 
 def compiled_mlp(
@@ -93,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--block-cols", type=int, choices=(1, 4), default=1, help="4: zeros in 1 x 4 blocks (with --block-rows 1)"
     )
     parser.add_argument(
-        "--quantize", choices=("int8",), help='also time the module compiled with options={"quantize": "int8"}'
+        "--quantize",
+        choices=ops.QUANTIZED_DATATYPES,
+        help='also time the module compiled with options={"quantize": "int8"}',
     )
     args = parser.parse_args(argv)
     if args.block_cols > 1 and args.block_rows > 1:
@@ -163,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tolerance=1e-5,
         expected_results=expected_results,
         clock=time.process_time if args.cpu_time else time.perf_counter,
-        tolerances={"compiled int8": INT8_TOLERANCE},
+        tolerances={"compiled int8": QUANTIZED_TOLERANCE},
     )
 
     dense = statistics.median(times["eager dense"])

@@ -615,7 +615,7 @@ def add_sweep_arguments(
     )
     parser.add_argument(
         "--quantize",
-        choices=("int8",),
+        choices=torch_sparsecpu.ops.QUANTIZED_DATATYPES,
         default=None,
         help="also time the weight packed with pack_linear(quantize=...) (columns int8 ms, int8 x fp32, int8 x dense)",
     )

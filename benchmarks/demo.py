@@ -39,7 +39,11 @@ def main() -> int:
     parser.add_argument(
         "--bert-tokens", type=int, default=128, help="sequence length of the BERT input (1: batch-1 decoding-like GEMV)"
     )
-    parser.add_argument("--quantize", choices=("int8",), help="also time each model compiled with this quantize option")
+    parser.add_argument(
+        "--quantize",
+        choices=torch_sparsecpu.ops.QUANTIZED_DATATYPES,
+        help="also time each model compiled with this quantize option",
+    )
     args = parser.parse_args()
     if not 1 <= args.bert_tokens <= 512:  # BERT-base has 512 positions
         parser.error(f"--bert-tokens must be in [1, 512], got {args.bert_tokens}")

@@ -83,9 +83,8 @@ class SparseCPUOptions:
             raise ValueError(
                 f"option 'inner' must be one of {', '.join(map(repr, INNER_COMPILERS))}, got {self.inner!r}"
             )
-        quantized_types = ops.DATATYPES[1:]  # "f32" is quantize=None
-        if self.quantize is not None and self.quantize not in quantized_types:
-            choices = ", ".join(map(repr, quantized_types))
+        if self.quantize is not None and self.quantize not in ops.QUANTIZED_DATATYPES:
+            choices = ", ".join(map(repr, ops.QUANTIZED_DATATYPES))
             raise ValueError(f"option 'quantize' must be None or one of {choices}, got {self.quantize!r}")
         for flag in ("fuse_activations", "fuse_layers", "fold_batch_norm", "verbose"):
             if not isinstance(getattr(self, flag), bool):

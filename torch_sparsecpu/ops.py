@@ -21,6 +21,9 @@ HEADER_FIELDS: dict[str, int] = dict(_C.header_fields())
 # What a packed buffer's values are, as csrc/kernels/lists.h lists them: "f32", and the
 # datatypes pack_linear's ``quantize`` accepts ("int8"). Indexed by the header word.
 DATATYPES: tuple[str, ...] = tuple(_C.DATATYPES)
+# What ``quantize`` (pack_linear's argument, the backend's option) accepts: every datatype
+# but "f32", which is quantize=None.
+QUANTIZED_DATATYPES: tuple[str, ...] = DATATYPES[1:]
 
 TALL_BLOCK_ROWS = _C.TALL_BLOCK_ROWS  # rows of a 4 x 1 block (kTallBlockRows in spmm.h)
 # Tall blocks pay off when this fraction of their stored values is nonzero (see
@@ -210,9 +213,8 @@ def _pack_int8(
     weight: Tensor, k_block: int | None, row_block: int, block_rows: int | None, quantize: str, block_cols: int | None
 ) -> Tensor:
     """pack_linear(quantize=...) once the common arguments are checked."""
-    quantized_types = DATATYPES[1:]  # "f32" is quantize=None
-    if quantize not in quantized_types:
-        raise ValueError(f"quantize must be None or one of {', '.join(quantized_types)}, got {quantize!r}")
+    if quantize not in QUANTIZED_DATATYPES:
+        raise ValueError(f"quantize must be None or one of {', '.join(QUANTIZED_DATATYPES)}, got {quantize!r}")
     if block_rows not in (None, 1):
         raise ValueError(f"block_rows must be None or 1 with quantize={quantize!r} (1 x 1 or 1 x 4 blocks)")
     if block_cols not in (None, 1, WIDE_BLOCK_COLS):
