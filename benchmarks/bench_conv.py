@@ -3,7 +3,7 @@ whole model.
 
     python benchmarks/bench_conv.py [--mode layers|blocks|model] [--model resnet50|mobilenetv2]
                                     [--sparsity 90] [--threads 2] [--rounds 3] [--image 224]
-                                    [--block encoder.stages.0.layers.1]
+                                    [--block stages.0.layers.1]
 
 The model comes from its ``transformers`` config with random weights. Every mode checks
 each path's output against the reference before timing, then times the paths in
@@ -14,14 +14,18 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
   ``F.conv2d`` against ``torch_sparsecpu.ops.conv2d`` on the input shape each distinct
   layer sees, with GFLOP/s over nonzeros next to dense GFLOP/s over all weights; the last
   line sums over the model's layers.
-- ``blocks`` (ResNet-50, convolutions pruned): each distinct bottleneck (the first and
-  second of each stage, or those named by ``--block``) compiled alone on the input it
-  sees, eager against ``backend="sparsecpu"`` with ``fuse_layers=False`` (three or four
-  ``sparsecpu::conv2d`` calls and Inductor's add + ReLU) and fused (one
-  ``sparsecpu::conv_chain`` call per bottleneck).
-- ``model``: the whole model at batch 1, every convolution but the stem pruned, eager
-  (dense kernels on the pruned weights) against sparsecpu fused and with
-  ``fuse_layers=False``; outputs within 1e-4 of eager.
+- ``blocks`` (convolutions pruned): each distinct block compiled alone on the input it
+  sees, eager against ``backend="sparsecpu"`` with ``fuse_layers=False`` and fused (one
+  ``sparsecpu::conv_chain`` call per block). ResNet-50: the first and second bottleneck
+  of each stage (unfused: three or four ``sparsecpu::conv2d`` calls and Inductor's add +
+  ReLU). MobileNetV2: the first inverted residual at each resolution and the one after it
+  (unfused: two ``sparsecpu::conv2d`` calls around oneDNN's depthwise convolution, HF's
+  pads, Inductor's batch norm + ReLU6 and the residual add). ``--block`` names others
+  (``stages.0.layers.1`` under ResNet's encoder, ``layer.3`` for MobileNetV2).
+- ``model``: the whole model at batch 1, eager (dense kernels on the pruned weights)
+  against sparsecpu fused and with ``fuse_layers=False``; outputs within 1e-4 of eager.
+  ResNet-50: every convolution but the stem pruned; MobileNetV2: every convolution
+  (``sparsecpu-bench``'s recipe; its depthwise ones run dense either way).
 """
 
 from __future__ import annotations
@@ -76,8 +80,29 @@ def hf_resnet50(sparsity: float, prune_stem: bool) -> nn.Module:
     return torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,), name_filter=keep_stem)
 
 
-def block_inputs(model: nn.Module, names: Sequence[str], image: int) -> dict[str, torch.Tensor]:
-    """The input each named bottleneck sees on one random image (a forward hook)."""
+def hf_mobilenet_v2(sparsity: float) -> nn.Module:
+    """HF MobileNetV2Model with the MobileNetV2-1.0 config, random weights (seed 0), every
+    convolution magnitude-pruned to ``sparsity`` (sparsecpu-bench's mobilenet-v2)."""
+    return build_model(resolve_model(MODELS["mobilenetv2"]), sparsity=sparsity).module
+
+
+# Blocks mode: the model, where its blocks are, and the blocks timed by default.
+BLOCKS = {
+    "resnet50": (
+        functools.partial(hf_resnet50, prune_stem=True),
+        lambda model: model.encoder,
+        [f"stages.{s}.layers.{i}" for s in range(4) for i in (0, 1)],
+    ),
+    "mobilenetv2": (
+        hf_mobilenet_v2,
+        lambda model: model,
+        [f"layer.{i}" for i in (0, 1, 2, 3, 5, 6, 9, 12, 13)],
+    ),
+}
+
+
+def block_inputs(model: nn.Module, root: nn.Module, names: Sequence[str], image: int) -> dict[str, torch.Tensor]:
+    """The input each named block under ``root`` sees on one random image (a forward hook)."""
     seen: dict[str, torch.Tensor] = {}
 
     def record(name):
@@ -86,7 +111,7 @@ def block_inputs(model: nn.Module, names: Sequence[str], image: int) -> dict[str
 
         return hook
 
-    hooks = [model.encoder.get_submodule(name).register_forward_hook(record(name)) for name in names]
+    hooks = [root.get_submodule(name).register_forward_hook(record(name)) for name in names]
     with torch.no_grad():
         model(torch.randn(1, 3, image, image))
     for hook in hooks:
@@ -121,11 +146,13 @@ def compiled_paths(module: nn.Module, x: torch.Tensor) -> dict:
 
 
 def run_blocks(args) -> None:
-    model = hf_resnet50(args.sparsity / 100, prune_stem=True)
-    names = args.block or [f"stages.{s}.layers.{i}" for s in range(4) for i in (0, 1)]
-    inputs = block_inputs(model, names, args.image)
+    make_model, root_of, default_names = BLOCKS[args.model]
+    model = make_model(args.sparsity / 100)
+    root = root_of(model)
+    names = args.block or default_names
+    inputs = block_inputs(model, root, names, args.image)
     print(
-        f"ResNet-50 bottlenecks compiled alone, {args.sparsity:g}% zeros, {args.threads} threads, "
+        f"{args.model} blocks compiled alone, {args.sparsity:g}% zeros, {args.threads} threads, "
         f"{args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
     )
     header = ("block", 20), ("input", 18), ("eager ms", 9), ("unfused ms", 11), ("fused ms", 9), ("ops", 7)
@@ -133,7 +160,7 @@ def run_blocks(args) -> None:
     with torch.inference_mode():
         for name in names:
             torch._dynamo.reset()  # the blocks share their class's forward: Dynamo's recompile limit is per code
-            block, x = model.encoder.get_submodule(name), inputs[name]
+            block, x = root.get_submodule(name), inputs[name]
             paths = compiled_paths(block, x)
             ms = time_paths(paths, args, tolerance=1e-5)
             ops_used = f"{op_calls(paths['unfused'])}->{op_calls(paths['fused'])}"
@@ -144,10 +171,13 @@ def run_blocks(args) -> None:
 
 
 def run_model(args) -> None:
-    model = hf_resnet50(args.sparsity / 100, prune_stem=False)
+    if args.model == "resnet50":
+        model, pruned = hf_resnet50(args.sparsity / 100, prune_stem=False), "every convolution but the stem"
+    else:
+        model, pruned = hf_mobilenet_v2(args.sparsity / 100), "every convolution"
     x = torch.randn(1, 3, args.image, args.image)
     print(
-        f"HF ResNet-50, batch 1, {args.image} x {args.image}, every convolution but the stem {args.sparsity:g}% zeros, "
+        f"HF {args.model}, batch 1, {args.image} x {args.image}, {pruned} {args.sparsity:g}% zeros, "
         f"{args.threads} threads, {args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
     )
     with torch.inference_mode():
@@ -159,7 +189,7 @@ def run_model(args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("layers", "blocks", "model"), default="layers")
-    parser.add_argument("--block", action="append", help="blocks mode: a bottleneck under encoder (repeatable)")
+    parser.add_argument("--block", action="append", help="blocks mode: a block (ResNet: under encoder; repeatable)")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     parser.add_argument("--sparsity", type=float, default=90, help="percent of zero weights (default 90)")
     parser.add_argument("--threads", type=int, default=2)
@@ -173,8 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.manual_seed(0)
-    if args.mode != "layers" and args.model != "resnet50":
-        parser.error(f"--mode {args.mode} runs ResNet-50 only")
     if args.mode == "blocks":
         run_blocks(args)
         return 0

@@ -200,6 +200,19 @@ def test_bench_conv_blocks_fuses_each_bottleneck_into_one_op(capsys):
     assert row.split()[-2] == "3->1" and row.split()[-1].endswith("x")
 
 
+@pytest.mark.slow
+def test_bench_conv_blocks_fuses_each_inverted_residual_into_one_op(capsys):
+    pytest.importorskip("transformers")
+    arguments = (
+        "--mode blocks --model mobilenetv2 --block layer.1 --image 64 --threads 1 --rounds 1 --min-run-time 0.01"
+    )
+    run_main(bench_conv, arguments)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("layer.1"))
+    # Two sparsecpu::conv2d calls around the dense depthwise one unfused, one conv_chain fused.
+    assert row.split()[-2] == "2->1" and row.split()[-1].endswith("x")
+
+
 def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):
     pytest.importorskip("transformers")
     tiny = "--layers 1 --hidden 64 --intermediate 128 --heads 2 --vocab 128 --prompt 9 --new-tokens 3"

@@ -263,8 +263,9 @@ def test_conv_net_compiled_with_inductor_matches_eager(channels_last, fuse_layer
     with torch.no_grad():
         expected = model(x)
         actual, code = run_and_get_code(compiled, x)
-    # Fused: expand -> spatial and project -> padded, each pair one conv_chain call.
-    calls = {"conv2d": 0 if fuse_layers else 4, "conv_chain": 2 if fuse_layers else 0}
+    # Fused: expand -> spatial -> depthwise (dense, inside the chain) -> project -> padded,
+    # one conv_chain call.
+    calls = {"conv2d": 0 if fuse_layers else 4, "conv_chain": 1 if fuse_layers else 0}
     for op, count in calls.items():
         assert sum(c.count(f"torch.ops.sparsecpu.{op}.default(") for c in code) == count, op
     assert_close_rel(actual, expected)

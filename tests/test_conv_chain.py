@@ -206,6 +206,18 @@ def test_conv_chain_bad_arguments():
 # ---------------------------------------------------------------------------
 
 
+def randomize_batch_norms_(model: nn.Module) -> nn.Module:
+    """Non-trivial batch norms, so that folding them is tested."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
 def resnet_stage(in_channels=32, hidden=(32, 64), depths=(2, 2), sparsity=0.9, seed=0):
     """A small HF ResNetModel (bottleneck layers; the first layer of each stage but the
     first is stride 2 with a projection shortcut), random init, convolutions pruned."""
@@ -216,14 +228,7 @@ def resnet_stage(in_channels=32, hidden=(32, 64), depths=(2, 2), sparsity=0.9, s
     )
     model = transformers.ResNetModel(config).eval()
     torch_sparsecpu.magnitude_prune_(model, sparsity, layer_types=(nn.Conv2d,))
-    with torch.no_grad():  # non-trivial batch norms, so that folding them is tested
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model
+    return randomize_batch_norms_(model)
 
 
 def sparse_op_names(fn, *args) -> list[str]:
@@ -332,3 +337,165 @@ def test_chain_of_weights_pruned_with_prune_hooks(model):
     with torch.inference_mode():
         assert_close_rel(compiled(x), block(x), what="after editing a mask and a weight_orig")
         assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]
+
+
+# ---------------------------------------------------------------------------
+# MobileNet inverted residuals: a dense depthwise layer inside the chain
+# ---------------------------------------------------------------------------
+
+
+def same_padding(height: int, width: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """TensorFlow's "same" padding (HF MobileNetV2's tf_padding) as (top, bottom, left,
+    right): uneven for a stride-2 layer of an even input."""
+
+    def sides(size):
+        total = max(kernel - stride, 0) if size % stride == 0 else max(kernel - size % stride, 0)
+        return total // 2, total - total // 2
+
+    return (*sides(height), *sides(width))
+
+
+def inverted_residual_args(in_c, expanded, out_c, stride, padding, residual, *, kernel=3):
+    """The op arguments of 1x1 expand -> depthwise k x k (stride) -> 1x1 project, the
+    identity appended to the last weight for a residual; the depthwise layer's packed
+    entry empty, half its taps zero."""
+    depthwise = torch.randn(expanded, 1, kernel, kernel)
+    depthwise[torch.rand_like(depthwise) < 0.5] = 0.0  # pruned taps are skipped
+    depthwise[0] = 0.0  # a channel of bias alone
+    weights = [conv_weight(expanded, in_c, 1), depthwise, conv_weight(out_c, expanded, 1)]
+    if residual:
+        weights[-1] = torch.cat([weights[-1], torch.eye(out_c).view(out_c, out_c, 1, 1)], 1)
+    packed = [ops.pack_linear(weights[0].flatten(1)), torch.empty(0), ops.pack_linear(weights[2].flatten(1))]
+    biases = [torch.randn(w.size(0)) for w in weights]
+    return weights, packed, biases, [1, stride, 1], [0, padding, 0]
+
+
+def inverted_residual_reference(x, weights, biases, stride, padding, residual):
+    """The block layer by layer in float64 (relu6 after expand and depthwise)."""
+    x64 = x.double()
+    w1, wd, w3 = (w.double() for w in weights)
+    b1, bd, b3 = (b.double() for b in biases)
+    h = F.relu6(F.conv2d(x64, w1, b1))
+    top, bottom, left, right = padding
+    h = F.relu6(F.conv2d(F.pad(h, (left, right, top, bottom)), wd, bd, stride, groups=wd.size(0)))
+    own = h.size(1)
+    y = F.conv2d(h, w3[:, :own], b3)
+    return (y + x64 if residual else y).float()
+
+
+# batch, in, expanded, out, height, width, stride, TensorFlow padding: odd sizes (7, 13,
+# 15), stride 2 with uneven padding, batch > 1; a residual when stride 1 and in == out
+INVERTED_RESIDUALS = [
+    (1, 8, 48, 8, 7, 7, 1, True),
+    (2, 8, 48, 8, 14, 14, 1, False),
+    (1, 8, 48, 16, 15, 15, 2, True),
+    (2, 16, 32, 24, 14, 13, 2, True),
+    (1, 8, 24, 16, 14, 14, 2, False),
+    (1, 8, 16, 8, 60, 62, 1, True),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", INVERTED_RESIDUALS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_inverted_residual_matches_conv2d(isa, case, channels_last):
+    batch, in_c, expanded, out_c, height, width, stride, tf_padding = case
+    torch.manual_seed(sum(case))
+    padding = same_padding(height, width, 3, stride) if tf_padding else (1, 1, 1, 1)
+    residual = stride == 1 and in_c == out_c
+    weights, packed, biases, strides, _ = inverted_residual_args(in_c, expanded, out_c, stride, padding, residual)
+    x = torch.randn(batch, in_c, height, width)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = inverted_residual_reference(x, weights, biases, stride, padding, residual)
+    paddings = [0, padding, 0]
+    for band_rows in (0, 1, 3):
+        with torch_sparsecpu.force_isa(isa):
+            actual = ops.conv_chain(
+                x,
+                weights,
+                packed,
+                biases,
+                strides,
+                paddings,
+                ["relu6", "relu6", "none"],
+                shortcut=residual,
+                band_rows=band_rows,
+            )
+        assert actual.shape == expected.shape
+        assert_close_rel(actual, expected, what=f"band_rows={band_rows}")
+
+
+def test_inverted_residual_opcheck_and_bad_depthwise_arguments():
+    weights, packed, biases, strides, _ = inverted_residual_args(8, 16, 8, 2, (0, 1, 0, 1), False)
+    x = torch.randn(2, 8, 10, 9)
+    flat_strides = [s for s in strides for _ in range(2)]
+    paddings = [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0]
+    args = (x, weights, packed, biases, flat_strides, paddings, ["relu6", "relu6", "none"], False, 0)
+    torch.library.opcheck(torch.ops.sparsecpu.conv_chain.default, args)
+
+    def chain(*, weights=weights, packed=packed, biases=biases, paddings=(0, (0, 1, 0, 1), 0)):
+        return ops.conv_chain(x, weights, packed, biases, strides, list(paddings), ["relu6", "relu6", "none"])
+
+    wrong_channels = [weights[0], torch.randn(12, 1, 3, 3), weights[2]]
+    cases = [
+        (ValueError, "depthwise.*\\[16, 1, kernel_h, kernel_w\\]", lambda: chain(weights=wrong_channels)),
+        (ValueError, "packed\\[0\\] is empty", lambda: chain(packed=[torch.empty(0), *packed[1:]])),
+        (
+            ValueError,
+            "biases\\[1\\] must be a float32 \\[16\\]",
+            lambda: chain(biases=[biases[0], torch.randn(3), biases[2]]),
+        ),
+        (ValueError, "paddings\\[1\\] must be >= 0", lambda: chain(paddings=(0, (0, -1, 0, 1), 0))),
+        (TypeError, "paddings\\[1\\] must be ints", lambda: chain(paddings=(0, (0, 1.0, 0, 1), 0))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def mobilenet(sparsity=0.9, seed=0, **config):
+    """A small HF MobileNetV2Model (TensorFlow padding by default), random init, every
+    ungrouped convolution pruned, non-trivial batch norms."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = transformers.MobileNetV2Model(transformers.MobileNetV2Config(depth_multiplier=0.35, **config)).eval()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            torch_sparsecpu.magnitude_prune_(module, sparsity, layer_types=(nn.Conv2d,))
+    return randomize_batch_norms_(model)
+
+
+@pytest.mark.parametrize("tf_padding", [True, False], ids=["tf_padding", "symmetric_padding"])
+@pytest.mark.parametrize("size", [32, 45])
+def test_hf_mobilenet_v2_inverted_residuals_are_conv_chains(tf_padding, size):
+    model = mobilenet(tf_padding=tf_padding)
+    x = torch.randn(2, 3, size, size)
+    fused = compile_sparse(model)
+    unfused = compile_sparse(model, options={"fuse_layers": False})
+    with torch.inference_mode():
+        expected = model(x).last_hidden_state
+        actual = fused(x).last_hidden_state
+        # Every inverted residual with an expansion (16 of 17) is one op; the stem's last
+        # 1 x 1 and the final 1 x 1 join the first and last of them: only the stem's
+        # 3 x 3 (no chain starts with a k x k layer) stays a conv2d call.
+        names = sparse_op_names(fused, x)
+        assert names.count("sparsecpu::conv_chain") == 16
+        assert names.count("sparsecpu::conv2d") == 1
+        assert_close_rel(actual, expected, rel=1e-4, what="fused vs eager")
+        assert_close_rel(actual, unfused(x).last_hidden_state, rel=1e-4, what="fused vs fuse_layers=False")
+
+
+def test_depthwise_weight_and_batch_norm_edits_are_seen():
+    model = mobilenet()
+    block = model.layer[1]  # stride 1, residual
+    x = torch.randn(1, block.expand_1x1.convolution.in_channels, 9, 9)
+    compiled = compile_sparse(block, options=EAGER)
+    with torch.inference_mode():
+        assert_close_rel(compiled(x), block(x))
+        assert sparse_op_names(compiled, x) == ["sparsecpu::conv_chain"]
+    with torch.no_grad():
+        block.conv_3x3.convolution.weight.mul_(-1.5)
+        block.conv_3x3.normalization.running_mean.add_(0.3)  # in place: no version bump
+    with torch.inference_mode():
+        assert_close_rel(compiled(x), block(x))

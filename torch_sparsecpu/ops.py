@@ -399,7 +399,7 @@ def conv_chain(
     packed: list[Tensor],
     biases: list[Tensor | None],
     strides: list[int | tuple[int, int]],
-    paddings: list[int | tuple[int, int]],
+    paddings: list[int | tuple[int, int] | tuple[int, int, int, int]],
     activations: list[str],
     *,
     shortcut: bool = False,
@@ -409,6 +409,13 @@ def conv_chain(
     of output rows by band, every layer computing the rows the next one needs, so the
     intermediate images stay in cache ("tensor columns"; docs/tile_planner.md). Zero
     padding, no dilation or groups; the first layer is a 1 x 1 convolution without padding.
+    A padding is an int, (height, width), or (top, bottom, left, right) for one that
+    differs per side (TensorFlow's "same" padding).
+
+    A layer whose ``packed`` entry is empty (``torch.empty(0)``) runs dense as a
+    depthwise convolution (``groups`` = channels): its weight is ``[C, 1, kh, kw]`` for
+    the ``C`` output channels of the layer before (a MobileNet inverted residual: 1 x 1
+    expand, depthwise, 1 x 1 project).
 
     With ``shortcut``, the last layer (1 x 1, stride 1, no padding) also reads ``input``
     sampled at the chain's stride (the product of the layers' strides) as extra input
@@ -425,7 +432,7 @@ def conv_chain(
     if band_rows < 0:
         raise ValueError(f"band_rows must be >= 0 (0: the tile planner's choice), got {band_rows}")
     flat_strides = [v for i, s in enumerate(strides) for v in _pair(f"strides[{i}]", s, 1)]
-    flat_paddings = [v for i, p in enumerate(paddings) for v in _pair(f"paddings[{i}]", p, 0)]
+    flat_paddings = _chain_paddings(paddings)
     return torch.ops.sparsecpu.conv_chain(
         input,
         list(weights),
@@ -437,6 +444,27 @@ def conv_chain(
         shortcut,
         band_rows,
     )
+
+
+def _chain_paddings(paddings) -> list[int]:
+    """conv_chain's paddings flattened: (height, width) per layer, or (top, bottom, left,
+    right) per layer when any layer gives four."""
+    if not isinstance(paddings, (list, tuple)):
+        raise TypeError(f"paddings must be a list, got {type(paddings).__name__}")
+    sides = [p if isinstance(p, (list, tuple)) and len(p) == 4 else None for p in paddings]
+    if all(side is None for side in sides):
+        return [v for i, p in enumerate(paddings) for v in _pair(f"paddings[{i}]", p, 0)]
+    flat = []
+    for i, (p, side) in enumerate(zip(paddings, sides, strict=True)):
+        if side is None:
+            height, width = _pair(f"paddings[{i}]", p, 0)
+            side = (height, height, width, width)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in side):
+            raise TypeError(f"paddings[{i}] must be ints (top, bottom, left, right), got {p!r}")
+        if min(side) < 0:
+            raise ValueError(f"paddings[{i}] must be >= 0, got {p!r}")
+        flat += list(side)
+    return flat
 
 
 def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1):
@@ -502,9 +530,13 @@ def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0)
 def _conv_chain_fake(input, weights, packed, biases, strides, paddings, activations, shortcut=False, band_rows=0):
     torch._check(input.dim() == 4, lambda: f"sparsecpu::conv_chain: input must be 4-D, got {tuple(input.shape)}")
     height, width = input.size(2), input.size(3)
+    # (height, width) or (top, bottom, left, right) per layer: the sum per dimension.
+    per_layer = len(paddings) // max(1, len(weights))
     for layer, weight in enumerate(weights):
-        height = _conv_output_size(height, weight.size(2), strides[2 * layer], paddings[2 * layer])
-        width = _conv_output_size(width, weight.size(3), strides[2 * layer + 1], paddings[2 * layer + 1])
+        pads = paddings[per_layer * layer : per_layer * (layer + 1)]
+        pad_h, pad_w = (2 * pads[0], 2 * pads[1]) if per_layer == 2 else (pads[0] + pads[1], pads[2] + pads[3])
+        height = (height + pad_h - weight.size(2)) // strides[2 * layer] + 1
+        width = (width + pad_w - weight.size(3)) // strides[2 * layer + 1] + 1
     return torch.empty(
         (input.size(0), weights[-1].size(0), height, width),
         dtype=input.dtype,

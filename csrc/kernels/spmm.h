@@ -250,6 +250,13 @@ struct SpmmKernels {
   // tile[o * panel_width + t] for o < rows, t < tokens.
   void (*unpack_tile)(const float* tile, int64_t rows, int64_t panel_width,
                       int64_t tokens, float* y, int64_t y_stride);
+
+  // One output row of one channel of a dense depthwise convolution (conv_chain's
+  // MobileNet layers): out[x] = act(bias + sum_t w[t] * taps[t][x]) for x < count,
+  // each of the num_taps taps a run of count floats (the caller points tap (i, j) of a
+  // stride-1 kernel at input row i from column j; it splits strided rows into phases).
+  void (*depthwise_row)(const float* const* taps, const float* w, int64_t num_taps, float bias,
+                        Activation act, int64_t count, float* out);
 };
 
 // The AVX2 panel copies (8x8 transposes, spmm_f32__avx2.cpp), which the AVX-512
@@ -268,6 +275,10 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
 // The scalar activation `act` of x (lists.h, spmm_f32__scalar.cpp), which the scalar int8
 // kernels use too.
 float activate_scalar(float x, Activation act);
+// The scalar depthwise row (spmm_f32__scalar.cpp), which the portable vec16 table uses
+// too. Signature as in SpmmKernels.
+void depthwise_row_scalar(const float* const* taps, const float* w, int64_t num_taps, float bias,
+                          Activation act, int64_t count, float* out);
 
 // ---------------------------------------------------------------------------
 // int8 kernels (datatype kInt8; docs/kernels.md#int8-kernels).

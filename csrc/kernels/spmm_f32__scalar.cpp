@@ -51,6 +51,15 @@ float activate_scalar(float x, Activation act) {
   SPARSECPU_RETURN_ACTIVATED(act, x);
 }
 
+void depthwise_row_scalar(const float* const* taps, const float* w, int64_t num_taps, float bias,
+                          Activation act, int64_t count, float* out) {
+  for (int64_t x = 0; x < count; ++x) {
+    float sum = bias;
+    for (int64_t t = 0; t < num_taps; ++t) sum += w[t] * taps[t][x];
+    out[x] = activate_scalar(sum, act);
+  }
+}
+
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                        int64_t feature_stride, int64_t panel_width, float* panel) {
   for (int64_t i = 0; i < in_features; ++i) {
@@ -68,7 +77,7 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
 }
 
 const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
-                                 &spmm_row_block_scalar, &unpack_tile_scalar};
+                                 &spmm_row_block_scalar, &unpack_tile_scalar, &depthwise_row_scalar};
 
 }  // namespace kernels
 }  // namespace sparsecpu

@@ -274,3 +274,32 @@ void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
       return;  // 0: no rest
   }
 }
+
+// ---- dense depthwise rows (conv_chain) ------------------------------------------------
+
+// SpmmKernels::depthwise_row: kDepthwiseVectors registers of outputs at a time, each
+// tap's weight broadcast once for all of them; the last partial register masked.
+constexpr int64_t kDepthwiseVectors = 2;
+
+void depthwise_row_simd(const float* const* taps, const float* w, int64_t num_taps, float bias, Activation act,
+                        int64_t count, float* out) {
+  constexpr int64_t kStep = kDepthwiseVectors * Vec::kWidth;
+  int64_t x = 0;
+  for (; x + kStep <= count; x += kStep) {
+    Vec::T sums[kDepthwiseVectors];
+    for (int64_t v = 0; v < kDepthwiseVectors; ++v) sums[v] = Vec::set1(bias);
+    for (int64_t t = 0; t < num_taps; ++t) {
+      const Vec::T weight = Vec::set1(w[t]);
+      for (int64_t v = 0; v < kDepthwiseVectors; ++v) {
+        sums[v] = Vec::fma(weight, Vec::load(taps[t] + x + v * Vec::kWidth), sums[v]);
+      }
+    }
+    for (int64_t v = 0; v < kDepthwiseVectors; ++v) Vec::store(out + x + v * Vec::kWidth, activate(sums[v], act));
+  }
+  for (; x < count; x += Vec::kWidth) {
+    const auto lanes = Vec::first(static_cast<int>(count - x < Vec::kWidth ? count - x : Vec::kWidth));
+    Vec::T sum = Vec::set1(bias);
+    for (int64_t t = 0; t < num_taps; ++t) sum = Vec::fma(Vec::set1(w[t]), Vec::load_first(taps[t] + x, lanes), sum);
+    Vec::store_first(out + x, activate(sum, act), lanes);
+  }
+}

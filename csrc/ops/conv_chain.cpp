@@ -17,6 +17,14 @@
 // writes one copy of its rows per kernel column, shifted, and the k x k weight is
 // packed so that its features are rows of that image: no panel is copied at all.
 //
+// A MobileNet inverted residual's depthwise convolution (a layer whose packed entry is
+// empty; weight [channels, 1, kernel_h, kernel_w]) runs dense inside the column:
+// it reads its band image like a k x k layer but multiplies each channel's rows by its
+// own kernel (SpmmKernels::depthwise_row) straight into its output tile, which the next
+// 1 x 1 layer reads. Its memory round trip, not its arithmetic, is what costs outside
+// the chain. Paddings may differ per side (TensorFlow's "same" padding, HF MobileNetV2's
+// default, pads a stride-2 layer only at the bottom and right).
+//
 // The residual: with `shortcut`, the last layer (1 x 1) reads the chain's input too,
 // sampled at the chain's stride, as extra input channels after the previous layer's:
 // its weight is [W_last | W_shortcut] (or [W_last | I] for an identity shortcut) and
@@ -56,7 +64,11 @@ struct ChainLayer {
   PackedLinearView w;
   const float* bias = nullptr;
   Activation act = Activation::kNone;
-  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1;
+  int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+  // A dense depthwise layer: its weight, [out_channels][kernel_h * kernel_w] (w unused).
+  const float* depthwise_weight = nullptr;
+  bool depthwise() const { return depthwise_weight != nullptr; }
   int64_t in_channels = 0, out_channels = 0;  // in_channels: the convolution's, without the shortcut's
   int64_t in_h = 0, in_w = 0, out_h = 0, out_w = 0;
   bool reads_tile = false;  // its panel is the previous layer's output tile
@@ -71,7 +83,8 @@ struct ChainLayer {
   int64_t tap_width = 0;
   bool taps() const { return tap_width > 0; }
 
-  int64_t padded_w() const { return in_w + 2 * pad_w; }
+  int64_t padded_w() const { return in_w + pad_left + pad_right; }
+  bool padded() const { return pad_top != 0 || pad_bottom != 0 || pad_left != 0 || pad_right != 0; }
   int64_t conv_features() const { return in_channels * kernel_h * kernel_w; }
   // Rows of its (padded) input that output rows [first, end) read: [first * stride_h, input_end(end)).
   int64_t input_end(int64_t end) const { return (end - 1) * stride_h + kernel_h; }
@@ -147,8 +160,8 @@ std::vector<std::pair<int64_t, int64_t>> band_rows(const Chain& chain, int64_t f
   rows.back() = {first, end};
   for (size_t l = chain.layers.size() - 1; l > 0; --l) {
     const ChainLayer& layer = chain.layers[l];
-    rows[l - 1] = {std::max<int64_t>(0, rows[l].first * layer.stride_h - layer.pad_h),
-                   std::min(layer.in_h, layer.input_end(rows[l].second) - layer.pad_h)};
+    rows[l - 1] = {std::max<int64_t>(0, rows[l].first * layer.stride_h - layer.pad_top),
+                   std::min(layer.in_h, layer.input_end(rows[l].second) - layer.pad_top)};
   }
   return rows;
 }
@@ -254,17 +267,17 @@ void pack_band_features(const ChainLayer& layer, const BandImage& image, int64_t
 
 // Writes the pixels of an output tile [channels][width] into the band image of the
 // next layer: token (band row r, column q) is output row first_output_row + r, at
-// padded row + pad_h, padded column q + pad_w, i.e. column q + pad_w - j of plane j
+// padded row + pad_top, padded column q + pad_left, i.e. column q + pad_left - j of plane j
 // (pixels left of a shifted plane's first column are not in it).
 void write_tile_to_band(const float* tile, int64_t channels, int64_t width, const TokenRange& tokens,
                         int64_t first_output_row, const ChainLayer& next, const BandImage& image) {
   for (int64_t c = 0; c < channels; ++c) {
     tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
       for (int64_t j = 0; j < image.copies; ++j) {
-        const int64_t skip = std::max<int64_t>(0, j - next.pad_w - q);
+        const int64_t skip = std::max<int64_t>(0, j - next.pad_left - q);
         if (skip >= pixels) continue;
         std::copy_n(tile + c * width + t + skip, pixels - skip,
-                    image.at(c, j, first_output_row + r + next.pad_h, q + skip + next.pad_w - j));
+                    image.at(c, j, first_output_row + r + next.pad_top, q + skip + next.pad_left - j));
       }
     });
   }
@@ -275,7 +288,8 @@ void write_tile_to_band(const float* tile, int64_t channels, int64_t width, cons
 // plane (its last panel's dropped tokens read that far).
 // written_rows: the image rows [first, end) the previous layer writes.
 void zero_band_padding(const ChainLayer& layer, const BandImage& image, std::pair<int64_t, int64_t> written_rows) {
-  const int64_t first_written = written_rows.first + layer.pad_h, end_written = written_rows.second + layer.pad_h;
+  const int64_t first_written = written_rows.first + layer.pad_top;
+  const int64_t end_written = written_rows.second + layer.pad_top;
   for (int64_t c = 0; c < layer.in_channels; ++c) {
     for (int64_t j = 0; j < image.copies; ++j) {
       for (int64_t row = image.first_row; row < image.first_row + image.rows; ++row) {
@@ -283,8 +297,8 @@ void zero_band_padding(const ChainLayer& layer, const BandImage& image, std::pai
         if (row < first_written || row >= end_written) {
           std::fill(at, at + image.pitch, 0.0f);
         } else {
-          std::fill(at, at + std::max<int64_t>(0, layer.pad_w - j), 0.0f);
-          std::fill(at + std::max<int64_t>(0, layer.pad_w + layer.in_w - j), at + image.pitch, 0.0f);
+          std::fill(at, at + std::max<int64_t>(0, layer.pad_left - j), 0.0f);
+          std::fill(at + std::max<int64_t>(0, layer.pad_left + layer.in_w - j), at + image.pitch, 0.0f);
         }
       }
       std::fill(image.at(c, j, image.first_row + image.rows, 0), image.at(c, j + 1, image.first_row, 0), 0.0f);
@@ -339,11 +353,66 @@ struct BandScratch {
 int64_t panel_buffer_floats(const kernels::SpmmKernels& k, const Chain& chain, int64_t width) {
   int64_t floats = 0;
   for (const ChainLayer& layer : chain.layers) {
+    if (layer.depthwise()) {  // its output tile only
+      floats = std::max(floats, layer.out_channels * width);
+      continue;
+    }
     const PackedLinearView& w = layer.w;
     const int64_t panel_rows = layer.taps() ? 0 : std::max(w.panel_rows(false), w.in_features);
     floats = std::max({floats, panel_rows * width, w.num_row_blocks * w.row_block * width});
   }
   return floats + k.vector_width;
+}
+
+// A dense depthwise layer's output tile [channels][width] for the tokens of `tokens`
+// (exact rows) from its band image: each piece of an output row is one depthwise_row
+// call per channel over the channel's nonzero taps (a pruned depthwise weight's zeros
+// cost nothing). A strided layer's input rows are first split into phases (phase p
+// holds columns p, p + stride, ...), so that every tap reads contiguous floats.
+void depthwise_tile(const kernels::SpmmKernels& k, const ChainLayer& layer, const BandImage& image,
+                    int64_t first_output_row, const TokenRange& tokens, int64_t width, float* tile) {
+  const int64_t taps = layer.kernel_h * layer.kernel_w, stride = layer.stride_w;
+  thread_local std::vector<const float*> tap_rows;
+  thread_local std::vector<float> tap_weights, phases;
+  thread_local std::vector<int64_t> tap_index;  // i * kernel_w + j of each nonzero tap
+  tap_rows.resize(static_cast<size_t>(taps));
+  for (int64_t c = 0; c < layer.out_channels; ++c) {
+    tap_weights.clear();
+    tap_index.clear();
+    for (int64_t t = 0; t < taps; ++t) {
+      const float w = layer.depthwise_weight[c * taps + t];
+      if (w != 0.0f) {
+        tap_weights.push_back(w);
+        tap_index.push_back(t);
+      }
+    }
+    const float bias = layer.bias == nullptr ? 0.0f : layer.bias[c];
+    float* out = tile + c * width;
+    tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
+      const int64_t first_input_row = (first_output_row + r) * layer.stride_h;
+      const auto row = [&](int64_t i) { return image.at(c, 0, first_input_row + i, q * stride); };
+      // Phase p of input row i from output column q: the columns (q + x) * stride + p,
+      // up to (pixels - 1) * stride + kernel_w - 1 (what the taps of phase p read).
+      const int64_t phase_length = pixels + (layer.kernel_w - 1) / stride;
+      if (stride > 1) {
+        phases.resize(static_cast<size_t>(layer.kernel_h * stride * phase_length));
+        for (int64_t i = 0; i < layer.kernel_h; ++i) {
+          for (int64_t p = 0; p < std::min(stride, layer.kernel_w); ++p) {
+            const int64_t length = pixels + (layer.kernel_w - 1 - p) / stride;
+            float* phase = phases.data() + (i * stride + p) * phase_length;
+            for (int64_t x = 0; x < length; ++x) phase[x] = row(i)[x * stride + p];
+          }
+        }
+      }
+      for (size_t n = 0; n < tap_index.size(); ++n) {
+        const int64_t i = tap_index[n] / layer.kernel_w, j = tap_index[n] % layer.kernel_w;
+        tap_rows[n] = stride == 1 ? row(i) + j : phases.data() + (i * stride + j % stride) * phase_length + j / stride;
+      }
+      k.depthwise_row(tap_rows.data(), tap_weights.data(), static_cast<int64_t>(tap_index.size()), bias, layer.act,
+                      pixels, out + t);
+    });
+    std::fill(out + tokens.count, out + width, 0.0f);
+  }
 }
 
 // Runs the band of the last layer's output rows [first_row, end_row) of image n
@@ -399,7 +468,9 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         };
         const PackedLinearView& w = layer.w;
         float* tile = panels[1 - current];
-        if (layer.taps()) {  // its panel is its band image, from this panel's first token on
+        if (layer.depthwise()) {
+          depthwise_tile(k, layer, images[l], out_rows.first, tokens, width, tile);
+        } else if (layer.taps()) {  // its panel is its band image, from this panel's first token on
           run_row_blocks(k, w, 0, w.num_row_blocks, images[l].data + tokens.first, width, /*gemv=*/false, layer.bias,
                          layer.act, tile);
         } else if (panel_fits_l2(w, width)) {
@@ -434,7 +505,12 @@ void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels:
   const bool stride_1 = layer.stride_h == 1 && layer.stride_w == 1;
   const bool one_by_one = layer.kernel_h == 1 && layer.kernel_w == 1;
   const bool k_by_k = previous != nullptr && !one_by_one;
-  layer.reads_tile = previous != nullptr && one_by_one && stride_1 && layer.pad_h == 0 && layer.pad_w == 0 &&
+  if (layer.depthwise()) {  // exact rows of its band image, one plane per channel
+    layer.pitch = layer.padded_w();
+    layer.token_pitch = layer.out_w;
+    return;
+  }
+  layer.reads_tile = previous != nullptr && one_by_one && stride_1 && !layer.padded() &&
                      previous->token_pitch == previous->out_w;
   const int64_t register_pitch = ceil_div(layer.padded_w(), k.vector_width) * k.vector_width;
   int64_t tap_width = 0;  // the widest panel of whole registers that divides the pitch
@@ -464,6 +540,10 @@ int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, int64_t fir
     int64_t per_token = 0;
     for (size_t l = first_layer; l <= last_layer; ++l) {
       const ChainLayer& layer = chain.layers[l];
+      if (layer.depthwise()) {  // dense multiply-adds, no copy
+        per_token += layer.out_channels * (layer.kernel_h * layer.kernel_w + 2);
+        continue;
+      }
       const int64_t copied = layer.taps() ? 0
                              : layer.reads_tile ? layer.w.in_features - layer.conv_features()
                                                 : layer.w.in_features;
@@ -569,9 +649,11 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
   TORCH_CHECK_VALUE(n >= 1 && packed.size() == n && biases.size() == n && activations.size() == n, op,
                     ": weights, packed, biases and activations must have the same length >= 1, got ", weights.size(),
                     ", ", packed.size(), ", ", biases.size(), ", ", activations.size());
-  TORCH_CHECK_VALUE(strides.size() == 2 * n && paddings.size() == 2 * n, op,
-                    ": strides and paddings must hold 2 values (height, width) per layer, ", 2 * n, " each, got ",
-                    strides.size(), " and ", paddings.size());
+  TORCH_CHECK_VALUE(strides.size() == 2 * n && (paddings.size() == 2 * n || paddings.size() == 4 * n), op,
+                    ": strides must hold 2 values (height, width) per layer and paddings 2 (height, width) or 4 (top, "
+                    "bottom, left, right) per layer: ",
+                    2 * n, " and ", 2 * n, " or ", 4 * n, " values, got ", strides.size(), " and ", paddings.size());
+  const size_t pads_per_layer = paddings.size() / n;
   TORCH_CHECK_VALUE(band_rows_override >= 0, op, ": band_rows must be >= 0 (0: the planner's choice), got ",
                     band_rows_override);
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
@@ -582,51 +664,77 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
   chain.shortcut = shortcut;
   chain.batch = input.size(0);
   chain.in_channels = input.size(1);
-  std::vector<at::Tensor> packed_now, bias_tensors;  // held while the views are used
+  std::vector<at::Tensor> packed_now, bias_tensors, depthwise_weights;  // held while the views are used
   int64_t channels = input.size(1), height = input.size(2), width = input.size(3);
   for (size_t l = 0; l < n; ++l) {
     const at::Tensor& weight = weights[l];
     TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weights[", l,
                       "] must be [out_channels, in_channels, kernel_h, kernel_w], got shape ", weight.sizes());
-    packed_now.push_back(packed_for(weight, packed[l]));
     ChainLayer layer;
-    layer.w = checked_view(packed_now.back());
-    TORCH_CHECK_VALUE(layer.w.datatype == kernels::Datatype::kF32, op, ": packed[", l,
-                      "] is an int8 buffer (pack_linear(..., quantize=\"int8\")); conv_chain runs fp32 buffers only");
-    bias_tensors.push_back(checked_bias(layer.w, weight.flatten(1), biases.get(l), op));
-    layer.bias = data_or_null(bias_tensors.back());
+    const bool reads_shortcut = shortcut && l == n - 1;
+    if (packed[l].numel() == 0) {  // a dense depthwise layer
+      TORCH_CHECK_VALUE(l > 0 && !reads_shortcut && weight.size(0) == channels && weight.size(1) == 1 &&
+                            weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+                        op, ": packed[", l, "] is empty, which makes layer ", l, " a dense depthwise convolution: weights[", l, "] ",
+                        "must be a float32 CPU [", channels, ", 1, kernel_h, kernel_w] weight (the previous layer's ",
+                        channels, " channels) and neither the first layer nor the shortcut's, got ",
+                        weight.scalar_type(), " of shape ", weight.sizes());
+      depthwise_weights.push_back(weight.contiguous());
+      layer.depthwise_weight = depthwise_weights.back().data_ptr<float>();
+      const auto& bias = biases.get(l);
+      if (bias.has_value()) {
+        TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == channels, op,
+                          ": biases[", l, "] must be a float32 [", channels, "] tensor, got ", bias->scalar_type(),
+                          " of shape ", bias->sizes());
+        bias_tensors.push_back(bias->contiguous());
+      }
+      layer.bias = bias.has_value() ? bias_tensors.back().data_ptr<float>() : nullptr;
+    } else {
+      packed_now.push_back(packed_for(weight, packed[l]));
+      layer.w = checked_view(packed_now.back());
+      TORCH_CHECK_VALUE(layer.w.datatype == kernels::Datatype::kF32, op, ": packed[", l,
+                        "] is an int8 buffer (pack_linear(..., quantize=\"int8\")); conv_chain runs fp32 buffers only");
+      bias_tensors.push_back(checked_bias(layer.w, weight.flatten(1), biases.get(l), op));
+      layer.bias = data_or_null(bias_tensors.back());
+    }
     layer.act = parse_activation(activations[l]);
     layer.kernel_h = weight.size(2);
     layer.kernel_w = weight.size(3);
     layer.stride_h = strides[2 * l];
     layer.stride_w = strides[2 * l + 1];
-    layer.pad_h = paddings[2 * l];
-    layer.pad_w = paddings[2 * l + 1];
-    TORCH_CHECK_VALUE(layer.stride_h >= 1 && layer.stride_w >= 1 && layer.pad_h >= 0 && layer.pad_w >= 0, op,
-                      ": layer ", l, " needs strides >= 1 and paddings >= 0, got stride (", layer.stride_h, ", ",
-                      layer.stride_w, "), padding (", layer.pad_h, ", ", layer.pad_w, ")");
+    const int64_t* pads = paddings.data() + pads_per_layer * l;
+    layer.pad_top = pads[0];
+    layer.pad_bottom = pads[pads_per_layer == 4 ? 1 : 0];
+    layer.pad_left = pads[pads_per_layer == 4 ? 2 : 1];
+    layer.pad_right = pads[pads_per_layer == 4 ? 3 : 1];
+    const auto padding = [&] {
+      return c10::str("padding (top ", layer.pad_top, ", bottom ", layer.pad_bottom, ", left ", layer.pad_left,
+                      ", right ", layer.pad_right, ")");
+    };
+    TORCH_CHECK_VALUE(layer.stride_h >= 1 && layer.stride_w >= 1 && layer.pad_top >= 0 && layer.pad_bottom >= 0 &&
+                          layer.pad_left >= 0 && layer.pad_right >= 0,
+                      op, ": layer ", l, " needs strides >= 1 and paddings >= 0, got stride (", layer.stride_h, ", ",
+                      layer.stride_w, "), ", padding());
     const bool one_by_one = layer.kernel_h == 1 && layer.kernel_w == 1;
-    TORCH_CHECK_VALUE(l > 0 || (one_by_one && layer.pad_h == 0 && layer.pad_w == 0), op,
+    TORCH_CHECK_VALUE(l > 0 || (one_by_one && !layer.padded()), op,
                       ": the first layer must be a 1 x 1 convolution without padding, got a ", layer.kernel_h, " x ",
-                      layer.kernel_w, " kernel with padding (", layer.pad_h, ", ", layer.pad_w, ")");
-    const bool reads_shortcut = shortcut && l == n - 1;
-    const int64_t expected_in = channels + (reads_shortcut ? input.size(1) : 0);
+                      layer.kernel_w, " kernel with ", padding());
+    const int64_t expected_in = layer.depthwise() ? 1 : channels + (reads_shortcut ? input.size(1) : 0);
     TORCH_CHECK_VALUE(weight.size(1) == expected_in, op, ": weights[", l, "] takes ", weight.size(1),
                       " input channels, expected ", expected_in,
                       reads_shortcut ? " (the previous layer's, then the input's for the shortcut)"
                                      : (l == 0 ? " (the input's)" : " (the previous layer's output channels)"));
-    TORCH_CHECK_VALUE(!reads_shortcut || (one_by_one && layer.stride_h == 1 && layer.stride_w == 1 &&
-                                          layer.pad_h == 0 && layer.pad_w == 0),
+    TORCH_CHECK_VALUE(!reads_shortcut || (one_by_one && layer.stride_h == 1 && layer.stride_w == 1 && !layer.padded()),
                       op, ": with shortcut=True the last layer must be a 1 x 1 convolution, stride 1, no padding");
     layer.in_channels = channels;
     layer.out_channels = weight.size(0);
     layer.in_h = height;
     layer.in_w = width;
-    const int64_t spare_h = height + 2 * layer.pad_h - layer.kernel_h;
-    const int64_t spare_w = width + 2 * layer.pad_w - layer.kernel_w;
+    const int64_t spare_h = height + layer.pad_top + layer.pad_bottom - layer.kernel_h;
+    const int64_t spare_w = width + layer.pad_left + layer.pad_right - layer.kernel_w;
     TORCH_CHECK_VALUE(height > 0 && width > 0 && spare_h >= 0 && spare_w >= 0, op, ": layer ", l, "'s input of ",
                       height, " x ", width, " is smaller than its ", layer.kernel_h, " x ", layer.kernel_w,
-                      " kernel with padding (", layer.pad_h, ", ", layer.pad_w, ")");
+                      " kernel with ", padding());
     layer.out_h = spare_h / layer.stride_h + 1;
     layer.out_w = spare_w / layer.stride_w + 1;
     choose_layout(layer, l == 0 ? nullptr : &chain.layers[l - 1], k);

@@ -20,9 +20,11 @@ TORCH_LIBRARY(sparsecpu, m) {
   m.def("conv2d(Tensor input, Tensor weight, Tensor packed, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
         "int[2] dilation=1, str activation=\"none\") -> Tensor",
         {at::Tag::flexible_layout});
-  // Consecutive convolutions (a ResNet bottleneck) as tensor columns: strides and paddings
-  // hold (height, width) per layer; with shortcut the last layer (1 x 1) reads the input
-  // too, as extra channels (conv_chain.cpp). band_rows=0: the tile planner's choice.
+  // Consecutive convolutions (a ResNet bottleneck, a MobileNet inverted residual) as tensor
+  // columns: strides hold (height, width) per layer, paddings (height, width) or (top, bottom,
+  // left, right) per layer; a layer whose packed entry is empty runs dense as a depthwise
+  // convolution; with shortcut the last layer (1 x 1) reads the input too, as extra channels
+  // (conv_chain.cpp). band_rows=0: the tile planner's choice.
   m.def("conv_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, int[] strides, "
         "int[] paddings, str[] activations, bool shortcut=False, int band_rows=0) -> Tensor",
         {at::Tag::flexible_layout});

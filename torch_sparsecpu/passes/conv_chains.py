@@ -10,6 +10,13 @@ shortcut, at the chain's stride), the add and the activation after it join the c
 the last layer then also reads the chain's input, through the concatenated weight
 ``[W_last | W_shortcut]`` (``W_shortcut`` the identity for an identity shortcut), with the
 sum of both biases and the final activation (see csrc/ops/conv_chain.cpp).
+
+A MobileNet inverted residual, ``1x1 -> depthwise k x k -> 1x1 (+ input)``, is a chain too:
+its depthwise convolution (groups = channels, a static float32 weight; zero ``F.pad``
+before it, as HF MobileNetV2's TensorFlow padding adds, batch norm and activation after
+it) stays dense but runs inside the chain (an empty packed entry marks it), its batch
+norm folded into it. ``F.pad`` calls that pad nothing before sparse convolutions are
+dropped first: they only copy.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from .match import fusable_activation
+from .batch_norm import BatchNormFold, batch_norm_after, fold_batch_norm
+from .match import CONV2D_TARGETS, conv_args, fusable_activation
 from .rewrite import RewriteResult, pack_weight
 from .static import example_value
 
@@ -31,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_", "__iadd__")
+PAD_TARGETS = (torch.nn.functional.pad, torch._C._nn.pad)
 
 
 @dataclasses.dataclass
@@ -47,6 +56,14 @@ class _Layer:
     dilation: tuple
     activation: str
     kernel: tuple
+    # A dense depthwise layer: its nodes (zero pad, conv, batch norm, activation; those
+    # there) and its batch norm fold. padding is then (top, bottom, left, right).
+    depthwise_nodes: tuple = ()
+    fold: BatchNormFold | None = None
+
+    @property
+    def depthwise(self) -> bool:
+        return bool(self.depthwise_nodes)
 
     def is_pointwise(self) -> bool:
         return self.kernel == (1, 1) and tuple(self.padding) == (0, 0)
@@ -70,6 +87,67 @@ def _layer(node, values: Callable[[fx.Node], torch.Tensor]) -> _Layer | None:
     kernel = tuple(values(weight).shape[2:])
     layer = _Layer(node, x, weight, packed, bias, tuple(stride), tuple(padding), tuple(dilation), activation, kernel)
     return layer if layer.dilation == (1, 1) else None
+
+
+def _zero_pad(node) -> tuple[int, int, int, int] | None:
+    """(left, right, top, bottom) of an ``F.pad`` call that pads the last two dims of a
+    4-D tensor with zeros, else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in PAD_TARGETS:
+        return None
+    names, defaults = ("input", "pad", "mode", "value"), (None, None, "constant", None)
+    args = list(node.args) + list(defaults[len(node.args) :])
+    _, pad, mode, value = (node.kwargs.get(name, arg) for name, arg in zip(names, args, strict=False))
+    is_ints = isinstance(pad, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in pad)
+    if not is_ints or len(pad) != 4 or min(pad) < 0 or mode != "constant" or value not in (None, 0, 0.0):
+        return None
+    return tuple(pad)
+
+
+def _drop_empty_pads(graph: fx.Graph) -> None:
+    """Drops ``F.pad`` calls that pad nothing and feed only sparse convolutions (they
+    copy their input, which those never write)."""
+    for node in list(graph.nodes):
+        pad = _zero_pad(node)
+        feeds_sparse = all(user.target is torch.ops.sparsecpu.conv2d.default for user in node.users)
+        if pad == (0, 0, 0, 0) and node.users and feeds_sparse:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def _depthwise_layer(node, static: dict[fx.Node, torch.Tensor]) -> _Layer | None:
+    """The dense depthwise layer starting at ``node``: ``[F.pad ->] conv2d(groups=C) [->
+    batch norm] [-> activation]`` with a static float32 ``[C, 1, kh, kw]`` weight, zero
+    padding and no dilation, or None."""
+    pad = _zero_pad(node)
+    conv = _only_user(node) if pad is not None else node
+    if not isinstance(conv, fx.Node) or conv.op != "call_function" or conv.target not in CONV2D_TARGETS:
+        return None
+    x, weight, bias, stride, padding, dilation, groups = conv_args(conv)
+    if pad is not None and x is not node:
+        return None
+    weight_value, x_value = static.get(weight), example_value(x)
+    if weight_value is None or x_value is None or x_value.dim() != 4 or weight_value.dtype != torch.float32:
+        return None
+    channels = x_value.size(1)
+    if tuple(weight_value.shape[:2]) != (channels, 1) or groups != channels or channels == 1:
+        return None
+    if bias is not None and (bias not in static or static[bias].dtype != torch.float32):
+        return None
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    stride, padding, dilation = pair(stride), pair(padding) if padding != "valid" else (0, 0), pair(dilation)
+    if dilation != (1, 1) or not all(isinstance(v, int) for v in (*stride, *padding)):
+        return None
+    left, right, top, bottom = pad or (0, 0, 0, 0)
+    sides = (top + padding[0], bottom + padding[0], left + padding[1], right + padding[1])
+    fold = batch_norm_after(conv, bias, static)
+    last = conv if fold is None else fold.node
+    activation_node, activation = fusable_activation(last)
+    nodes = tuple(n for n in (node if pad is not None else None, conv, fold and fold.node, activation_node) if n)
+    kernel = tuple(weight_value.shape[2:])
+    x = node.args[0] if pad is not None else x
+    return _Layer(
+        nodes[-1], x, weight, None, bias, stride, sides, (1, 1), activation, kernel, depthwise_nodes=nodes, fold=fold
+    )
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -123,10 +201,11 @@ def _residual_after(chain: list[_Layer], values) -> _Residual | None:
     return _Residual(add, shortcut, activation_node, activation)
 
 
-def _chains(graph: fx.Graph, values) -> list[tuple[list[_Layer], _Residual | None]]:
-    """Maximal runs of sparse convolutions, each the only user of the one before and the
-    first 1 x 1 without padding, with the residual add after them if any. (Graph order is
-    topological: a run's first 1 x 1 layer is met before the others.)"""
+def _chains(graph: fx.Graph, values, static) -> list[tuple[list[_Layer], _Residual | None]]:
+    """Maximal runs of sparse convolutions (dense depthwise ones between them), each the
+    only user of the one before and the first 1 x 1 without padding, with the residual
+    add after them if any. (Graph order is topological: a run's first 1 x 1 layer is met
+    before the others.)"""
     found = []
     taken: set[fx.Node] = set()
     for node in graph.nodes:
@@ -134,8 +213,14 @@ def _chains(graph: fx.Graph, values) -> list[tuple[list[_Layer], _Residual | Non
         if layer is None or node in taken or not layer.is_pointwise():
             continue
         chain = [layer]
-        while (nxt := _layer(_only_user(chain[-1].node), values)) is not None and nxt.x is chain[-1].node:
+        while True:
+            user = _only_user(chain[-1].node)
+            nxt = _layer(user, values) or (None if user is None else _depthwise_layer(user, static))
+            if nxt is None or nxt.x is not chain[-1].node:
+                break
             chain.append(nxt)
+        while chain[-1].depthwise:  # a depthwise layer runs only between sparse ones
+            chain.pop()
         residual = _residual_after(chain, values)
         if len(chain) > 1 or residual is not None:
             found.append((chain, residual))
@@ -157,8 +242,12 @@ def fuse_conv_chains(
     def values(node):
         return result.attributes[node.target] if node.op == "get_attr" else static[node]
 
+    _drop_empty_pads(graph)
     lengths = []
-    for chain, residual in _chains(graph, values):
+    for chain, residual in _chains(graph, values, static):
+        for layer in chain:
+            if layer.depthwise:
+                _prepare_depthwise(graph, layer, result, static)
         weights = [layer.weight for layer in chain]
         packed = [layer.packed for layer in chain]
         biases = [layer.bias for layer in chain]
@@ -170,7 +259,10 @@ def fuse_conv_chains(
                 weights[-1], packed[-1], biases[-1] = _residual_layer(graph, chain[-1], residual, result, values, pack)
             activations[-1] = residual.activation
         strides = [v for layer in chain for v in layer.stride]
-        paddings = [v for layer in chain for v in layer.padding]
+        if any(layer.depthwise for layer in chain):  # (top, bottom, left, right) per layer
+            paddings = [v for layer in chain for v in _sides(layer)]
+        else:  # (height, width) per layer
+            paddings = [v for layer in chain for v in layer.padding]
         with graph.inserting_before(replaced):
             fused = graph.call_function(
                 torch.ops.sparsecpu.conv_chain.default,
@@ -179,7 +271,7 @@ def fuse_conv_chains(
             )
         fused.meta = dict(replaced.meta)
         replaced.replace_all_uses_with(fused)
-        erased = [layer.node for layer in reversed(chain)]
+        erased = [node for layer in reversed(chain) for node in reversed(layer.depthwise_nodes or (layer.node,))]
         if residual is not None:
             erased = [residual.activation_node, residual.add, getattr(residual.shortcut, "node", None), *erased]
         for node in erased:
@@ -190,6 +282,30 @@ def fuse_conv_chains(
     _drop_unused_attributes(graph, result)
     graph.lint()
     return lengths
+
+
+def _sides(layer: _Layer) -> tuple:
+    """A layer's padding as (top, bottom, left, right)."""
+    if layer.depthwise:
+        return layer.padding
+    return (layer.padding[0], layer.padding[0], layer.padding[1], layer.padding[1])
+
+
+def _prepare_depthwise(graph: fx.Graph, layer: _Layer, result: RewriteResult, static) -> None:
+    """Points a depthwise layer's weight and bias at what the chain reads and its packed
+    entry at an empty tensor. Without a batch norm they are the graph's own (the op reads
+    them at every call); with one, its folded copies, watched through their sources."""
+    attr = f"_sparsecpu_depthwise_{len(result.attributes)}"
+    result.attributes[attr] = torch.empty(0)
+    with graph.inserting_before(layer.depthwise_nodes[0]):
+        layer.packed = graph.get_attr(attr)
+        if layer.fold is not None:
+            weight, bias = fold_batch_norm(static[layer.weight], static.get(layer.bias), layer.fold)
+            result.attributes[attr + "_weight"], result.attributes[attr + "_bias"] = weight.contiguous(), bias
+            watched = result.rebuild_if_changed
+            watched += [n for n in (layer.weight, *layer.fold.parameters) if n not in watched]
+            result.compared_by_value += layer.fold.running_stats
+            layer.weight, layer.bias = graph.get_attr(attr + "_weight"), graph.get_attr(attr + "_bias")
 
 
 def _residual_layer(graph, last: _Layer, residual: _Residual, result: RewriteResult, values, pack):
