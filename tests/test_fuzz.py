@@ -15,6 +15,8 @@ term, i.e. about 1/in_features of that scale, far above it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
@@ -317,14 +319,23 @@ def test_sparse_conv2d_matches_dense(case):
 
 @st.composite
 def conv_chain_cases(draw):
-    """A chain of 1..3 convolutions (the first 1 x 1 without padding), with or without a
-    residual shortcut into a last 1 x 1 layer, its packing, layout, band height and ISA."""
+    """A chain of 1..3 convolutions (the first 1 x 1 without padding; the others may be
+    dense depthwise ones, padded per side), with or without a residual shortcut into a
+    last 1 x 1 layer, its packing, layout, band height and ISA."""
     layers = draw(st.integers(1, 3))
     kernels = [1] + [draw(st.sampled_from((1, 3))) for _ in range(layers - 1)]
     strides = [draw(st.integers(1, 2)) for _ in range(layers)]
-    paddings = [0] + [draw(st.integers(0, k // 2)) for k in kernels[1:]]
-    shortcut = draw(st.booleans()) and kernels[-1] == 1 and strides[-1] == 1
+    depthwise = [False] + [draw(st.booleans()) for _ in range(layers - 1)]
+    # (top, bottom, left, right) per layer
+    paddings = [(0, 0, 0, 0)] + [
+        tuple(draw(st.integers(0, k // 2)) for _ in range(4)) if dw else (draw(st.integers(0, k // 2)),) * 4
+        for k, dw in zip(kernels[1:], depthwise[1:], strict=True)
+    ]
+    shortcut = draw(st.booleans()) and kernels[-1] == 1 and strides[-1] == 1 and not depthwise[-1]
     channels = [draw(st.integers(1, 12)) for _ in range(layers + 1)]
+    for i, dw in enumerate(depthwise):  # a depthwise layer keeps its input's channels
+        if dw:
+            channels[i + 1] = channels[i]
     return dict(
         batch=draw(st.integers(0, 2)),
         channels=channels,
@@ -332,6 +343,7 @@ def conv_chain_cases(draw):
         kernels=kernels,
         strides=strides,
         paddings=paddings,
+        depthwise=depthwise,
         shortcut=shortcut,
         acts=[draw(st.sampled_from(ops.ACTIVATIONS)) for _ in range(layers)],
         band_rows=draw(st.integers(0, 3)),
@@ -342,14 +354,15 @@ def conv_chain_cases(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_chain_cases())
 def test_sparse_conv_chain_matches_dense(case):
-    """``ops.conv_chain`` (layers fused band of rows by band, a residual shortcut as extra
-    input channels of the last layer) against dense convolutions one after another."""
+    """``ops.conv_chain`` (layers fused band of rows by band, dense depthwise layers among
+    them, a residual shortcut as extra input channels of the last layer) against dense
+    convolutions one after another."""
     gen = torch.Generator().manual_seed(0)
     channels, kernels, strides, paddings = case["channels"], case["kernels"], case["strides"], case["paddings"]
     x = torch.randn(case["batch"], channels[0], *case["size"], generator=gen)
     height, width = case["size"]
-    for k, s, p in zip(kernels, strides, paddings, strict=True):
-        height, width = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
+    for k, s, (top, bottom, left, right) in zip(kernels, strides, paddings, strict=True):
+        height, width = (height + top + bottom - k) // s + 1, (width + left + right - k) // s + 1
     assume(height >= 1 and width >= 1)
     total_stride = 1
     for s in strides:
@@ -360,13 +373,16 @@ def test_sparse_conv_chain_matches_dense(case):
         )
     if case["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
-    weights = []
+    weights, depthwise = [], case["depthwise"]
     for i, k in enumerate(kernels):
         in_c = channels[i] + (channels[0] if case["shortcut"] and i == len(kernels) - 1 else 0)
-        shape = (channels[i + 1], in_c, k, k)
+        shape = (channels[i + 1], 1 if depthwise[i] else in_c, k, k)
         weights.append(torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) >= case["sparsity"]))
     biases = [torch.randn(w.size(0), generator=gen) for w in weights]
-    packed = [ops.pack_linear(w.flatten(1), k_block=case["k_block"], row_block=case["row_block"]) for w in weights]
+    packed = [
+        torch.empty(0) if dw else ops.pack_linear(w.flatten(1), k_block=case["k_block"], row_block=case["row_block"])
+        for w, dw in zip(weights, depthwise, strict=True)
+    ]
     with torch_sparsecpu.force_isa(case["isa"]):
         actual = ops.conv_chain(
             x,
@@ -382,15 +398,17 @@ def test_sparse_conv_chain_matches_dense(case):
     # float64 layer by layer; the scale rounding works at grows with each layer's sum of |terms|.
     h, scale = x.double(), x.double().abs()
     for i, (weight, bias, act) in enumerate(zip(weights, biases, case["acts"], strict=True)):
-        conv = dict(stride=strides[i], padding=paddings[i])
         w64, b64 = weight.double(), bias.double()
         if case["shortcut"] and i == len(weights) - 1:
             own, sampled = h.size(1), x.double()[:, :, ::total_stride, ::total_stride]
             pre = F.conv2d(h, w64[:, :own], b64) + F.conv2d(sampled, w64[:, own:])
             terms = F.conv2d(scale, w64[:, :own].abs(), b64.abs()) + F.conv2d(sampled.abs(), w64[:, own:].abs())
         else:
-            pre = F.conv2d(h, w64, b64, **conv)
-            terms = F.conv2d(scale, w64.abs(), b64.abs(), **conv)
+            top, bottom, left, right = paddings[i]
+            conv = dict(stride=strides[i], groups=h.size(1) if depthwise[i] else 1)
+            pad = functools.partial(F.pad, pad=(left, right, top, bottom))
+            pre = F.conv2d(pad(h), w64, b64, **conv)
+            terms = F.conv2d(pad(scale), w64.abs(), b64.abs(), **conv)
         h, scale = ACTIVATION_REFERENCE[act](pre), terms * 1.13  # |act'| <= 1.13 (GELU's maximum)
     expected = h.float()
     assert actual.shape == expected.shape
