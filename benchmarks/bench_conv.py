@@ -21,7 +21,10 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
   ReLU). MobileNetV2: the first inverted residual at each resolution and the one after it
   (unfused: two ``sparsecpu::conv2d`` calls around oneDNN's depthwise convolution, HF's
   pads, Inductor's batch norm + ReLU6 and the residual add). ``--block`` names others
-  (``stages.0.layers.1`` under ResNet's encoder, ``layer.3`` for MobileNetV2).
+  (``stages.0.layers.1`` under ResNet's encoder, ``layer.3`` for MobileNetV2). With
+  ``--floor`` each block is also timed unfused with its convolutions at 99.9% zeros (the
+  time outside the multiplies), and ``unfused / (unfused - that)`` is printed: the most
+  any fusion of its layers could gain, since fused still runs every multiply.
 - ``model``: the whole model at batch 1, eager (dense kernels on the pruned weights)
   against sparsecpu fused and with ``fuse_layers=False``; outputs within 1e-4 of eager.
   ResNet-50: every convolution but the stem pruned; MobileNetV2: every convolution
@@ -31,6 +34,7 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import sys
@@ -127,9 +131,12 @@ def op_calls(fn) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("sparsecpu::") and e.name != "sparsecpu::pack_linear")
 
 
-def time_paths(paths: dict, args, tolerance: float) -> dict[str, float]:
-    """Checks every path against paths["eager"], then the medians over interleaved rounds."""
-    times = check_then_time(paths, "eager", args.threads, args.rounds, args.min_run_time, tolerance)
+def time_paths(paths: dict, args, tolerance: float, expected_results=None) -> dict[str, float]:
+    """Checks every path against paths["eager"] (or its entry of ``expected_results``),
+    then the medians over interleaved rounds."""
+    times = check_then_time(
+        paths, "eager", args.threads, args.rounds, args.min_run_time, tolerance, expected_results=expected_results
+    )
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
@@ -156,17 +163,27 @@ def run_blocks(args) -> None:
         f"{args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
     )
     header = ("block", 20), ("input", 18), ("eager ms", 9), ("unfused ms", 11), ("fused ms", 9), ("ops", 7)
-    print(" ".join(f"{title:>{width}}" for title, width in header), "fused/unfused")
+    floor_header = " unfused 99.9% ms  fusion's bound" if args.floor else ""
+    print(" ".join(f"{title:>{width}}" for title, width in header), "fused/unfused" + floor_header)
     with torch.inference_mode():
         for name in names:
             torch._dynamo.reset()  # the blocks share their class's forward: Dynamo's recompile limit is per code
             block, x = root.get_submodule(name), inputs[name]
-            paths = compiled_paths(block, x)
-            ms = time_paths(paths, args, tolerance=1e-5)
+            paths, expected = compiled_paths(block, x), {}
+            if args.floor:
+                # The same block with almost no multiply left: what its unfused path spends
+                # outside the multiplies, which is all that fusing its layers can save.
+                floor_block = torch_sparsecpu.magnitude_prune_(copy.deepcopy(block), 0.999, layer_types=(nn.Conv2d,))
+                floor_paths = compiled_paths(floor_block, x)
+                paths["floor"], expected["floor"] = floor_paths["unfused"], floor_paths["eager"]()
+            ms = time_paths(paths, args, tolerance=1e-5, expected_results=expected)
             ops_used = f"{op_calls(paths['unfused'])}->{op_calls(paths['fused'])}"
+            floor = ""
+            if args.floor:  # fused can be no faster than the multiplies alone: unfused - floor
+                floor = f" {ms['floor']:>16.3f} {ms['unfused'] / (ms['unfused'] - ms['floor']):>15.2f}x"
             print(
                 f"{name:>20} {str(list(x.shape)):>18} {ms['eager']:>9.3f} {ms['unfused']:>11.3f} "
-                f"{ms['fused']:>9.3f} {ops_used:>7} {ms['unfused'] / ms['fused']:>13.2f}x"
+                f"{ms['fused']:>9.3f} {ops_used:>7} {ms['unfused'] / ms['fused']:>13.2f}x{floor}"
             )
 
 
@@ -196,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="blocks mode: also time each block unfused with 99.9%% zeros, and the most fusing could gain",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.sparsity < 100:
         parser.error(f"--sparsity must be in [0, 100), got {args.sparsity}")
