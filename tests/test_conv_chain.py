@@ -25,10 +25,11 @@ def conv_weight(out_channels: int, in_channels: int, kernel: int, sparsity: floa
 
 def bottleneck_args(in_c, mid_c, out_c, stride, shortcut, *, biases=True):
     """The op arguments of a bottleneck 1x1 -> 3x3 (stride) -> 1x1: shortcut is None,
-    "identity" or "projection" (a 1 x 1 convolution at the stride, appended to the
-    last weight along its input channels)."""
+    "identity" (the input added), "eye" (the identity as a projection) or "projection"
+    (a 1 x 1 convolution at the stride, appended to the last weight along its input
+    channels)."""
     weights = [conv_weight(mid_c, in_c, 1), conv_weight(mid_c, mid_c, 3), conv_weight(out_c, mid_c, 1)]
-    if shortcut == "identity":
+    if shortcut == "eye":
         weights[-1] = torch.cat([weights[-1], torch.eye(out_c).view(out_c, out_c, 1, 1)], 1)
     elif shortcut == "projection":
         weights[-1] = torch.cat([weights[-1], conv_weight(out_c, in_c, 1)], 1)
@@ -47,8 +48,11 @@ def reference(x, weights, biases, strides, paddings, activations, shortcut: bool
             total = 1
             for s in strides:
                 total *= s
-            own = h.size(1)
-            z = F.conv2d(h, weight[:, :own], bias) + F.conv2d(x64[:, :, ::total, ::total], weight[:, own:])
+            own, sampled = h.size(1), x64[:, :, ::total, ::total]
+            if weight.size(1) == own:  # an identity shortcut: the input added
+                z = F.conv2d(h, weight, bias) + sampled
+            else:
+                z = F.conv2d(h, weight[:, :own], bias) + F.conv2d(sampled, weight[:, own:])
         else:
             z = F.conv2d(h, weight, bias, stride, padding)
         h = {"relu": F.relu, "none": lambda v: v, "relu6": F.relu6}[act](z)
@@ -68,6 +72,7 @@ def run_chain(x, weights, biases, strides, paddings, activations, shortcut, band
 BOTTLENECKS = [
     (1, 16, 8, 16, 7, 7, 1, "identity"),
     (2, 16, 8, 16, 14, 14, 1, "identity"),
+    (2, 16, 8, 16, 13, 14, 1, "eye"),
     (1, 16, 8, 32, 15, 15, 2, "projection"),
     (2, 24, 8, 40, 15, 13, 2, "projection"),
     (1, 16, 8, 24, 14, 14, 1, "projection"),
@@ -166,10 +171,13 @@ def test_opcheck_conv_chain():
 
 
 def test_conv_chain_bad_arguments():
-    weights, biases, strides, paddings = bottleneck_args(8, 4, 8, 1, "identity")
+    weights, biases, strides, paddings = bottleneck_args(8, 4, 8, 1, "eye")
     packed = [ops.pack_linear(w.flatten(1)) for w in weights]
     x = torch.randn(1, 8, 6, 6)
     acts = ["relu"] * 3
+
+    narrow = conv_weight(12, 4, 1)  # the previous layer's 4 channels in, 12 out (the input has 8)
+    narrow_packed = ops.pack_linear(narrow.flatten(1))
 
     def chain(*, x=x, weights=weights, packed=packed, biases=biases, strides=strides, paddings=paddings, **kw):
         return ops.conv_chain(x, weights, packed, biases, strides, paddings, acts, **{"shortcut": True, **kw})
@@ -184,6 +192,13 @@ def test_conv_chain_bad_arguments():
             lambda: chain(weights=[weights[1], *weights[1:]], packed=[packed[1], *packed[1:]], paddings=[1, 1, 0]),
         ),
         (ValueError, "input channels", lambda: chain(shortcut=False)),  # the last weight has the shortcut's too
+        (
+            ValueError,
+            "shortcut the input itself.*must have the input's 8 output channels, got 12",
+            lambda: chain(
+                weights=[*weights[:2], narrow], packed=[*packed[:2], narrow_packed], biases=[*biases[:2], None]
+            ),
+        ),
         (ValueError, "stride", lambda: chain(strides=[1, 0, 1])),
         (ValueError, "smaller than", lambda: chain(x=torch.randn(1, 8, 1, 1), paddings=[0, 0, 0])),
         (ValueError, "shortcut samples", lambda: chain(paddings=[0, 0, 0])),
@@ -355,16 +370,14 @@ def same_padding(height: int, width: int, kernel: int, stride: int) -> tuple[int
     return (*sides(height), *sides(width))
 
 
-def inverted_residual_args(in_c, expanded, out_c, stride, padding, residual, *, kernel=3):
-    """The op arguments of 1x1 expand -> depthwise k x k (stride) -> 1x1 project, the
-    identity appended to the last weight for a residual; the depthwise layer's packed
-    entry empty, half its taps zero."""
+def inverted_residual_args(in_c, expanded, out_c, stride, padding, *, kernel=3):
+    """The op arguments of 1x1 expand -> depthwise k x k (stride) -> 1x1 project (with
+    shortcut=residual, an identity shortcut); the depthwise layer's packed entry empty,
+    half its taps zero."""
     depthwise = torch.randn(expanded, 1, kernel, kernel)
     depthwise[torch.rand_like(depthwise) < 0.5] = 0.0  # pruned taps are skipped
     depthwise[0] = 0.0  # a channel of bias alone
     weights = [conv_weight(expanded, in_c, 1), depthwise, conv_weight(out_c, expanded, 1)]
-    if residual:
-        weights[-1] = torch.cat([weights[-1], torch.eye(out_c).view(out_c, out_c, 1, 1)], 1)
     packed = [ops.pack_linear(weights[0].flatten(1)), torch.empty(0), ops.pack_linear(weights[2].flatten(1))]
     biases = [torch.randn(w.size(0)) for w in weights]
     return weights, packed, biases, [1, stride, 1], [0, padding, 0]
@@ -403,7 +416,7 @@ def test_inverted_residual_matches_conv2d(isa, case, channels_last):
     torch.manual_seed(sum(case))
     padding = same_padding(height, width, 3, stride) if tf_padding else (1, 1, 1, 1)
     residual = stride == 1 and in_c == out_c
-    weights, packed, biases, strides, _ = inverted_residual_args(in_c, expanded, out_c, stride, padding, residual)
+    weights, packed, biases, strides, _ = inverted_residual_args(in_c, expanded, out_c, stride, padding)
     x = torch.randn(batch, in_c, height, width)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -427,7 +440,7 @@ def test_inverted_residual_matches_conv2d(isa, case, channels_last):
 
 
 def test_inverted_residual_opcheck_and_bad_depthwise_arguments():
-    weights, packed, biases, strides, _ = inverted_residual_args(8, 16, 8, 2, (0, 1, 0, 1), False)
+    weights, packed, biases, strides, _ = inverted_residual_args(8, 16, 8, 2, (0, 1, 0, 1))
     x = torch.randn(2, 8, 10, 9)
     flat_strides = [s for s in strides for _ in range(2)]
     paddings = [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0]

@@ -336,6 +336,10 @@ def conv_chain_cases(draw):
     for i, dw in enumerate(depthwise):  # a depthwise layer keeps its input's channels
         if dw:
             channels[i + 1] = channels[i]
+    # An identity shortcut adds the input itself: the output has the input's channels.
+    identity = shortcut and draw(st.booleans())
+    if identity:
+        channels[-1] = channels[0]
     return dict(
         batch=draw(st.integers(0, 2)),
         channels=channels,
@@ -345,6 +349,7 @@ def conv_chain_cases(draw):
         paddings=paddings,
         depthwise=depthwise,
         shortcut=shortcut,
+        identity=identity,
         acts=[draw(st.sampled_from(ops.ACTIVATIONS)) for _ in range(layers)],
         band_rows=draw(st.integers(0, 3)),
         **conv_packing_and_layout(draw),
@@ -375,7 +380,8 @@ def test_sparse_conv_chain_matches_dense(case):
         x = x.contiguous(memory_format=torch.channels_last)
     weights, depthwise = [], case["depthwise"]
     for i, k in enumerate(kernels):
-        in_c = channels[i] + (channels[0] if case["shortcut"] and i == len(kernels) - 1 else 0)
+        projection = case["shortcut"] and not case["identity"] and i == len(kernels) - 1
+        in_c = channels[i] + (channels[0] if projection else 0)
         shape = (channels[i + 1], 1 if depthwise[i] else in_c, k, k)
         weights.append(torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) >= case["sparsity"]))
     biases = [torch.randn(w.size(0), generator=gen) for w in weights]
@@ -401,8 +407,12 @@ def test_sparse_conv_chain_matches_dense(case):
         w64, b64 = weight.double(), bias.double()
         if case["shortcut"] and i == len(weights) - 1:
             own, sampled = h.size(1), x.double()[:, :, ::total_stride, ::total_stride]
-            pre = F.conv2d(h, w64[:, :own], b64) + F.conv2d(sampled, w64[:, own:])
-            terms = F.conv2d(scale, w64[:, :own].abs(), b64.abs()) + F.conv2d(sampled.abs(), w64[:, own:].abs())
+            if case["identity"]:  # the input added
+                pre = F.conv2d(h, w64, b64) + sampled
+                terms = F.conv2d(scale, w64.abs(), b64.abs()) + sampled.abs()
+            else:
+                pre = F.conv2d(h, w64[:, :own], b64) + F.conv2d(sampled, w64[:, own:])
+                terms = F.conv2d(scale, w64[:, :own].abs(), b64.abs()) + F.conv2d(sampled.abs(), w64[:, own:].abs())
         else:
             top, bottom, left, right = paddings[i]
             conv = dict(stride=strides[i], groups=h.size(1) if depthwise[i] else 1)

@@ -417,11 +417,12 @@ def conv_chain(
     the ``C`` output channels of the layer before (a MobileNet inverted residual: 1 x 1
     expand, depthwise, 1 x 1 project).
 
-    With ``shortcut``, the last layer (1 x 1, stride 1, no padding) also reads ``input``
-    sampled at the chain's stride (the product of the layers' strides) as extra input
-    channels after the previous layer's: a residual block ``act(conv(h) + shortcut(x))``
-    is that layer with weight ``cat([W, W_shortcut], 1)`` (``W_shortcut`` the identity
-    for an identity shortcut) and bias the sum of both. ``band_rows`` (0: the tile
+    With ``shortcut``, the last layer (1 x 1, stride 1, no padding) makes a residual block
+    ``act(conv(h) + shortcut(x))`` of ``input`` sampled at the chain's stride (the product
+    of the layers' strides): with a weight of only the previous layer's channels the
+    shortcut is ``input`` itself (identity), added before the last activation; with a
+    weight ``cat([W, W_shortcut], 1)`` and the sum of both biases, the last layer reads
+    ``input`` as extra input channels after the previous layer's (a projection). ``band_rows`` (0: the tile
     planner's choice) sets the output rows per band. Inference only: no autograd formula."""
     layers = dict(weights=weights, packed=packed, biases=biases, activations=activations)
     _check_chain_arguments(input, **layers, strides=strides, paddings=paddings)

@@ -257,6 +257,10 @@ struct SpmmKernels {
   // stride-1 kernel at input row i from column j; it splits strided rows into phases).
   void (*depthwise_row)(const float* const* taps, const float* w, int64_t num_taps, float bias,
                         Activation act, int64_t count, float* out);
+
+  // out[i] = act(a[i] + b[i]) for i < count: a residual add and the activation after it
+  // (conv_chain's identity shortcut, on the way out).
+  void (*residual_row)(const float* a, const float* b, Activation act, int64_t count, float* out);
 };
 
 // The AVX2 panel copies (8x8 transposes, spmm_f32__avx2.cpp), which the AVX-512
@@ -275,10 +279,11 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
 // The scalar activation `act` of x (lists.h, spmm_f32__scalar.cpp), which the scalar int8
 // kernels use too.
 float activate_scalar(float x, Activation act);
-// The scalar depthwise row (spmm_f32__scalar.cpp), which the portable vec16 table uses
-// too. Signature as in SpmmKernels.
+// The scalar depthwise and residual rows (spmm_f32__scalar.cpp), which the portable vec16
+// table uses too. Signatures as in SpmmKernels.
 void depthwise_row_scalar(const float* const* taps, const float* w, int64_t num_taps, float bias,
                           Activation act, int64_t count, float* out);
+void residual_row_scalar(const float* a, const float* b, Activation act, int64_t count, float* out);
 
 // ---------------------------------------------------------------------------
 // int8 kernels (datatype kInt8; docs/kernels.md#int8-kernels).

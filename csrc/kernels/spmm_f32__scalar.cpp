@@ -60,6 +60,10 @@ void depthwise_row_scalar(const float* const* taps, const float* w, int64_t num_
   }
 }
 
+void residual_row_scalar(const float* a, const float* b, Activation act, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = activate_scalar(a[i] + b[i], act);
+}
+
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                        int64_t feature_stride, int64_t panel_width, float* panel) {
   for (int64_t i = 0; i < in_features; ++i) {
@@ -77,7 +81,8 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
 }
 
 const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
-                                 &spmm_row_block_scalar, &unpack_tile_scalar, &depthwise_row_scalar};
+                                 &spmm_row_block_scalar, &unpack_tile_scalar, &depthwise_row_scalar,
+                                 &residual_row_scalar};
 
 }  // namespace kernels
 }  // namespace sparsecpu

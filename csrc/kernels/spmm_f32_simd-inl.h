@@ -303,3 +303,16 @@ void depthwise_row_simd(const float* const* taps, const float* w, int64_t num_ta
     Vec::store_first(out + x, activate(sum, act), lanes);
   }
 }
+
+// SpmmKernels::residual_row.
+void residual_row_simd(const float* a, const float* b, Activation act, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + Vec::kWidth <= count; i += Vec::kWidth) {
+    Vec::store(out + i, activate(Vec::add(Vec::load(a + i), Vec::load(b + i)), act));
+  }
+  if (i < count) {
+    const auto lanes = Vec::first(static_cast<int>(count - i));
+    Vec::store_first(out + i, activate(Vec::add(Vec::load_first(a + i, lanes), Vec::load_first(b + i, lanes)), act),
+                     lanes);
+  }
+}

@@ -25,7 +25,10 @@
 // the chain. Paddings may differ per side (TensorFlow's "same" padding, HF MobileNetV2's
 // default, pads a stride-2 layer only at the bottom and right).
 //
-// The residual: with `shortcut`, the last layer (1 x 1) reads the chain's input too,
+// The residual: with `shortcut` and a last weight of only the previous layer's channels
+// (an identity shortcut), the last layer's tile gets the chain's input added (read in
+// place, at stride 1) before its activation, on its way out. With a last weight of more
+// channels (a projection shortcut), the last layer (1 x 1) reads the chain's input too,
 // sampled at the chain's stride, as extra input channels after the previous layer's:
 // its weight is [W_last | W_shortcut] (or [W_last | I] for an identity shortcut) and
 // its bias the sum of both, so act(W_last h + W_shortcut x + b) -- add and final
@@ -148,6 +151,10 @@ struct Chain {
   // reading the previous one's tile.
   std::vector<std::pair<size_t, size_t>> stages;
   bool shortcut = false;
+  // An identity shortcut: the input is added to the last tile, then `shortcut_act` (the
+  // last layer's kernels apply none).
+  bool identity_shortcut = false;
+  Activation shortcut_act = Activation::kNone;
   int64_t shortcut_stride_h = 1, shortcut_stride_w = 1;  // the chain's stride: the product of its layers'
   int64_t batch = 0, in_channels = 0;
   const ChainLayer& last() const { return layers.back(); }
@@ -310,20 +317,31 @@ void zero_band_padding(const ChainLayer& layer, const BandImage& image, std::pai
 
 // Writes the pixels of the last layer's tile into the output image y (one image):
 // token (band row r, column q) is pixel (first_output_row + r, q).
+// With `residual` (an image of y's size and strides: an identity shortcut at stride 1,
+// both channel-major), writes act(tile + residual) instead, in the same pass.
 void write_tile_to_output(const kernels::SpmmKernels& k, const float* tile, int64_t channels, int64_t width,
-                          const TokenRange& tokens, int64_t first_output_row, const ImageView& y) {
+                          const TokenRange& tokens, int64_t first_output_row, const ImageView& y,
+                          const ImageView* residual = nullptr, Activation act = Activation::kNone) {
   float* origin = const_cast<float*>(y.data) + first_output_row * y.row_stride;
   // Rows of pixels follow each other in y: one run for the whole range.
   const bool one_run = tokens.all_pixels() && y.row_stride == tokens.pitch * y.col_stride;
   if (y.col_stride == 1) {
+    const auto write = [&](const float* from, int64_t count, int64_t c, int64_t offset) {
+      float* to = origin + c * y.channel_stride + offset;
+      if (residual == nullptr) {
+        std::copy_n(from, count, to);
+      } else {
+        const float* added = residual->data + c * residual->channel_stride + first_output_row * residual->row_stride;
+        k.residual_row(from, added + offset, act, count, to);
+      }
+    };
     for (int64_t c = 0; c < channels; ++c) {
-      float* plane = origin + c * y.channel_stride;
       if (one_run) {
-        std::copy_n(tile + c * width, tokens.count, plane + tokens.first);
+        write(tile + c * width, tokens.count, c, tokens.first);
         continue;
       }
       tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
-        std::copy_n(tile + c * width + t, pixels, plane + r * y.row_stride + q);
+        write(tile + c * width + t, pixels, c, r * y.row_stride + q);
       });
     }
     return;
@@ -362,6 +380,32 @@ int64_t panel_buffer_floats(const kernels::SpmmKernels& k, const Chain& chain, i
     floats = std::max({floats, panel_rows * width, w.num_row_blocks * w.row_block * width});
   }
   return floats + k.vector_width;
+}
+
+// tile[c][t] = act(tile[c][t] + x(c, token t)) for the tokens of `tokens` (exact rows of
+// the output): an identity shortcut and the activation after it. Token (band row r,
+// column q) is input pixel ((first_output_row + r) * stride_h, q * stride_w).
+void add_input_and_activate(float* tile, int64_t channels, int64_t width, const TokenRange& tokens,
+                            int64_t first_output_row, const ImageView& x, int64_t stride_h, int64_t stride_w,
+                            Activation act) {
+  const int64_t step = stride_w * x.col_stride;
+  for (int64_t c = 0; c < channels; ++c) {
+    float* out = tile + c * width;
+    tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
+      const float* in = x.data + c * x.channel_stride + (first_output_row + r) * stride_h * x.row_stride + q * step;
+      float* row = out + t;
+      if (step == 1) {
+        for (int64_t i = 0; i < pixels; ++i) row[i] += in[i];
+      } else {
+        for (int64_t i = 0; i < pixels; ++i) row[i] += in[i * step];
+      }
+      if (act == Activation::kRelu) {
+        for (int64_t i = 0; i < pixels; ++i) row[i] = row[i] < 0.0f ? 0.0f : row[i];  // NaN stays NaN
+      } else if (act != Activation::kNone) {
+        for (int64_t i = 0; i < pixels; ++i) row[i] = kernels::activate_scalar(row[i], act);
+      }
+    });
+  }
 }
 
 // A dense depthwise layer's output tile [channels][width] for the tokens of `tokens`
@@ -483,8 +527,18 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         current = 1 - current;
       }
       const ChainLayer& tail = chain.layers[last_layer];
+      // An identity shortcut: the input added on the way out where it has the output's
+      // layout (stride 1, channel-major), else in a pass over the tile before.
+      const bool add_on_write = chain.identity_shortcut && chain.shortcut_stride_h == 1 &&
+                                chain.shortcut_stride_w == 1 && x.col_stride == 1 && y.col_stride == 1 &&
+                                x.row_stride == y.row_stride;
+      if (writes_output && chain.identity_shortcut && !add_on_write) {
+        add_input_and_activate(panels[current], tail.out_channels, width, tokens, out_rows.first, x,
+                               chain.shortcut_stride_h, chain.shortcut_stride_w, chain.shortcut_act);
+      }
       if (writes_output) {
-        write_tile_to_output(k, panels[current], tail.out_channels, width, tokens, out_rows.first, y);
+        write_tile_to_output(k, panels[current], tail.out_channels, width, tokens, out_rows.first, y,
+                             add_on_write ? &x : nullptr, chain.shortcut_act);
       } else {
         write_tile_to_band(panels[current], tail.out_channels, width, tokens, out_rows.first,
                            chain.layers[last_layer + 1], images[last_layer + 1]);
@@ -719,10 +773,22 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
     TORCH_CHECK_VALUE(l > 0 || (one_by_one && !layer.padded()), op,
                       ": the first layer must be a 1 x 1 convolution without padding, got a ", layer.kernel_h, " x ",
                       layer.kernel_w, " kernel with ", padding());
-    const int64_t expected_in = layer.depthwise() ? 1 : channels + (reads_shortcut ? input.size(1) : 0);
+    if (reads_shortcut && weight.size(1) == channels) {  // an identity shortcut: x is added
+      TORCH_CHECK_VALUE(weight.size(0) == input.size(1), op, ": with shortcut=True, weights[", l,
+                        "] takes only the previous layer's ", channels,
+                        " channels, which makes the shortcut the input itself, added to its output: it must have the "
+                        "input's ",
+                        input.size(1), " output channels, got ", weight.size(0),
+                        " (a projection shortcut appends its weight along the input channels)");
+      chain.identity_shortcut = true;
+      chain.shortcut_act = layer.act;
+      layer.act = Activation::kNone;
+    }
+    const int64_t expected_in =
+        layer.depthwise() ? 1 : channels + (reads_shortcut && !chain.identity_shortcut ? input.size(1) : 0);
     TORCH_CHECK_VALUE(weight.size(1) == expected_in, op, ": weights[", l, "] takes ", weight.size(1),
                       " input channels, expected ", expected_in,
-                      reads_shortcut ? " (the previous layer's, then the input's for the shortcut)"
+                      reads_shortcut ? " (the previous layer's, then the input's for a projection shortcut)"
                                      : (l == 0 ? " (the input's)" : " (the previous layer's output channels)"));
     TORCH_CHECK_VALUE(!reads_shortcut || (one_by_one && layer.stride_h == 1 && layer.stride_w == 1 && !layer.padded()),
                       op, ": with shortcut=True the last layer must be a 1 x 1 convolution, stride 1, no padding");

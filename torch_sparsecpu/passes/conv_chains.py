@@ -6,10 +6,11 @@ and activation already folded in by rewrite.py) is the only user of the one befo
 the first is a 1 x 1 convolution without padding: a ResNet bottleneck's
 ``1x1 -> 3x3 -> 1x1``. When the last one (1 x 1, no activation) feeds a residual add of the
 chain's input (identity shortcut) or of a 1 x 1 sparse convolution of it (projection
-shortcut, at the chain's stride), the add and the activation after it join the chain:
-the last layer then also reads the chain's input, through the concatenated weight
-``[W_last | W_shortcut]`` (``W_shortcut`` the identity for an identity shortcut), with the
-sum of both biases and the final activation (see csrc/ops/conv_chain.cpp).
+shortcut, at the chain's stride), the add and the activation after it join the chain: the
+op adds the chain's input to the last layer's output before the final activation
+(identity), or the last layer also reads the chain's input through the concatenated
+weight ``[W_last | W_shortcut]`` with the sum of both biases (projection; see
+csrc/ops/conv_chain.cpp).
 
 A MobileNet inverted residual, ``1x1 -> depthwise k x k -> 1x1 (+ input)``, is a chain too:
 its depthwise convolution (groups = channels, a static float32 weight; zero ``F.pad``
@@ -255,8 +256,11 @@ def fuse_conv_chains(
         replaced = chain[-1].node
         if residual is not None:
             replaced = residual.activation_node or residual.add
-            with graph.inserting_before(replaced):
-                weights[-1], packed[-1], biases[-1] = _residual_layer(graph, chain[-1], residual, result, values, pack)
+            if residual.shortcut is not None:  # a projection: [W_last | W_shortcut]
+                with graph.inserting_before(replaced):
+                    weights[-1], packed[-1], biases[-1] = _residual_layer(
+                        graph, chain[-1], residual.shortcut, result, values, pack
+                    )
             activations[-1] = residual.activation
         strides = [v for layer in chain for v in layer.stride]
         if any(layer.depthwise for layer in chain):  # (top, bottom, left, right) per layer
@@ -308,18 +312,15 @@ def _prepare_depthwise(graph: fx.Graph, layer: _Layer, result: RewriteResult, st
             layer.weight, layer.bias = graph.get_attr(attr + "_weight"), graph.get_attr(attr + "_bias")
 
 
-def _residual_layer(graph, last: _Layer, residual: _Residual, result: RewriteResult, values, pack):
-    """get_attr nodes of the last layer's weight with the shortcut's appended along the
-    input channels, its packed buffer and the summed bias (None if neither has one)."""
+def _residual_layer(graph, last: _Layer, shortcut: _Layer, result: RewriteResult, values, pack):
+    """get_attr nodes of the last layer's weight with the projection shortcut's appended
+    along the input channels, its packed buffer and the summed bias (None if neither has one)."""
 
     def value(node):
         return None if node is None else values(node)
 
     weight = value(last.weight)
-    if residual.shortcut is None:
-        shortcut_weight, shortcut_bias = torch.eye(weight.size(0)).view(weight.size(0), -1, 1, 1), None
-    else:
-        shortcut_weight, shortcut_bias = value(residual.shortcut.weight), value(residual.shortcut.bias)
+    shortcut_weight, shortcut_bias = value(shortcut.weight), value(shortcut.bias)
     bias = value(last.bias)
     with torch.no_grad():
         combined = torch.cat([weight.detach(), shortcut_weight.detach().to(weight.dtype)], dim=1)
@@ -330,9 +331,7 @@ def _residual_layer(graph, last: _Layer, residual: _Residual, result: RewriteRes
     result.attributes[attr + "_weight"] = combined
     # The sources of a live (unfolded) weight or bias are copied into the constant: a
     # change of them must rebuild (folded ones are watched through their batch norm already).
-    sources = [last.weight, last.bias]
-    if residual.shortcut is not None:
-        sources += [residual.shortcut.weight, residual.shortcut.bias]
+    sources = [last.weight, last.bias, shortcut.weight, shortcut.bias]
     watched = result.rebuild_if_changed
     watched += [n for n in sources if n is not None and n.op != "get_attr" and n not in watched]
     nodes = [graph.get_attr(attr + "_weight"), graph.get_attr(attr), None]
