@@ -59,8 +59,9 @@ def reference(x, weights, biases, strides, paddings, activations, shortcut: bool
     return h.float()
 
 
-def run_chain(x, weights, biases, strides, paddings, activations, shortcut, band_rows=0, isa=None):
-    packed = [ops.pack_linear(w.flatten(1)) for w in weights]
+def run_chain(x, weights, biases, strides, paddings, activations, shortcut, band_rows=0, isa=None, packed=None):
+    """ops.conv_chain under ``isa``, the weights packed here unless ``packed`` is given."""
+    packed = packed or [ops.pack_linear(w.flatten(1)) for w in weights]
     with torch_sparsecpu.force_isa(isa or torch_sparsecpu.isa()):
         return ops.conv_chain(
             x, weights, packed, biases, strides, paddings, activations, shortcut=shortcut, band_rows=band_rows
@@ -422,19 +423,9 @@ def test_inverted_residual_matches_conv2d(isa, case, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     expected = inverted_residual_reference(x, weights, biases, stride, padding, residual)
     paddings = [0, padding, 0]
+    activations = ["relu6", "relu6", "none"]
     for band_rows in (0, 1, 3):
-        with torch_sparsecpu.force_isa(isa):
-            actual = ops.conv_chain(
-                x,
-                weights,
-                packed,
-                biases,
-                strides,
-                paddings,
-                ["relu6", "relu6", "none"],
-                shortcut=residual,
-                band_rows=band_rows,
-            )
+        actual = run_chain(x, weights, biases, strides, paddings, activations, residual, band_rows, isa, packed)
         assert actual.shape == expected.shape
         assert_close_rel(actual, expected, what=f"band_rows={band_rows}")
 

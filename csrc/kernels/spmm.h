@@ -258,8 +258,8 @@ struct SpmmKernels {
   void (*depthwise_row)(const float* const* taps, const float* w, int64_t num_taps, float bias,
                         Activation act, int64_t count, float* out);
 
-  // out[i] = act(a[i] + b[i]) for i < count: a residual add and the activation after it
-  // (conv_chain's identity shortcut, on the way out).
+  // out[i] = act(a[i] + b[i]) for i < count (out may be a): a residual add and the
+  // activation after it (conv_chain's identity shortcut).
   void (*residual_row)(const float* a, const float* b, Activation act, int64_t count, float* out);
 };
 

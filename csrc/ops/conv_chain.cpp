@@ -385,25 +385,21 @@ int64_t panel_buffer_floats(const kernels::SpmmKernels& k, const Chain& chain, i
 // tile[c][t] = act(tile[c][t] + x(c, token t)) for the tokens of `tokens` (exact rows of
 // the output): an identity shortcut and the activation after it. Token (band row r,
 // column q) is input pixel ((first_output_row + r) * stride_h, q * stride_w).
-void add_input_and_activate(float* tile, int64_t channels, int64_t width, const TokenRange& tokens,
-                            int64_t first_output_row, const ImageView& x, int64_t stride_h, int64_t stride_w,
-                            Activation act) {
+void add_input_and_activate(const kernels::SpmmKernels& k, float* tile, int64_t channels, int64_t width,
+                            const TokenRange& tokens, int64_t first_output_row, const ImageView& x, int64_t stride_h,
+                            int64_t stride_w, Activation act) {
   const int64_t step = stride_w * x.col_stride;
+  thread_local std::vector<float> gathered;  // a strided row of x, made contiguous
   for (int64_t c = 0; c < channels; ++c) {
-    float* out = tile + c * width;
     tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
       const float* in = x.data + c * x.channel_stride + (first_output_row + r) * stride_h * x.row_stride + q * step;
-      float* row = out + t;
-      if (step == 1) {
-        for (int64_t i = 0; i < pixels; ++i) row[i] += in[i];
-      } else {
-        for (int64_t i = 0; i < pixels; ++i) row[i] += in[i * step];
+      if (step != 1) {
+        gathered.resize(static_cast<size_t>(pixels));
+        for (int64_t i = 0; i < pixels; ++i) gathered[i] = in[i * step];
+        in = gathered.data();
       }
-      if (act == Activation::kRelu) {
-        for (int64_t i = 0; i < pixels; ++i) row[i] = row[i] < 0.0f ? 0.0f : row[i];  // NaN stays NaN
-      } else if (act != Activation::kNone) {
-        for (int64_t i = 0; i < pixels; ++i) row[i] = kernels::activate_scalar(row[i], act);
-      }
+      float* row = tile + c * width + t;
+      k.residual_row(row, in, act, pixels, row);
     });
   }
 }
@@ -533,7 +529,7 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
                                 chain.shortcut_stride_w == 1 && x.col_stride == 1 && y.col_stride == 1 &&
                                 x.row_stride == y.row_stride;
       if (writes_output && chain.identity_shortcut && !add_on_write) {
-        add_input_and_activate(panels[current], tail.out_channels, width, tokens, out_rows.first, x,
+        add_input_and_activate(k, panels[current], tail.out_channels, width, tokens, out_rows.first, x,
                                chain.shortcut_stride_h, chain.shortcut_stride_w, chain.shortcut_act);
       }
       if (writes_output) {

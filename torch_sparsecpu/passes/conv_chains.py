@@ -32,8 +32,8 @@ import torch.fx as fx
 
 from .. import ops
 from .batch_norm import BatchNormFold, batch_norm_after, fold_batch_norm
-from .match import CONV2D_TARGETS, conv_args, fusable_activation
-from .rewrite import RewriteResult, pack_weight
+from .match import CONV2D_TARGETS, conv_args, fusable_activation, int_pair
+from .rewrite import RewriteResult, pack_weight, watch_fold
 from .static import example_value
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,8 @@ def _depthwise_layer(node, static: dict[fx.Node, torch.Tensor]) -> _Layer | None
         return None
     if bias is not None and (bias not in static or static[bias].dtype != torch.float32):
         return None
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    stride, padding, dilation = pair(stride), pair(padding) if padding != "valid" else (0, 0), pair(dilation)
-    if dilation != (1, 1) or not all(isinstance(v, int) for v in (*stride, *padding)):
+    stride, padding, dilation = int_pair(stride), int_pair(0 if padding == "valid" else padding), int_pair(dilation)
+    if stride is None or padding is None or dilation != (1, 1):
         return None
     left, right, top, bottom = pad or (0, 0, 0, 0)
     sides = (top + padding[0], bottom + padding[0], left + padding[1], right + padding[1])
@@ -306,9 +305,7 @@ def _prepare_depthwise(graph: fx.Graph, layer: _Layer, result: RewriteResult, st
         if layer.fold is not None:
             weight, bias = fold_batch_norm(static[layer.weight], static.get(layer.bias), layer.fold)
             result.attributes[attr + "_weight"], result.attributes[attr + "_bias"] = weight.contiguous(), bias
-            watched = result.rebuild_if_changed
-            watched += [n for n in (layer.weight, *layer.fold.parameters) if n not in watched]
-            result.compared_by_value += layer.fold.running_stats
+            watch_fold(result, layer.weight, layer.fold)
             layer.weight, layer.bias = graph.get_attr(attr + "_weight"), graph.get_attr(attr + "_bias")
 
 

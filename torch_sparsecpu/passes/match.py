@@ -133,7 +133,8 @@ def conv_args(node: fx.Node):
     return [node.kwargs.get(name, arg) for name, arg in zip(names, args, strict=False)]
 
 
-def _pair(value) -> tuple | None:
+def int_pair(value) -> tuple | None:
+    """(h, w) of an int or a 1- or 2-sequence of ints, else None."""
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(isinstance(v, int) for v in value):
@@ -147,7 +148,7 @@ def conv_geometry(node: fx.Node, weight_shape: tuple) -> tuple[tuple | None, str
     _, _, _, stride, padding, dilation, groups = conv_args(node)
     if groups != 1:
         return None, f"groups={groups}: only ungrouped convolutions take the sparse path"
-    stride, dilation = _pair(stride), _pair(dilation)
+    stride, dilation = int_pair(stride), int_pair(dilation)
     if stride is None or dilation is None:
         return None, "stride or dilation not given as ints"
     kernel = weight_shape[2:]
@@ -157,10 +158,10 @@ def conv_geometry(node: fx.Node, weight_shape: tuple) -> tuple[tuple | None, str
         if any(dilation[i] * (kernel[i] - 1) % 2 for i in range(2)):
             return None, "padding='same' with an even kernel extent pads unevenly"
         padding = tuple(dilation[i] * (kernel[i] - 1) // 2 for i in range(2))
-    elif _pair(padding) is None:
+    elif int_pair(padding) is None:
         return None, f"padding={padding!r} not given as ints"
     else:
-        padding = _pair(padding)
+        padding = int_pair(padding)
     return (stride, padding, dilation), None
 
 

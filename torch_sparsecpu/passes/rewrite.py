@@ -208,9 +208,16 @@ def _packed_attribute(
         weight, bias = fold_batch_norm(static[call.weight], static.get(call.bias), fold)
         result.attributes[attr] = pack_weight(weight, pack)  # (convolutions: never quantized)
         result.attributes[attr + "_weight"], result.attributes[attr + "_bias"] = weight, bias
-        result.rebuild_if_changed += [call.weight, *fold.parameters]
-        result.compared_by_value += fold.running_stats
+        watch_fold(result, call.weight, fold)
     return attr
+
+
+def watch_fold(result: RewriteResult, weight: fx.Node, fold: BatchNormFold) -> None:
+    """Watches what a convolution's weight folded with its batch norm was made from: the
+    weight and the batch norm's parameters (a change rebuilds), its running statistics
+    (compared by value: a training-mode batch norm updates them without a version bump)."""
+    result.rebuild_if_changed += [n for n in (weight, *fold.parameters) if n not in result.rebuild_if_changed]
+    result.compared_by_value += fold.running_stats
 
 
 def _emit(
