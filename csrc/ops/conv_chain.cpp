@@ -85,6 +85,13 @@ struct ChainLayer {
   // Tap layout: its panels are tap_width tokens of the band image itself; 0 otherwise.
   int64_t tap_width = 0;
   bool taps() const { return tap_width > 0; }
+  // The first layer may read the chain's input in place: panels of in_place_width
+  // tokens of the input itself, whose channel planes are a whole number of such panels
+  // apart, with its weight packed for that (in_place_w, tap_weights.h); 0 otherwise.
+  int64_t in_place_width = 0;
+  PackedLinearView in_place_w;
+  // The width of every panel but a stage's last, when fixed by the layout.
+  int64_t fixed_width() const { return taps() ? tap_width : in_place_width; }
 
   int64_t padded_w() const { return in_w + pad_left + pad_right; }
   bool padded() const { return pad_top != 0 || pad_bottom != 0 || pad_left != 0 || pad_right != 0; }
@@ -134,12 +141,14 @@ struct TokenRange {
 // Band rows are cut into panels as wide as possible but equal, in whole registers
 // (the last takes the rest): sparse_linear_2d's rule, without GEMV panels (a band is
 // never that narrow but at image edges, where a padded register costs little).
-// A tap layer's panels all have its tap_width (the row stride of its image).
+// A tap layer's panels all have its tap_width (the row stride of its image), a layer
+// reading the input in place its in_place_width.
 struct PanelCut {
   int64_t tokens, width;  // width: of every panel but the last
   PanelCut(const kernels::SpmmKernels& k, const ChainLayer& head, int64_t tokens) : tokens(tokens) {
     const int64_t panels = ceil_div(tokens, k.max_panel_width);
-    width = head.taps() ? head.tap_width : ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
+    width = head.fixed_width() > 0 ? head.fixed_width()
+                                   : ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
   }
   int64_t num_panels() const { return ceil_div(tokens, width); }
   int64_t tokens_in(int64_t p) const { return std::min(width, tokens - p * width); }
@@ -482,7 +491,10 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
     const PanelCut cut(k, head, stage_tokens(head, out_rows));
     for (int64_t p = 0; p < cut.num_panels(); ++p) {
       const TokenRange tokens{p * cut.width, cut.tokens_in(p), head.token_pitch, head.out_w};
-      const int64_t width = head.taps() ? cut.width : ceil_div(tokens.count, k.vector_width) * k.vector_width;
+      // Read in place unless the panel would run past the input's channel plane.
+      const bool in_place = head.in_place_width > 0 &&
+                            out_rows.first * head.in_w + tokens.first + cut.width <= head.in_h * head.in_w;
+      const int64_t width = head.taps() || in_place ? cut.width : ceil_div(tokens.count, k.vector_width) * k.vector_width;
       int current = 0;  // panels[current]: the input panel of layer l
       for (size_t l = first_layer; l <= last_layer; ++l) {
         const ChainLayer& layer = chain.layers[l];
@@ -510,6 +522,9 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         float* tile = panels[1 - current];
         if (layer.depthwise()) {
           depthwise_tile(k, layer, images[l], out_rows.first, tokens, width, tile);
+        } else if (l == 0 && in_place) {  // its panel is the input, from this panel's first token on
+          run_row_blocks(k, layer.in_place_w, 0, w.num_row_blocks, x.data + out_rows.first * x.row_stride + tokens.first,
+                         width, /*gemv=*/false, layer.bias, layer.act, tile);
         } else if (layer.taps()) {  // its panel is its band image, from this panel's first token on
           run_row_blocks(k, w, 0, w.num_row_blocks, images[l].data + tokens.first, width, /*gemv=*/false, layer.bias,
                          layer.act, tile);
@@ -545,6 +560,16 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
 
 // ---- the tile planner -------------------------------------------------------------
 
+// The widest panel of whole registers, at most a full panel, that divides `floats`
+// (a row pitch or a channel stride); 0 if none.
+int64_t widest_panel_dividing(const kernels::SpmmKernels& k, int64_t floats) {
+  int64_t widest = 0;
+  for (int64_t panel = k.vector_width; panel <= std::min(k.max_panel_width, floats); panel += k.vector_width) {
+    if (floats % panel == 0) widest = panel;
+  }
+  return widest;
+}
+
 // How a layer reads its input (reads_tile, or its band image's layout) and the pitch
 // of its tokens. A 1 x 1 layer (stride 1, no padding) after a layer of exact rows reads
 // that layer's tile; after wide rows it reads a band image of exact rows instead: the
@@ -563,10 +588,7 @@ void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels:
   layer.reads_tile = previous != nullptr && one_by_one && stride_1 && !layer.padded() &&
                      previous->token_pitch == previous->out_w;
   const int64_t register_pitch = ceil_div(layer.padded_w(), k.vector_width) * k.vector_width;
-  int64_t tap_width = 0;  // the widest panel of whole registers that divides the pitch
-  for (int64_t panel = k.vector_width; panel <= std::min(k.max_panel_width, register_pitch); panel += k.vector_width) {
-    if (register_pitch % panel == 0) tap_width = panel;
-  }
+  const int64_t tap_width = widest_panel_dividing(k, register_pitch);
   const bool taps = k_by_k && stride_1 && tap_width >= kMinTapVectors * k.vector_width &&
                     (register_pitch - layer.out_w) * kMaxDroppedTokensDenominator <= register_pitch;
   const bool wide = k_by_k && layer.stride_w == 1 &&
@@ -594,7 +616,7 @@ int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, int64_t fir
         per_token += layer.out_channels * (layer.kernel_h * layer.kernel_w + 2);
         continue;
       }
-      const int64_t copied = layer.taps() ? 0
+      const int64_t copied = layer.taps() || layer.in_place_width > 0 ? 0
                              : layer.reads_tile ? layer.w.in_features - layer.conv_features()
                                                 : layer.w.in_features;
       per_token += layer.w.nnz + 2 * layer.w.out_features + copied;
@@ -670,7 +692,7 @@ int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, st
   for (const auto& stage : chain.stages) {
     ChainLayer& head = chain.layers[stage.first];
     const int64_t tokens = stage_most_tokens[stage.first];
-    most_tokens = std::max({most_tokens, tokens, head.tap_width});
+    most_tokens = std::max({most_tokens, tokens, head.fixed_width()});
     if (stage.first == 0) continue;
     const int64_t image_rows = most_rows[stage.first];
     head.plane_stride = head.taps() ? image_rows * head.pitch : ceil_div(image_rows * head.pitch, 16) * 16;
@@ -685,6 +707,25 @@ int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, st
     }
   }
   return most_tokens;
+}
+
+// The first layer reads the input x in place (ChainLayer::in_place_width) when it is a
+// 1 x 1 convolution of stride 1 over the input's channels only, x's rows of pixels
+// follow each other (one run of tokens per channel plane) and its channel planes are a
+// whole number of panels of at least kMinTapVectors registers apart (ResNet's 56 x 56
+// and 28 x 28 images): its panels are then x itself, and no pixel of x is copied.
+void read_input_in_place(Chain& chain, const kernels::SpmmKernels& k, const at::Tensor& x, const at::Tensor& weight,
+                         std::vector<at::Tensor>* tap_packed) {
+  ChainLayer& first = chain.layers.front();
+  if (first.stride_h != 1 || first.stride_w != 1 || first.w.in_features != first.conv_features() ||
+      x.stride(3) != 1 || x.stride(2) != first.in_w) {
+    return;
+  }
+  const int64_t width = widest_panel_dividing(k, x.stride(1));
+  if (width < kMinTapVectors * k.vector_width) return;
+  tap_packed->push_back(tap_packed_weight(weight, first.w, width, width, x.stride(1)));
+  first.in_place_w = checked_view(tap_packed->back());
+  first.in_place_width = width;
 }
 
 bool is_channels_last(const at::Tensor& t) { return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
@@ -822,12 +863,13 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
                            input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                        : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
-  const int64_t bands = plan_bands(chain, k, band_rows_override);
-  std::vector<at::Tensor> tap_packed;  // held while the views are used
-  const int64_t most_tokens = size_band_images(chain, bands, weights, &tap_packed);
   // The input as the kernels read it: rows of pixels with any strides (a
   // channels-last-like input is transposed 8 pixels at a time; see pack_image_tokens).
   const at::Tensor x = channels_last || input.stride(3) == 1 ? input : input.contiguous();
+  std::vector<at::Tensor> tap_packed;  // held while the views are used
+  read_input_in_place(chain, k, x, weights[0], &tap_packed);
+  const int64_t bands = plan_bands(chain, k, band_rows_override);
+  const int64_t most_tokens = size_band_images(chain, bands, weights, &tap_packed);
   // No panel is wider than the most tokens of any stage, nor than a full panel.
   const int64_t widest = std::min(k.max_panel_width, ceil_div(most_tokens, k.vector_width) * k.vector_width);
   const int64_t panel_floats = panel_buffer_floats(k, chain, widest);
