@@ -12,6 +12,7 @@ from torch import nn
 
 import torch_sparsecpu
 from torch_sparsecpu import ops
+from torch_sparsecpu.kernels import torch_threads
 
 from conftest import EAGER, assert_close_rel, compile_sparse, sparse_weight
 
@@ -146,6 +147,25 @@ def test_band_at_the_bottom_edge_needs_the_most_rows(band_rows):
     expected = reference(x, weights, biases, strides, paddings, activations, False)
     actual = run_chain(x, weights, biases, strides, paddings, activations, False, band_rows)
     assert_close_rel(actual, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rolling_bands_over_any_thread_ranges(threads):
+    """Rolling bands: a thread keeps the halo rows its previous band of the same image
+    computed. With 1, 2 or 3 threads the ranges start at different bands (some mid-image,
+    some across two images of the batch), and bands of 1, 2 or 3 rows roll through a
+    stride-2 3 x 3 layer and a 3 x 3 layer of stride 1 (two band images)."""
+    kernels, strides, paddings = [1, 3, 3, 1], [1, 2, 1, 1], [0, 1, 1, 0]
+    channels = [6, 5, 4, 7, 6]
+    weights = [conv_weight(c_out, c_in, k) for c_in, c_out, k in zip(channels[:-1], channels[1:], kernels, strict=True)]
+    biases = [torch.randn(w.size(0)) for w in weights]
+    x = torch.randn(3, 6, 23, 17)
+    activations = ["relu", "relu", "none", "relu"]
+    expected = reference(x, weights, biases, strides, paddings, activations, False)
+    with torch_threads(threads):
+        for band_rows in (1, 2, 3, 0):
+            actual = run_chain(x, weights, biases, strides, paddings, activations, False, band_rows)
+            assert_close_rel(actual, expected, what=f"{threads} threads, band_rows={band_rows}")
 
 
 def test_strided_views_and_4x1_blocks():

@@ -1,9 +1,10 @@
 // sparsecpu::conv_chain: consecutive sparse convolutions (a ResNet bottleneck, its
 // residual included) run as tensor columns, band of output rows by band. Each thread
-// takes whole bands and carries each through every layer: a layer computes the rows
-// the next one needs (a k x k layer's halo rows are recomputed by both bands that need
-// them, never shared between threads), so a band's intermediate images stay in the
-// thread's L2 cache (docs/tile_planner.md#tensor-columns-for-convolutions-conv_chain).
+// takes a contiguous range of bands and carries each through every layer: a layer
+// computes the rows the next one needs (a k x k layer's halo rows are kept from the
+// thread's previous band, or computed by the first band of its range: never shared
+// between threads), so a band's intermediate images stay in the thread's L2 cache
+// (docs/tile_planner.md#tensor-columns-for-convolutions-conv_chain).
 //
 // Layout of the work. A layer's input is either the previous layer's output tile
 // (a 1 x 1 convolution, stride 1, no padding: the tile is its panel, as in
@@ -79,9 +80,9 @@ struct ChainLayer {
   // layout: `pitch`).
   int64_t token_pitch = 0;
   // Its band image, unless it reads a tile: `copies` planes per channel (kernel_w in
-  // the tap layout, else 1) of rows of `pitch` floats, plane_stride floats apart (set
-  // when the bands are planned), and band_image_floats in all.
-  int64_t copies = 1, pitch = 0, plane_stride = 0, band_image_floats = 0;
+  // the tap layout, else 1) of window_rows rows of `pitch` floats, plane_stride floats
+  // apart (set when the bands are planned), and band_image_floats in all.
+  int64_t copies = 1, pitch = 0, window_rows = 0, plane_stride = 0, band_image_floats = 0;
   // Tap layout: its panels are tap_width tokens of the band image itself; 0 otherwise.
   int64_t tap_width = 0;
   bool taps() const { return tap_width > 0; }
@@ -178,6 +179,20 @@ std::vector<std::pair<int64_t, int64_t>> band_rows(const Chain& chain, int64_t f
     const ChainLayer& layer = chain.layers[l];
     rows[l - 1] = {std::max<int64_t>(0, rows[l].first * layer.stride_h - layer.pad_top),
                    std::min(layer.in_h, layer.input_end(rows[l].second) - layer.pad_top)};
+  }
+  return rows;
+}
+
+// Rolling bands: a thread takes a contiguous range of bands and keeps the rows its
+// consecutive bands of one image share (a k x k layer's halo) in the band images,
+// rather than computing them twice; only the first band of its range computes its halo.
+// The rows each layer computes for a band whose band_rows() are `rows`: all of them, or
+// with `previous` (the band_rows() of the thread's band before it) those after the
+// rows that band computed.
+std::vector<std::pair<int64_t, int64_t>> computed_rows(std::vector<std::pair<int64_t, int64_t>> rows,
+                                                       const std::vector<std::pair<int64_t, int64_t>>* previous) {
+  if (previous != nullptr) {
+    for (size_t l = 0; l < rows.size(); ++l) rows[l].first = std::max(rows[l].first, (*previous)[l].second);
   }
   return rows;
 }
@@ -299,29 +314,54 @@ void write_tile_to_band(const float* tile, int64_t channels, int64_t width, cons
   }
 }
 
-// Zeroes what no layer writes in a band image: its padding rows and columns, the
-// floats after each plane's last row, and a tap layer's panel width after the last
-// plane (its last panel's dropped tokens read that far).
-// written_rows: the image rows [first, end) the previous layer writes.
-void zero_band_padding(const ChainLayer& layer, const BandImage& image, std::pair<int64_t, int64_t> written_rows) {
-  const int64_t first_written = written_rows.first + layer.pad_top;
-  const int64_t end_written = written_rows.second + layer.pad_top;
+// Zeroes the padding rows (above and below the image) among the band image's rows
+// [first, end), and with `columns` also the padding columns of its other rows.
+void zero_padding(const ChainLayer& layer, const BandImage& image, int64_t first, int64_t end, bool columns) {
   for (int64_t c = 0; c < layer.in_channels; ++c) {
     for (int64_t j = 0; j < image.copies; ++j) {
-      for (int64_t row = image.first_row; row < image.first_row + image.rows; ++row) {
+      for (int64_t row = first; row < end; ++row) {
         float* at = image.at(c, j, row, 0);
-        if (row < first_written || row >= end_written) {
+        if (row < layer.pad_top || row >= layer.pad_top + layer.in_h) {
           std::fill(at, at + image.pitch, 0.0f);
-        } else {
+        } else if (columns) {
           std::fill(at, at + std::max<int64_t>(0, layer.pad_left - j), 0.0f);
           std::fill(at + std::max<int64_t>(0, layer.pad_left + layer.in_w - j), at + image.pitch, 0.0f);
         }
       }
+    }
+  }
+}
+
+// Readies a band image for its first band of a thread's range: zeroes what no layer
+// writes in its whole window: padding rows and columns, the floats after each plane's
+// last row, and a tap layer's panel width after the last plane (its last panel's
+// dropped tokens read that far). Nothing but the zeroing writes a padding column, so
+// they stay zero through the thread's later bands.
+void zero_band_padding(const ChainLayer& layer, const BandImage& image) {
+  zero_padding(layer, image, image.first_row, image.first_row + image.rows, /*columns=*/true);
+  for (int64_t c = 0; c < layer.in_channels; ++c) {
+    for (int64_t j = 0; j < image.copies; ++j) {
       std::fill(image.at(c, j, image.first_row + image.rows, 0), image.at(c, j + 1, image.first_row, 0), 0.0f);
     }
   }
   float* planes_end = image.at(layer.in_channels, 0, image.first_row, 0);
   std::fill(planes_end, planes_end + layer.tap_width, 0.0f);
+}
+
+// Moves a band image's window down to start at row `first` for the thread's next band,
+// keeping its rows [first, kept_end) (the previous band wrote them and this band reads
+// them again: the halo), and zeroes the padding rows among the rows the window gains up
+// to `end`. `image` is the window as it was.
+void roll_band_image(const ChainLayer& layer, BandImage& image, int64_t first, int64_t kept_end, int64_t end) {
+  const int64_t shift = first - image.first_row;
+  if (shift > 0 && kept_end > first) {
+    for (int64_t plane = 0; plane < layer.in_channels * image.copies; ++plane) {
+      float* rows = image.data + plane * image.plane_stride;
+      std::copy_n(rows + shift * image.pitch, (kept_end - first) * image.pitch, rows);
+    }
+  }
+  image.first_row = first;
+  zero_padding(layer, image, std::max(first, kept_end), end, /*columns=*/false);
 }
 
 // Writes the pixels of the last layer's tile into the output image y (one image):
@@ -466,10 +506,17 @@ void depthwise_tile(const kernels::SpmmKernels& k, const ChainLayer& layer, cons
 
 // Runs the band of the last layer's output rows [first_row, end_row) of image n
 // through every layer into y.
+// previous_first: the first row of the thread's band before it, of the same image (its
+// end is first_row), or -1 when it has none (rolling bands, computed_rows).
 void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView& x, const ImageView& y,
-              int64_t first_row, int64_t end_row, int64_t panel_floats, BandScratch& scratch) {
+              int64_t first_row, int64_t end_row, int64_t previous_first, int64_t panel_floats,
+              BandScratch& scratch) {
   const size_t num_layers = chain.layers.size();
-  const auto rows = band_rows(chain, first_row, end_row);
+  const bool rolling = previous_first >= 0;
+  const auto needed = band_rows(chain, first_row, end_row);
+  std::vector<std::pair<int64_t, int64_t>> previous;
+  if (rolling) previous = band_rows(chain, previous_first, first_row);
+  const auto rows = computed_rows(needed, rolling ? &previous : nullptr);
   scratch.images.resize(num_layers);
   std::vector<BandImage> images(num_layers, BandImage{nullptr, 1, 0, 0, 0, 0});
   float* panels[2] = {scratch.panels[0].get(static_cast<size_t>(panel_floats)),
@@ -480,13 +527,20 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
     if (l == 0) continue;
     const ChainLayer& head = chain.layers[l];
     float* data = scratch.images[l].get(static_cast<size_t>(head.band_image_floats));
-    images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, rows[l].first * head.stride_h,
-                          padded_rows(head, rows[l])};
-    zero_band_padding(head, images[l], rows[l - 1]);
+    const int64_t first = needed[l].first * head.stride_h;
+    if (rolling) {  // keeps the rows the stage before computed for the previous band
+      images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, previous[l].first * head.stride_h,
+                            head.window_rows};
+      roll_band_image(head, images[l], first, previous[l - 1].second + head.pad_top, head.input_end(needed[l].second));
+    } else {
+      images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, first, head.window_rows};
+      zero_band_padding(head, images[l]);
+    }
   }
   for (const auto& [first_layer, last_layer] : chain.stages) {
     const ChainLayer& head = chain.layers[first_layer];
     const auto out_rows = rows[first_layer];
+    if (out_rows.first >= out_rows.second) continue;  // all kept from the previous band
     const bool writes_output = last_layer == num_layers - 1;
     const PanelCut cut(k, head, stage_tokens(head, out_rows));
     for (int64_t p = 0; p < cut.num_panels(); ++p) {
@@ -526,8 +580,8 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
           run_row_blocks(k, layer.in_place_w, 0, w.num_row_blocks, x.data + out_rows.first * x.row_stride + tokens.first,
                          width, /*gemv=*/false, layer.bias, layer.act, tile);
         } else if (layer.taps()) {  // its panel is its band image, from this panel's first token on
-          run_row_blocks(k, w, 0, w.num_row_blocks, images[l].data + tokens.first, width, /*gemv=*/false, layer.bias,
-                         layer.act, tile);
+          run_row_blocks(k, w, 0, w.num_row_blocks, images[l].at(0, 0, out_rows.first * layer.stride_h, 0) + tokens.first,
+                         width, /*gemv=*/false, layer.bias, layer.act, tile);
         } else if (panel_fits_l2(w, width)) {
           pack(0, w.in_features);
           run_row_blocks(k, w, 0, w.num_row_blocks, panel, width, /*gemv=*/false, layer.bias, layer.act, tile);
@@ -601,13 +655,14 @@ void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels:
   layer.token_pitch = layer.reads_tile ? previous->token_pitch : (taps || wide ? layer.pitch : layer.out_w);
 }
 
-// Work of one band, in the units of sparse_linear_2d's cost (multiply-adds and per-row
-// overhead per token), plus one unit per float copied into a panel or written out.
-int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, int64_t first_row, int64_t end_row) {
-  const auto rows = band_rows(chain, first_row, end_row);
+// Work of computing the rows `rows` of each layer (a band's computed_rows), in the
+// units of sparse_linear_2d's cost (multiply-adds and per-row overhead per token), plus
+// one unit per float copied into a panel or written out.
+int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, const std::vector<std::pair<int64_t, int64_t>>& rows) {
   int64_t cost = 0;
   for (const auto& [first_layer, last_layer] : chain.stages) {
     const ChainLayer& head = chain.layers[first_layer];
+    if (rows[first_layer].first >= rows[first_layer].second) continue;
     const PanelCut cut(k, head, stage_tokens(head, rows[first_layer]));
     int64_t per_token = 0;
     for (size_t l = first_layer; l <= last_layer; ++l) {
@@ -628,24 +683,28 @@ int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, int64_t fir
   return cost;
 }
 
-// Bytes of the band images a band writes and reads back: what should stay in L2.
-int64_t band_image_bytes(const Chain& chain, int64_t first_row, int64_t end_row) {
-  const auto rows = band_rows(chain, first_row, end_row);
-  int64_t bytes = 0;
+// Bytes a band keeps in flight, which should stay in L2: the rows of its band images
+// (band_rows() `rows`: written, then read back), of the chain's input that its first
+// layer reads (and the shortcut again), and of the output it writes.
+int64_t band_window_bytes(const Chain& chain, const std::vector<std::pair<int64_t, int64_t>>& rows) {
+  const ChainLayer &first = chain.layers.front(), &last = chain.last();
+  int64_t floats = first.in_channels * padded_rows(first, rows.front()) * first.in_w +
+                   last.out_channels * (rows.back().second - rows.back().first) * last.out_w;
   for (const auto& [first_layer, last_layer] : chain.stages) {
     if (first_layer == 0) continue;
     const ChainLayer& head = chain.layers[first_layer];
-    bytes += head.in_channels * head.copies * padded_rows(head, rows[first_layer]) * head.pitch * 4;
+    floats += head.in_channels * head.copies * padded_rows(head, rows[first_layer]) * head.pitch;
   }
-  return bytes;
+  return floats * static_cast<int64_t>(sizeof(float));
 }
 
-// Bands per image. The makespan of B bands on T threads (whole bands, contiguous
-// ranges: at::parallel_for's split) is ceil(batch * B / T) bands of ceil(height / B)
-// rows; taller bands recompute fewer halo rows, more bands keep threads busy. Among the
-// heights whose band images fit the L2 cache, the planner takes the band count of
-// least makespan (the fewest bands on a tie); when none fits, one row per band.
-// band_rows > 0 overrides it.
+// Bands per image. Threads take contiguous ranges of ceil(batch * B / T) of the B bands
+// (at::parallel_for's split) and roll through them (computed_rows): only the first of
+// a range computes its halo. So the makespan is that many bands of ceil(height / B)
+// rows without a halo, plus one halo; more bands keep threads busy, and a band's rows
+// cut into panels waste less or more. Among the heights whose window (band_window_bytes)
+// fits the L2 cache, the planner takes the band count of least makespan (the fewest
+// bands on a tie); when none fits, one row per band. band_rows > 0 overrides it.
 int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override) {
   const int64_t height = chain.last().out_h;
   if (band_rows_override > 0) return ceil_div(height, std::min(band_rows_override, height));
@@ -655,8 +714,15 @@ int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t ba
     const int64_t rows = ceil_div(height, bands);
     if (ceil_div(height, rows) != bands) continue;  // the same height as a smaller count
     const int64_t first = (height - rows) / 2;  // an inner band: halos on both sides
-    if (band_image_bytes(chain, first, first + rows) > budget) continue;
-    const int64_t makespan = ceil_div(chain.batch * bands, threads) * band_cost(chain, k, first, first + rows);
+    const auto needed = band_rows(chain, first, first + rows);
+    if (band_window_bytes(chain, needed) > budget) continue;
+    const int64_t with_halo = band_cost(chain, k, needed);
+    int64_t rolled = with_halo;
+    if (first > 0) {
+      const auto previous = band_rows(chain, std::max<int64_t>(0, first - rows), first);
+      rolled = band_cost(chain, k, computed_rows(needed, &previous));
+    }
+    const int64_t makespan = ceil_div(chain.batch * bands, threads) * rolled + (with_halo - rolled);
     if (best_makespan < 0 || makespan < best_makespan) {
       best = bands;
       best_makespan = makespan;
@@ -672,7 +738,7 @@ std::pair<int64_t, int64_t> band_of(int64_t height, int64_t bands, int64_t band)
   return {band * height / bands, (band + 1) * height / bands};
 }
 
-// Sizes each band image for the most rows any of the `bands` bands writes into it, and
+// Sizes each band image's window for the most rows any of the `bands` bands reads, and
 // packs each tap layer's weight for its image's geometry (held by *tap_packed). Returns
 // the most tokens a stage of a band has. (Not from one inner band alone: when the bands
 // are at most one row shorter than the image, none has halos on both sides, and a band
@@ -694,16 +760,18 @@ int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, st
     const int64_t tokens = stage_most_tokens[stage.first];
     most_tokens = std::max({most_tokens, tokens, head.fixed_width()});
     if (stage.first == 0) continue;
-    const int64_t image_rows = most_rows[stage.first];
-    head.plane_stride = head.taps() ? image_rows * head.pitch : ceil_div(image_rows * head.pitch, 16) * 16;
+    head.window_rows = most_rows[stage.first];
+    head.plane_stride = head.taps() ? head.window_rows * head.pitch : ceil_div(head.window_rows * head.pitch, 16) * 16;
     head.band_image_floats = head.in_channels * head.copies * head.plane_stride;
     if (head.taps()) {
       tap_packed->push_back(
           tap_packed_weight(weights[stage.first], head.w, head.pitch, head.tap_width, head.plane_stride));
       head.w = checked_view(tap_packed->back());
-      // The kernels may read panel_rows() rows from any panel's first token on.
-      head.band_image_floats = std::max(head.band_image_floats, tokens + head.w.panel_rows(false) * head.tap_width) +
-                               head.tap_width;
+      // The kernels may read panel_rows() rows from any panel's first token on (its
+      // first output row's, at most a plane into the image, plus its first token).
+      head.band_image_floats =
+          std::max(head.band_image_floats, head.plane_stride + tokens + head.w.panel_rows(false) * head.tap_width) +
+          head.tap_width;
     }
   }
   return most_tokens;
@@ -882,7 +950,9 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
       const ImageView x_image{x_data + image * x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
       const ImageView y_image{y_data + image * y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
       const auto [first_row, end_row] = band_of(height, bands, band);
-      run_band(k, chain, x_image, y_image, first_row, end_row, panel_floats, scratch);
+      // Rolling bands: the band before, when this thread ran it.
+      const int64_t previous_first = item > begin && band > 0 ? band_of(height, bands, band - 1).first : -1;
+      run_band(k, chain, x_image, y_image, first_row, end_row, previous_first, panel_floats, scratch);
     }
     for (ScratchBuffer& buffer : scratch.images) buffer.release_if_large();
     for (ScratchBuffer& buffer : scratch.panels) buffer.release_if_large();
