@@ -22,9 +22,12 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
   (unfused: two ``sparsecpu::conv2d`` calls around oneDNN's depthwise convolution, HF's
   pads, Inductor's batch norm + ReLU6 and the residual add). ``--block`` names others
   (``stages.0.layers.1`` under ResNet's encoder, ``layer.3`` for MobileNetV2). With
-  ``--floor`` each block is also timed unfused with its convolutions at 99.9% zeros (the
-  time outside the multiplies), and ``unfused / (unfused - that)`` is printed: the most
-  any fusion of its layers could gain, since fused still runs every multiply.
+  ``--floor`` each block is also timed unfused and fused with its convolutions at 99.9%
+  zeros (the time outside the multiplies), and one pass that reads the block's input and writes its
+  output (half the time of cloning both: the traffic no fusion avoids). Printed with
+  them: ``unfused / (unfused - floor)``, the most fusing could gain if it spent nothing
+  but the multiplies, and ``unfused / (unfused - floor + pass)``, if it also reads the
+  input and writes the output once.
 - ``model``: the whole model at batch 1, eager (dense kernels on the pruned weights)
   against sparsecpu fused and with ``fuse_layers=False``; outputs within 1e-4 of eager.
   ResNet-50: every convolution but the stem pruned; MobileNetV2: every convolution
@@ -163,7 +166,7 @@ def run_blocks(args) -> None:
         f"{args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
     )
     header = ("block", 20), ("input", 18), ("eager ms", 9), ("unfused ms", 11), ("fused ms", 9), ("ops", 7)
-    floor_header = " unfused 99.9% ms  fusion's bound" if args.floor else ""
+    floor_header = " unfused 99.9% ms  fused 99.9% ms  in+out pass ms  bound  bound with pass" if args.floor else ""
     print(" ".join(f"{title:>{width}}" for title, width in header), "fused/unfused" + floor_header)
     with torch.inference_mode():
         for name in names:
@@ -176,11 +179,20 @@ def run_blocks(args) -> None:
                 floor_block = torch_sparsecpu.magnitude_prune_(copy.deepcopy(block), 0.999, layer_types=(nn.Conv2d,))
                 floor_paths = compiled_paths(floor_block, x)
                 paths["floor"], expected["floor"] = floor_paths["unfused"], floor_paths["eager"]()
+                paths["fused floor"], expected["fused floor"] = floor_paths["fused"], expected["floor"]
+                # Reading the input and writing the output once, which fusing cannot avoid:
+                # half of cloning both (the result checked is the input's clone).
+                y = floor_paths["eager"]()
+                paths["pass"], expected["pass"] = (lambda x=x, y=y: (y.clone(), x.clone())[1]), x
             ms = time_paths(paths, args, tolerance=1e-5, expected_results=expected)
             ops_used = f"{op_calls(paths['unfused'])}->{op_calls(paths['fused'])}"
             floor = ""
             if args.floor:  # fused can be no faster than the multiplies alone: unfused - floor
-                floor = f" {ms['floor']:>16.3f} {ms['unfused'] / (ms['unfused'] - ms['floor']):>15.2f}x"
+                multiplies, in_out = ms["unfused"] - ms["floor"], ms["pass"] / 2
+                floor = (
+                    f" {ms['floor']:>16.3f} {ms['fused floor']:>14.3f} {in_out:>14.3f}"
+                    f" {ms['unfused'] / multiplies:>5.2f}x {ms['unfused'] / (multiplies + in_out):>15.2f}x"
+                )
             print(
                 f"{name:>20} {str(list(x.shape)):>18} {ms['eager']:>9.3f} {ms['unfused']:>11.3f} "
                 f"{ms['fused']:>9.3f} {ops_used:>7} {ms['unfused'] / ms['fused']:>13.2f}x{floor}"

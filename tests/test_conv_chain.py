@@ -81,9 +81,7 @@ BOTTLENECKS = [
     (3, 16, 4, 8, 9, 11, 2, None),
     # rows wide enough for the tap layout on every ISA (64 floats: 4 AVX-512 registers)
     (1, 8, 4, 8, 60, 62, 1, "identity"),
-    # channel planes of 784 floats, 7 panels of 112 (AVX-512) or 14 of 56 (AVX2): the
-    # first layer reads a contiguous input in place, but for the panels that would run
-    # past its plane
+    # 28 x 28: wide rows on AVX-512, the tap layout on AVX2
     (2, 16, 8, 16, 28, 28, 1, "identity"),
     (1, 16, 8, 32, 28, 28, 2, "projection"),
 ]

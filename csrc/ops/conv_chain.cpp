@@ -62,6 +62,9 @@ using kernels::PackedLinearView;
 // output columns, copied row by row.
 constexpr int64_t kMaxDroppedTokensDenominator = 8;
 constexpr int64_t kMinTapVectors = 4;
+// The per-panel work of one stored nonzero in the band planner's cost, in registers of
+// multiply-adds (band_cost).
+constexpr int64_t kNonzeroOverheadVectors = 1;
 
 // One convolution of the chain and the sizes of its input and output images.
 struct ChainLayer {
@@ -86,13 +89,6 @@ struct ChainLayer {
   // Tap layout: its panels are tap_width tokens of the band image itself; 0 otherwise.
   int64_t tap_width = 0;
   bool taps() const { return tap_width > 0; }
-  // The first layer may read the chain's input in place: panels of in_place_width
-  // tokens of the input itself, whose channel planes are a whole number of such panels
-  // apart, with its weight packed for that (in_place_w, tap_weights.h); 0 otherwise.
-  int64_t in_place_width = 0;
-  PackedLinearView in_place_w;
-  // The width of every panel but a stage's last, when fixed by the layout.
-  int64_t fixed_width() const { return taps() ? tap_width : in_place_width; }
 
   int64_t padded_w() const { return in_w + pad_left + pad_right; }
   bool padded() const { return pad_top != 0 || pad_bottom != 0 || pad_left != 0 || pad_right != 0; }
@@ -142,14 +138,12 @@ struct TokenRange {
 // Band rows are cut into panels as wide as possible but equal, in whole registers
 // (the last takes the rest): sparse_linear_2d's rule, without GEMV panels (a band is
 // never that narrow but at image edges, where a padded register costs little).
-// A tap layer's panels all have its tap_width (the row stride of its image), a layer
-// reading the input in place its in_place_width.
+// A tap layer's panels all have its tap_width (the row stride of its image).
 struct PanelCut {
   int64_t tokens, width;  // width: of every panel but the last
   PanelCut(const kernels::SpmmKernels& k, const ChainLayer& head, int64_t tokens) : tokens(tokens) {
     const int64_t panels = ceil_div(tokens, k.max_panel_width);
-    width = head.fixed_width() > 0 ? head.fixed_width()
-                                   : ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
+    width = head.taps() ? head.tap_width : ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
   }
   int64_t num_panels() const { return ceil_div(tokens, width); }
   int64_t tokens_in(int64_t p) const { return std::min(width, tokens - p * width); }
@@ -209,6 +203,29 @@ int64_t padded_rows(const ChainLayer& layer, std::pair<int64_t, int64_t> rows) {
 }
 
 // ---- copying into panels ----------------------------------------------------------
+
+// The runs of a panel's tokens in consecutive channel planes of the output (and of the
+// identity shortcut's input) are a few cache lines each and a plane apart. The
+// hardware prefetchers follow a stride only inside a page, so with planes a page or
+// more apart each run would start with misses: write_tile_to_output then asks for the
+// runs kPrefetchChannels channels ahead (measured in
+// docs/tile_planner.md#the-residual-on-the-way-out).
+constexpr int64_t kPageFloats = 4096 / sizeof(float);
+constexpr int64_t kPrefetchChannels = 4;
+bool prefetch_planes(int64_t channel_stride) { return channel_stride >= kPageFloats; }
+
+// Asks for the cache lines of floats [p, p + count) ahead of their use (`for_writing`:
+// to be written).
+inline void prefetch_run(const float* p, int64_t count, bool for_writing) {
+  constexpr int64_t kLineFloats = 16;
+  for (int64_t i = 0; i < count; i += kLineFloats) {
+    if (for_writing) {
+      __builtin_prefetch(p + i, 1);
+    } else {
+      __builtin_prefetch(p + i, 0);
+    }
+  }
+}
 
 // to[i] = from[i * step] for i < count.
 inline void copy_pixels(const float* from, int64_t count, int64_t step, float* to) {
@@ -384,8 +401,18 @@ void write_tile_to_output(const kernels::SpmmKernels& k, const float* tile, int6
         k.residual_row(from, added + offset, act, count, to);
       }
     };
+    const bool prefetch = prefetch_planes(y.channel_stride);
     for (int64_t c = 0; c < channels; ++c) {
       if (one_run) {
+        if (prefetch && c + kPrefetchChannels < channels) {
+          const int64_t ahead = c + kPrefetchChannels;
+          prefetch_run(origin + ahead * y.channel_stride + tokens.first, tokens.count, /*for_writing=*/true);
+          if (residual != nullptr) {
+            prefetch_run(residual->data + ahead * residual->channel_stride + first_output_row * residual->row_stride +
+                             tokens.first,
+                         tokens.count, /*for_writing=*/false);
+          }
+        }
         write(tile + c * width, tokens.count, c, tokens.first);
         continue;
       }
@@ -545,10 +572,7 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
     const PanelCut cut(k, head, stage_tokens(head, out_rows));
     for (int64_t p = 0; p < cut.num_panels(); ++p) {
       const TokenRange tokens{p * cut.width, cut.tokens_in(p), head.token_pitch, head.out_w};
-      // Read in place unless the panel would run past the input's channel plane.
-      const bool in_place = head.in_place_width > 0 &&
-                            out_rows.first * head.in_w + tokens.first + cut.width <= head.in_h * head.in_w;
-      const int64_t width = head.taps() || in_place ? cut.width : ceil_div(tokens.count, k.vector_width) * k.vector_width;
+      const int64_t width = head.taps() ? cut.width : ceil_div(tokens.count, k.vector_width) * k.vector_width;
       int current = 0;  // panels[current]: the input panel of layer l
       for (size_t l = first_layer; l <= last_layer; ++l) {
         const ChainLayer& layer = chain.layers[l];
@@ -576,9 +600,6 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         float* tile = panels[1 - current];
         if (layer.depthwise()) {
           depthwise_tile(k, layer, images[l], out_rows.first, tokens, width, tile);
-        } else if (l == 0 && in_place) {  // its panel is the input, from this panel's first token on
-          run_row_blocks(k, layer.in_place_w, 0, w.num_row_blocks, x.data + out_rows.first * x.row_stride + tokens.first,
-                         width, /*gemv=*/false, layer.bias, layer.act, tile);
         } else if (layer.taps()) {  // its panel is its band image, from this panel's first token on
           run_row_blocks(k, w, 0, w.num_row_blocks, images[l].at(0, 0, out_rows.first * layer.stride_h, 0) + tokens.first,
                          width, /*gemv=*/false, layer.bias, layer.act, tile);
@@ -614,8 +635,8 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
 
 // ---- the tile planner -------------------------------------------------------------
 
-// The widest panel of whole registers, at most a full panel, that divides `floats`
-// (a row pitch or a channel stride); 0 if none.
+// The widest panel of whole registers, at most a full panel, that divides `floats`; 0
+// if none.
 int64_t widest_panel_dividing(const kernels::SpmmKernels& k, int64_t floats) {
   int64_t widest = 0;
   for (int64_t panel = k.vector_width; panel <= std::min(k.max_panel_width, floats); panel += k.vector_width) {
@@ -657,28 +678,33 @@ void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels:
 
 // Work of computing the rows `rows` of each layer (a band's computed_rows), in the
 // units of sparse_linear_2d's cost (multiply-adds and per-row overhead per token), plus
-// one unit per float copied into a panel or written out.
+// one unit per float copied into a panel or written out, plus, per panel, each stored
+// nonzero's own work (its offset and value loaded, the value broadcast): about
+// kNonzeroOverheadVectors registers' multiply-adds, whatever the panel's width. Narrow
+// panels pay it over fewer tokens (measured: 1-row bands of a 14 x 14 bottleneck ran
+// 1.45x as long as 4-row bands, docs/tile_planner.md).
 int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, const std::vector<std::pair<int64_t, int64_t>>& rows) {
   int64_t cost = 0;
   for (const auto& [first_layer, last_layer] : chain.stages) {
     const ChainLayer& head = chain.layers[first_layer];
     if (rows[first_layer].first >= rows[first_layer].second) continue;
     const PanelCut cut(k, head, stage_tokens(head, rows[first_layer]));
-    int64_t per_token = 0;
+    int64_t per_token = 0, per_panel = 0;
     for (size_t l = first_layer; l <= last_layer; ++l) {
       const ChainLayer& layer = chain.layers[l];
       if (layer.depthwise()) {  // dense multiply-adds, no copy
         per_token += layer.out_channels * (layer.kernel_h * layer.kernel_w + 2);
         continue;
       }
-      const int64_t copied = layer.taps() || layer.in_place_width > 0 ? 0
+      const int64_t copied = layer.taps() ? 0
                              : layer.reads_tile ? layer.w.in_features - layer.conv_features()
                                                 : layer.w.in_features;
       per_token += layer.w.nnz + 2 * layer.w.out_features + copied;
+      per_panel += layer.w.nnz * k.vector_width * kNonzeroOverheadVectors;
     }
     const size_t next = last_layer + 1;
     per_token += chain.layers[last_layer].out_channels * (next < chain.layers.size() ? chain.layers[next].copies : 1);
-    cost += cut.num_panels() * cut.width * per_token;
+    cost += cut.num_panels() * (cut.width * per_token + per_panel);
   }
   return cost;
 }
@@ -758,7 +784,7 @@ int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, st
   for (const auto& stage : chain.stages) {
     ChainLayer& head = chain.layers[stage.first];
     const int64_t tokens = stage_most_tokens[stage.first];
-    most_tokens = std::max({most_tokens, tokens, head.fixed_width()});
+    most_tokens = std::max({most_tokens, tokens, head.tap_width});
     if (stage.first == 0) continue;
     head.window_rows = most_rows[stage.first];
     head.plane_stride = head.taps() ? head.window_rows * head.pitch : ceil_div(head.window_rows * head.pitch, 16) * 16;
@@ -775,25 +801,6 @@ int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, st
     }
   }
   return most_tokens;
-}
-
-// The first layer reads the input x in place (ChainLayer::in_place_width) when it is a
-// 1 x 1 convolution of stride 1 over the input's channels only, x's rows of pixels
-// follow each other (one run of tokens per channel plane) and its channel planes are a
-// whole number of panels of at least kMinTapVectors registers apart (ResNet's 56 x 56
-// and 28 x 28 images): its panels are then x itself, and no pixel of x is copied.
-void read_input_in_place(Chain& chain, const kernels::SpmmKernels& k, const at::Tensor& x, const at::Tensor& weight,
-                         std::vector<at::Tensor>* tap_packed) {
-  ChainLayer& first = chain.layers.front();
-  if (first.stride_h != 1 || first.stride_w != 1 || first.w.in_features != first.conv_features() ||
-      x.stride(3) != 1 || x.stride(2) != first.in_w) {
-    return;
-  }
-  const int64_t width = widest_panel_dividing(k, x.stride(1));
-  if (width < kMinTapVectors * k.vector_width) return;
-  tap_packed->push_back(tap_packed_weight(weight, first.w, width, width, x.stride(1)));
-  first.in_place_w = checked_view(tap_packed->back());
-  first.in_place_width = width;
 }
 
 bool is_channels_last(const at::Tensor& t) { return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
@@ -935,7 +942,6 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
   // channels-last-like input is transposed 8 pixels at a time; see pack_image_tokens).
   const at::Tensor x = channels_last || input.stride(3) == 1 ? input : input.contiguous();
   std::vector<at::Tensor> tap_packed;  // held while the views are used
-  read_input_in_place(chain, k, x, weights[0], &tap_packed);
   const int64_t bands = plan_bands(chain, k, band_rows_override);
   const int64_t most_tokens = size_band_images(chain, bands, weights, &tap_packed);
   // No panel is wider than the most tokens of any stage, nor than a full panel.
