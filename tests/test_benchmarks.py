@@ -208,9 +208,11 @@ def test_bench_conv_blocks_fuses_each_inverted_residual_into_one_op(capsys):
     out = capsys.readouterr().out
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("layer.1"))
     # Two sparsecpu::conv2d calls around the dense depthwise one unfused, one conv_chain fused;
-    # then fused/unfused, the unfused block at 99.9% zeros and the bound that gives.
-    assert row[-4] == "2->1" and row[-3].endswith("x") and row[-1].endswith("x")
-    assert 0 < float(row[-2]) < float(row[-6]), "unfused: 99.9% zeros faster than 90%"
+    # then fused/unfused, the unfused and fused blocks at 99.9% zeros, the input + output
+    # pass and the two bounds they give.
+    assert row[-7] == "2->1" and row[-6].endswith("x") and row[-2].endswith("x") and row[-1].endswith("x")
+    assert 0 < float(row[-5]) < float(row[-9]), "unfused: 99.9% zeros faster than 90%"
+    assert float(row[-4]) > 0 and float(row[-3]) > 0
 
 
 def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):

@@ -208,8 +208,8 @@ int64_t padded_rows(const ChainLayer& layer, std::pair<int64_t, int64_t> rows) {
 // identity shortcut's input) are a few cache lines each and a plane apart. The
 // hardware prefetchers follow a stride only inside a page, so with planes a page or
 // more apart each run would start with misses: write_tile_to_output then asks for the
-// runs kPrefetchChannels channels ahead (measured in
-// docs/tile_planner.md#the-residual-on-the-way-out).
+// runs kPrefetchChannels channels ahead (docs/tile_planner.md, "The residual on the
+// way out", has the measurement).
 constexpr int64_t kPageFloats = 4096 / sizeof(float);
 constexpr int64_t kPrefetchChannels = 4;
 bool prefetch_planes(int64_t channel_stride) { return channel_stride >= kPageFloats; }
