@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_STAMP := $(VENV)/.torch-2.13.0
 BUILD_STAMP := $(VENV)/.sparsecpu-built
+LINT_TOOLS_STAMP := $(VENV)/.lint-tools
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h)
 
 .PHONY: demo test lint bench probe sanitize clean
@@ -22,6 +23,14 @@ $(BUILD_STAMP): $(TORCH_STAMP) $(SOURCES)
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench,lint]"
 	touch $@
 
+# The lint tools alone: pyproject.toml's `lint` extra, read from there, without building
+# the extension (linting needs torch's headers, not a build of ours).
+$(LINT_TOOLS_STAMP): $(TORCH_STAMP) pyproject.toml
+	$(PY) -c "import subprocess, sys, tomllib; \
+	extra = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['lint']; \
+	subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--quiet', *extra])"
+	touch $@
+
 demo: $(BUILD_STAMP)
 	$(PY) benchmarks/demo.py
 
@@ -31,8 +40,8 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests
 
 # Ruff's rules and settings are in pyproject.toml; lint-cpp compiles the C++ with
-# -Wall -Wextra -Werror.
-lint: $(BUILD_STAMP)
+# -Wall -Wextra -Werror. Neither needs the extension built.
+lint: $(LINT_TOOLS_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(MAKE) --no-print-directory -j $(shell nproc) lint-cpp
@@ -66,7 +75,7 @@ LINT_CXXFLAGS = -std=c++17 -fopenmp -fno-math-errno -Wall -Wextra -Werror -fsynt
   -isystem $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 .PHONY: lint-cpp
 lint-cpp: $(LINT_STAMPS)
-$(LINT_DIR)/%.ok: %.cpp $(wildcard csrc/*/*.h) | $(BUILD_STAMP)
+$(LINT_DIR)/%.ok: %.cpp $(wildcard csrc/*/*.h) | $(LINT_TOOLS_STAMP)
 	@echo "g++ -Wall -Wextra -Werror -fsyntax-only $<"
 	@g++ $(LINT_CXXFLAGS) $<
 	@mkdir -p $(dir $@) && touch $@
