@@ -3,6 +3,8 @@ the backend rewrites (and leaves dense) in convolutional models."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -360,6 +362,24 @@ def test_batch_norm_recalibrated_after_compiling_is_honoured(inner):
         model(3 * x + 1)  # new running statistics, versions unchanged
         model.eval()
         assert_close_rel(compiled(x), model(x), what="after recalibration")
+
+
+def test_nan_statistic_does_not_rebuild_on_every_call(caplog):
+    """Folded statistics are compared bit for bit: a NaN equals itself (torch.equal would
+    call the build stale on every call)."""
+    model = conv_net()
+    with torch.no_grad():
+        model.norm.running_var[0] = float("nan")
+    compiled = torch.compile(model, backend="sparsecpu", options={"inner": "eager"})
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="torch_sparsecpu.backend"):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x), equal_nan=True)
+    assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="torch_sparsecpu.backend"):
+        model.norm.running_var[1] = float("nan")  # a real change still rebuilds
+        torch.testing.assert_close(compiled(x), model(x), equal_nan=True)
+    assert [r for r in caplog.records if "rebuilding" in r.getMessage()]
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import ops
+from . import _C, ops
 from .passes import (
     LayerDecision,
     fetch_attr,
@@ -35,7 +35,6 @@ from .passes import (
     fuse_sparse_chains,
     rewrite_sparse_layers,
 )
-from .passes.packed_cache import tensor_identity
 
 log = logging.getLogger(__name__)
 
@@ -116,73 +115,29 @@ def _inner_compile(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Watched:
-    """A tensor a build baked into the graph (a convolution's weight or bias, or a
-    parameter of the batch norm folded into it; a computed weight's sources, and the
-    constant it became): any change of it needs a rebuild. Packed weights are not
-    watched here: the ops check them on every call (csrc/ops/packed_weights.h) and run a
-    buffer packed from the weight as it is."""
-
-    constant: torch.Tensor | None  # a get_attr constant, else None
-    graph_input: weakref.ref | None  # a placeholder's tensor, held weakly: a build keeps no instance alive
-    identity: tuple
-    input_index: int | None  # its placeholder, or None for a get_attr constant
-
-    def is_stale(self, args: Sequence) -> bool:
-        if self.input_index is None:
-            return tensor_identity(self.constant) != self.identity
-        # A dead tensor's address may hold another by now: its identity proves nothing.
-        return self.is_dead() or tensor_identity(args[self.input_index]) != self.identity
-
-    def is_dead(self) -> bool:
-        return self.graph_input is not None and self.graph_input() is None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Snapshot:
-    """The values of small tensors a build baked in (the folded batch norms'), to
-    compare on every call: a training-mode batch norm updates its running statistics
-    in place without bumping their version, so only their values tell."""
-
-    tensors: list[torch.Tensor | None]  # None: read from the call's argument
-    input_indices: list[int | None]
-    values: torch.Tensor  # all of them (1-D, per channel), concatenated
-
-    @staticmethod
-    def concatenated(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat(tensors) if tensors else torch.empty(0)
-
-    def is_stale(self, args: Sequence) -> bool:
-        if not self.input_indices:
-            return False
-        current = [t if i is None else args[i] for t, i in zip(self.tensors, self.input_indices, strict=True)]
-        return not torch.equal(self.concatenated(current), self.values)
-
-
-@dataclasses.dataclass(frozen=True)
 class _Build:
     """One build of the graph, published as a whole so that a concurrent caller sees
-    either the old build or the new one, never a mix."""
+    either the old build or the new one, never a mix. ``baked`` checks, before each
+    call, what the build baked into the graph (csrc/ops/baked_tensors.h): tensors it
+    depends on (a convolution's weight or bias, a folded batch norm's parameters, a
+    computed weight's sources and the constant it became), whose identity must not
+    change, and the folded batch norms' statistics, whose values must not: a
+    training-mode batch norm updates them in place without bumping their version. Any
+    change needs a rebuild. Packed weights are not checked here: the ops check them on
+    every call (csrc/ops/packed_weights.h) and run a buffer packed from the weight as it is."""
 
     graph_module: fx.GraphModule
     decisions: list[LayerDecision]
-    watched: list[_Watched]
-    snapshot: _Snapshot
+    baked: _C.BakedTensors
+    graph_inputs: list[weakref.ref]  # the arguments it was built from, held weakly
     compiled: Callable | None
 
     def is_stale(self, args: Sequence) -> bool:
-        return any(w.is_stale(args) for w in self.watched) or self.snapshot.is_stale(args)
+        return self.baked.stale(tuple(args))
 
     def is_dead(self) -> bool:
         """Whether a tensor it was built from is gone (its module instance, say)."""
-        return any(w.is_dead() for w in self.watched)
-
-
-def _watch(tensor: torch.Tensor, input_index: int | None) -> _Watched:
-    if input_index is None:
-        return _Watched(tensor, None, tensor_identity(tensor), None)
-    return _Watched(None, weakref.ref(tensor), tensor_identity(tensor), input_index)
+        return any(ref() is None for ref in self.graph_inputs)
 
 
 def _input_spec(value):
@@ -282,15 +237,19 @@ class SparseCompiledGraph:
         new_gm = fx.GraphModule(root, graph, class_name="SparseCPUGraphModule")
         new_gm.meta.update(self._source_gm.meta)
         placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
-        watched = [_watch(static[node], placeholder_index.get(node)) for node in rewritten.rebuild_if_changed]
-        compared_by_value = rewritten.compared_by_value
-        indices = [placeholder_index.get(node) for node in compared_by_value]
-        baked = [static[n] if i is None else None for n, i in zip(compared_by_value, indices, strict=True)]
-        snapshot = _Snapshot(baked, indices, _Snapshot.concatenated([static[n] for n in compared_by_value]).clone())
+        watched, compared = rewritten.rebuild_if_changed, rewritten.compared_by_value
+        with torch.no_grad():
+            baked = _C.BakedTensors(
+                [static[n] for n in watched],
+                [placeholder_index.get(n, -1) for n in watched],
+                [static[n] for n in compared],
+                [placeholder_index.get(n, -1) for n in compared],
+            )
+        graph_inputs = [weakref.ref(static[n]) for n in watched if n in placeholder_index]
         compiled = None
         if compile_if_dense or any(d.taken for d in decisions):
             compiled = _inner_compile(new_gm, inputs, self._options, self._mode)
-        return _Build(new_gm, decisions, watched, snapshot, compiled)
+        return _Build(new_gm, decisions, baked, graph_inputs, compiled)
 
     def _rebuilt(self, args: Sequence) -> _Build:
         """The build for the tensors baked into the graph as they are now."""

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "../kernels/spmm.h"
+#include "baked_tensors.h"
 #include "packed_weights.h"
 
 namespace {
@@ -19,6 +20,12 @@ const kernels::SpmmKernels& kernels_named(const std::string& isa) {
   }
   return *table;
 }
+
+// Bound through a type of this file: pybind11's own types are hidden, and a bound type
+// of wider visibility draws a warning.
+struct BakedTensors : sparsecpu::BakedTensors {
+  using sparsecpu::BakedTensors::BakedTensors;
+};
 
 pybind11::tuple names(const char* const* names, size_t count) {
   pybind11::tuple tuple(count);
@@ -73,6 +80,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (int i = 0; i < kernels::kNumHeaderFields; ++i) fields[kernels::kHeaderFieldNames[i]] = i;
         return fields;
       }, "Word index of each header field of a packed buffer, by name.");
+  pybind11::class_<BakedTensors>(m, "BakedTensors", "What a build of a compiled graph baked in (baked_tensors.h).")
+      .def(pybind11::init<const std::vector<at::Tensor>&, std::vector<int64_t>, const std::vector<at::Tensor>&,
+                          std::vector<int64_t>>(),
+           pybind11::arg("watched"), pybind11::arg("watched_inputs"), pybind11::arg("compared"),
+           pybind11::arg("compared_inputs"))
+      .def("stale", [](const BakedTensors& baked, const pybind11::tuple& args) {
+            return baked.stale([&](int64_t i) {
+              PyObject* object = i < static_cast<int64_t>(args.size()) ? args[i].ptr() : nullptr;
+              return object != nullptr && THPVariable_Check(object) ? THPVariable_Unpack(object) : at::Tensor();
+            });
+          }, pybind11::arg("args"), "Whether any of them changed, given the call's arguments (a tuple).");
   m.attr("HEADER_WORDS") = kernels::kHeaderWords;
   m.attr("PACKED_MAGIC") = kernels::kPackedMagic;
 }

@@ -1,0 +1,75 @@
+#include "baked_tensors.h"
+
+#include <cstring>
+#include <utility>
+
+namespace sparsecpu {
+
+namespace {
+
+int64_t version_of(const at::Tensor& tensor) {
+  return tensor.is_inference() ? 0 : static_cast<int64_t>(tensor._version());
+}
+
+}  // namespace
+
+TensorIdentity::TensorIdentity(const at::Tensor& tensor)
+    : version(version_of(tensor)), data(tensor.data_ptr()), sizes(tensor.sizes().vec()), strides(tensor.strides().vec()) {}
+
+bool TensorIdentity::matches(const at::Tensor& tensor) const {
+  return version_of(tensor) == version && tensor.data_ptr() == data && tensor.sizes() == sizes &&
+         tensor.strides() == strides;
+}
+
+namespace {
+
+// Whether `tensor` holds exactly the values of `values` (contiguous, same dtype), bit
+// for bit: a NaN equals itself, unlike torch.equal, so a statistic that is NaN does not
+// rebuild the graph on every call.
+bool same_values(const at::Tensor& tensor, const at::Tensor& values) {
+  if (tensor.scalar_type() != values.scalar_type() || tensor.sizes() != values.sizes() || !tensor.device().is_cpu()) {
+    return false;
+  }
+  const at::Tensor now = tensor.is_contiguous() ? tensor : tensor.contiguous();
+  return std::memcmp(now.data_ptr(), values.data_ptr(), values.nbytes()) == 0;
+}
+
+}  // namespace
+
+BakedTensors::BakedTensors(const std::vector<at::Tensor>& watched, std::vector<int64_t> watched_inputs,
+                           const std::vector<at::Tensor>& compared, std::vector<int64_t> compared_inputs) {
+  TORCH_CHECK_VALUE(watched.size() == watched_inputs.size() && compared.size() == compared_inputs.size(),
+                    "BakedTensors: one input index per tensor, got ", watched.size(), " watched tensors and ",
+                    watched_inputs.size(), " indices, ", compared.size(), " compared tensors and ",
+                    compared_inputs.size(), " indices");
+  for (size_t i = 0; i < watched.size(); ++i) {
+    const bool argument = watched_inputs[i] >= 0;
+    watched_.push_back(Watched{watched_inputs[i], argument ? at::Tensor() : watched[i],
+                               c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                                   watched[i].getIntrusivePtr()),
+                               TensorIdentity(watched[i])});
+  }
+  for (size_t i = 0; i < compared.size(); ++i) {
+    const bool argument = compared_inputs[i] >= 0;
+    compared_.push_back(Compared{compared_inputs[i], argument ? at::Tensor() : compared[i],
+                                 compared[i].detach().contiguous().clone()});
+  }
+}
+
+bool BakedTensors::stale(const std::function<at::Tensor(int64_t)>& argument) const {
+  for (const Watched& w : watched_) {
+    if (w.input_index < 0) {
+      if (!w.identity.matches(w.constant)) return true;
+      continue;
+    }
+    const at::Tensor now = argument(w.input_index);
+    if (!now.defined() || w.built_from.expired() || !w.identity.matches(now)) return true;
+  }
+  for (const Compared& c : compared_) {
+    const at::Tensor now = c.input_index < 0 ? c.constant : argument(c.input_index);
+    if (!now.defined() || !same_values(now, c.values)) return true;
+  }
+  return false;
+}
+
+}  // namespace sparsecpu

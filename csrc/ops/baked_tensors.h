@@ -1,0 +1,58 @@
+// What one build of a compiled graph baked in (torch_sparsecpu/backend.py), checked
+// before every call of the graph: in C++ because a ResNet-50 build watches about 160
+// tensors and compares the values of about 100 more, which cost about 0.6 ms a call as
+// Python, 39 us here (docs/architecture.md, what the Python wrapper watches).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace sparsecpu {
+
+// A tensor's identity: what it reads (data pointer, sizes, strides) and its version,
+// which an in-place edit bumps (an inference tensor has none: 0). The same fields as
+// torch_sparsecpu.passes.packed_cache.tensor_identity.
+struct TensorIdentity {
+  int64_t version = 0;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  explicit TensorIdentity(const at::Tensor& tensor);
+  bool matches(const at::Tensor& tensor) const;
+};
+
+class BakedTensors {
+ public:
+  // The tensors a build depends on, each read from the graph's argument input_index
+  // (>= 0) or, at -1, a constant of the build (held here):
+  // - watched: any change of identity (or, for an argument, the tensor it was built from
+  //   dying: another may have its address by now) makes the build stale;
+  // - compared: small tensors whose values the build copied (folded batch norms'
+  //   statistics, which a training-mode batch norm updates in place without bumping their
+  //   version): any change of value (bit for bit) makes it stale.
+  BakedTensors(const std::vector<at::Tensor>& watched, std::vector<int64_t> watched_inputs,
+               const std::vector<at::Tensor>& compared, std::vector<int64_t> compared_inputs);
+
+  // Whether any of them changed; argument(i) is the call's argument i, or an undefined
+  // tensor when it is not a tensor (then stale).
+  bool stale(const std::function<at::Tensor(int64_t)>& argument) const;
+
+ private:
+  struct Watched {
+    int64_t input_index;
+    at::Tensor constant;  // undefined for an argument
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> built_from;
+    TensorIdentity identity;
+  };
+  struct Compared {
+    int64_t input_index;
+    at::Tensor constant;
+    at::Tensor values;  // a contiguous copy, taken when the build was made
+  };
+  std::vector<Watched> watched_;
+  std::vector<Compared> compared_;
+};
+
+}  // namespace sparsecpu
