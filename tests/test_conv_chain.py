@@ -79,9 +79,9 @@ BOTTLENECKS = [
     (2, 24, 8, 40, 15, 13, 2, "projection"),
     (1, 16, 8, 24, 14, 14, 1, "projection"),
     (3, 16, 4, 8, 9, 11, 2, None),
-    # rows wide enough for the tap layout on every ISA (64 floats: 4 AVX-512 registers)
+    # the tap layout: 14 x 14 and 28 x 28 (pitch 16 and 32 floats, one and two AVX-512
+    # registers, read by wider panels) and rows wider than one panel
     (1, 8, 4, 8, 60, 62, 1, "identity"),
-    # 28 x 28: wide rows on AVX-512, the tap layout on AVX2
     (2, 16, 8, 16, 28, 28, 1, "identity"),
     (1, 16, 8, 32, 28, 28, 2, "projection"),
 ]
@@ -166,10 +166,12 @@ def test_rolling_bands_over_any_thread_ranges(threads):
             assert_close_rel(actual, expected, what=f"{threads} threads, band_rows={band_rows}")
 
 
-def test_strided_views_and_4x1_blocks():
-    """A non-contiguous input (every other column) and weights packed in 4 x 1 blocks."""
+@pytest.mark.parametrize("width", [22, 28], ids=["strided_view", "tap_sized"])
+def test_strided_views_and_4x1_blocks(width):
+    """A non-contiguous input (every other column) and weights packed in 4 x 1 blocks
+    (the 3 x 3 layer then computes wide rows where 1 x 1 blocks would take the tap layout)."""
     weights, biases, strides, paddings = bottleneck_args(16, 8, 16, 1, "identity")
-    x = torch.randn(1, 16, 9, 22)[:, :, :, ::2]
+    x = torch.randn(1, 16, 14, width)[:, :, :, ::2]
     activations = ["relu"] * 3
     packed = [ops.pack_linear(w.flatten(1), block_rows=4, k_block=16) for w in weights]
     actual = ops.conv_chain(x, weights, packed, biases, strides, paddings, activations, shortcut=True)

@@ -128,12 +128,12 @@ class _Build:
 
     graph_module: fx.GraphModule
     decisions: list[LayerDecision]
-    baked: _C.BakedTensors
+    baked: _C.BakedTensors | None  # None: nothing baked in (a model of linears)
     graph_inputs: list[weakref.ref]  # the arguments it was built from, held weakly
     compiled: Callable | None
 
     def is_stale(self, args: Sequence) -> bool:
-        return self.baked.stale(tuple(args))
+        return self.baked is not None and self.baked.stale(tuple(args))
 
     def is_dead(self) -> bool:
         """Whether a tensor it was built from is gone (its module instance, say)."""
@@ -238,13 +238,15 @@ class SparseCompiledGraph:
         new_gm.meta.update(self._source_gm.meta)
         placeholder_index = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
         watched, compared = rewritten.rebuild_if_changed, rewritten.compared_by_value
-        with torch.no_grad():
-            baked = _C.BakedTensors(
-                [static[n] for n in watched],
-                [placeholder_index.get(n, -1) for n in watched],
-                [static[n] for n in compared],
-                [placeholder_index.get(n, -1) for n in compared],
-            )
+        baked = None
+        if watched or compared:
+            with torch.no_grad():
+                baked = _C.BakedTensors(
+                    [static[n] for n in watched],
+                    [placeholder_index.get(n, -1) for n in watched],
+                    [static[n] for n in compared],
+                    [placeholder_index.get(n, -1) for n in compared],
+                )
         graph_inputs = [weakref.ref(static[n]) for n in watched if n in placeholder_index]
         compiled = None
         if compile_if_dense or any(d.taken for d in decisions):

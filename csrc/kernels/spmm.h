@@ -51,7 +51,8 @@ namespace kernels {
 // segments are sorted by length, so consecutive segments have similar lengths and
 // the exit of the nonzero loop is predictable; seg_rows says which tile rows each
 // segment accumulates into. The kernel multiplies
-// an offset by the row stride of the activation panel it reads (`panel_width` floats).
+// an offset by the row stride of the activation panel it reads (`panel_width` floats,
+// or PackedLinearView::feature_stride).
 // ---------------------------------------------------------------------------
 constexpr int32_t kPackedMagic = 0x31435053;  // "SPC1" little-endian
 constexpr int32_t kPackedVersion = 4;
@@ -130,6 +131,14 @@ struct PackedLinearView {
   Datatype datatype = Datatype::kF32;
   int32_t blocks = 0;      // nonzero blocks: nnz / (block_rows * block_cols)
   int64_t offset_mask = 0;  // pow2ceil(k_block) - 1: every valid offset is below k_block
+  // Floats from one feature of the activation panel to the next: 0 for the panel's width
+  // (a panel of rows, every buffer as packed), else the ISA's vector width (fp32 1 x 1
+  // blocks only): conv_chain's tap layout, whose features are rows of a band image a
+  // whole number of registers apart (csrc/ops/tap_weights.h). Not in the header: set on
+  // a view by whoever hands the kernels such a panel, which then needs
+  // panel_rows(false) * feature_stride floats from the last K-block's first feature plus
+  // the panel's width.
+  int64_t feature_stride = 0;
   const int32_t* seg_ptr = nullptr;
   const int32_t* seg_rows = nullptr;
   const float* values = nullptr;       // fp32: block j's values at values + j * block_rows

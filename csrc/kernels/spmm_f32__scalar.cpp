@@ -27,14 +27,15 @@ void spmm_row_block_scalar(const PackedLinearView& w, int64_t rb, int64_t kb_beg
   const uint32_t last_row = static_cast<uint32_t>(rows - w.block_rows);
   if (kb_begin == 0) fill_tile_with_bias(w, rb, bias, panel_width, tile);
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-    const float* panel_kb = panel + kb * w.k_block * panel_width;  // this K-block's features
+    const int64_t feature_stride = w.feature_stride != 0 ? w.feature_stride : panel_width;
+    const float* panel_kb = panel + kb * w.k_block * feature_stride;  // this K-block's features
     for (int64_t s = w.segment(rb, kb, 0); s < w.segment(rb, kb, 0) + groups; ++s) {
       const int32_t begin = clamp_index(w.seg_ptr[s], w.blocks), end = clamp_index(w.seg_ptr[s + 1], w.blocks);
       for (int64_t m = 0; m < w.block_rows; ++m) {  // each row of the segment's row group
         float* out = tile + (clamp_index(w.seg_rows[s], last_row) + m) * panel_width;
         for (int32_t j = begin; j < end; ++j) {
           const float value = w.values[j * w.block_rows + m];
-          const float* x = panel_kb + (w.offsets[j] & w.offset_mask) * panel_width;
+          const float* x = panel_kb + (w.offsets[j] & w.offset_mask) * feature_stride;
           for (int64_t t = 0; t < panel_width; ++t) out[t] += value * x[t];
         }
       }

@@ -29,11 +29,15 @@
 // fills FMA slots the load-bound nonzero loop leaves idle. Segment ranges and rows are
 // clamped and offsets masked (PackedLinearView): nothing a buffer holds leaves the
 // panel, the tile or the packed arrays.
-template <int kRows, int kVectors>
+// kRegisterFeatures: the panel's features are one register apart (feature_stride, a
+// 1-row tile only), not a tile row.
+template <int kRows, int kVectors, bool kRegisterFeatures = false>
 void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                         const float* panel, int64_t panel_width, int64_t first_token,
                         const float* bias, Activation act, float* tile) {
+  static_assert(kRows == 1 || !kRegisterFeatures, "register-apart features: 1-row tiles only");
   const int64_t stride = kRows == 1 ? kVectors * Vec::kWidth : panel_width;
+  const int64_t feature_stride = kRegisterFeatures ? Vec::kWidth : stride;  // floats from feature to feature
   // Accumulator sets of a 1-row tile: 4 for one register, 2 for two (4 FMA chains
   // each), 1 for wider tiles, where more sets do not pay (docs/kernels.md#the-microkernel).
   constexpr int kSets = kRows > 1 || kVectors >= 3 ? 1 : kVectors == 2 ? 2 : 4;
@@ -46,7 +50,7 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
     const int32_t* seg = w.seg_ptr + first_segment;
     const int32_t* seg_rows = w.seg_rows + first_segment;
     int32_t next = clamp_index(seg[0], blocks);  // a segment starts where the previous one ends
-    const float* panel_kb = panel + kb * w.k_block * stride + first_token;  // this K-block's features
+    const float* panel_kb = panel + kb * w.k_block * feature_stride + first_token;  // this K-block's features
     const bool finish = act != Activation::kNone && kb == w.num_k_blocks - 1;
     for (int64_t s = 0; s < groups; ++s) {
       const int64_t r = clamp_index(seg_rows[s], last_row);
@@ -71,12 +75,12 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
           for (int v = 0; v < kVectors; ++v) extra[q][v] = Vec::zero();
         }
         for (; j + kSets <= end; j += kSets) {
-          const float* x = panel_kb + (w.offsets[j] & offset_mask) * stride;
+          const float* x = panel_kb + (w.offsets[j] & offset_mask) * feature_stride;
           const Vec::T value = Vec::set1(w.values[j]);
           for (int v = 0; v < kVectors; ++v) acc[0][v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[0][v]);
 #pragma GCC unroll 4
           for (int q = 0; q + 1 < kSets; ++q) {
-            const float* xq = panel_kb + (w.offsets[j + 1 + q] & offset_mask) * stride;
+            const float* xq = panel_kb + (w.offsets[j + 1 + q] & offset_mask) * feature_stride;
             const Vec::T value_q = Vec::set1(w.values[j + 1 + q]);
             for (int v = 0; v < kVectors; ++v) {
               extra[q][v] = Vec::fma(value_q, Vec::load(xq + v * Vec::kWidth), extra[q][v]);
@@ -93,7 +97,7 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
         // 4 x 48 strip 2-3% faster than with the 64-bit AND.
         const int64_t row = kRows == 1 ? w.offsets[j] & offset_mask
                                        : w.offsets[j] & static_cast<uint32_t>(offset_mask);
-        const float* x = panel_kb + row * stride;
+        const float* x = panel_kb + row * feature_stride;
         if (kRows == 1) {
           const Vec::T value = Vec::set1(w.values[j]);
           for (int v = 0; v < kVectors; ++v) acc[0][v] = Vec::fma(value, Vec::load(x + v * Vec::kWidth), acc[0][v]);
@@ -241,7 +245,7 @@ void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
 }
 
 // 1 x 1 blocks: register tiles of 1 row x 1..kMaxTileVectors vectors, the whole
-// panel. Tall blocks: kTallBlockRows rows x kTallStripVectors vectors in strips across
+// panel (whose features may be a register apart: feature_stride). Tall blocks: kTallBlockRows rows x kTallStripVectors vectors in strips across
 // the panel; a narrower tile takes the rest. (The tile lists are in lists.h.)
 void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                          const float* panel, int64_t panel_width, const float* bias, Activation act,
@@ -249,9 +253,11 @@ void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
   const int64_t vectors = panel_width / Vec::kWidth;
   if (w.block_rows == 1) {
     switch (vectors) {
-#define SPARSECPU_TILE_CASE(V) \
-  case V:                      \
-    return spmm_register_tile<1, V>(w, rb, kb_begin, kb_end, panel, panel_width, 0, bias, act, tile);
+#define SPARSECPU_TILE_CASE(V)                                                                                  \
+  case V:                                                                                                       \
+    return w.feature_stride != 0                                                                                \
+               ? spmm_register_tile<1, V, true>(w, rb, kb_begin, kb_end, panel, panel_width, 0, bias, act, tile) \
+               : spmm_register_tile<1, V>(w, rb, kb_begin, kb_end, panel, panel_width, 0, bias, act, tile);
       SPARSECPU_FOR_EACH_TILE(SPARSECPU_TILE_CASE)
 #undef SPARSECPU_TILE_CASE
       default:

@@ -16,7 +16,8 @@
 // written out. Where rows rounded up to whole registers waste little, such a layer
 // reads its band image in place (the tap layout, tap_weights.h): the previous layer
 // writes one copy of its rows per kernel column, shifted, and the k x k weight is
-// packed so that its features are rows of that image: no panel is copied at all.
+// packed so that its features are places in that image, a whole number of registers
+// apart, which the kernels read in place: no panel is copied at all.
 //
 // A MobileNet inverted residual's depthwise convolution (a layer whose packed entry is
 // empty; weight [channels, 1, kernel_h, kernel_w]) runs dense inside the column:
@@ -54,14 +55,11 @@ namespace {
 using kernels::Activation;
 using kernels::PackedLinearView;
 
-// A k x k layer of stride 1 reads its band image in place (tap layout) when its rows,
-// rounded up to whole registers, hold at most 1/8 dropped tokens and panels of
-// kMinTapVectors registers divide them (a narrower panel spends more per nonzero on
-// its index and broadcast, over fewer multiply-adds); else it computes wide rows when
-// the dropped tokens (kernel_w - 1 per row) are at most 1/8 of a row; else exactly its
-// output columns, copied row by row.
+// A k x k layer of stride 1 with 1 x 1 blocks reads its band image in place (tap
+// layout) when its rows, rounded up to whole registers, hold at most 1/8 dropped
+// tokens; else it computes wide rows when the dropped tokens (kernel_w - 1 per row) are
+// at most 1/8 of a row; else exactly its output columns, copied row by row.
 constexpr int64_t kMaxDroppedTokensDenominator = 8;
-constexpr int64_t kMinTapVectors = 4;
 // The per-panel work of one stored nonzero in the band planner's cost, in registers of
 // multiply-adds (band_cost).
 constexpr int64_t kNonzeroOverheadVectors = 1;
@@ -86,9 +84,11 @@ struct ChainLayer {
   // the tap layout, else 1) of window_rows rows of `pitch` floats, plane_stride floats
   // apart (set when the bands are planned), and band_image_floats in all.
   int64_t copies = 1, pitch = 0, window_rows = 0, plane_stride = 0, band_image_floats = 0;
-  // Tap layout: its panels are tap_width tokens of the band image itself; 0 otherwise.
-  int64_t tap_width = 0;
-  bool taps() const { return tap_width > 0; }
+  // Tap layout: its panels are tokens of the band image itself, features a register
+  // apart (tap_weights.h); a panel may read up to tap_read_past floats past the last
+  // plane (a full panel). 0 otherwise.
+  int64_t tap_read_past = 0;
+  bool taps() const { return tap_read_past > 0; }
 
   int64_t padded_w() const { return in_w + pad_left + pad_right; }
   bool padded() const { return pad_top != 0 || pad_bottom != 0 || pad_left != 0 || pad_right != 0; }
@@ -138,12 +138,11 @@ struct TokenRange {
 // Band rows are cut into panels as wide as possible but equal, in whole registers
 // (the last takes the rest): sparse_linear_2d's rule, without GEMV panels (a band is
 // never that narrow but at image edges, where a padded register costs little).
-// A tap layer's panels all have its tap_width (the row stride of its image).
 struct PanelCut {
   int64_t tokens, width;  // width: of every panel but the last
-  PanelCut(const kernels::SpmmKernels& k, const ChainLayer& head, int64_t tokens) : tokens(tokens) {
+  PanelCut(const kernels::SpmmKernels& k, int64_t tokens) : tokens(tokens) {
     const int64_t panels = ceil_div(tokens, k.max_panel_width);
-    width = head.taps() ? head.tap_width : ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
+    width = ceil_div(ceil_div(tokens, panels), k.vector_width) * k.vector_width;
   }
   int64_t num_panels() const { return ceil_div(tokens, width); }
   int64_t tokens_in(int64_t p) const { return std::min(width, tokens - p * width); }
@@ -362,7 +361,7 @@ void zero_band_padding(const ChainLayer& layer, const BandImage& image) {
     }
   }
   float* planes_end = image.at(layer.in_channels, 0, image.first_row, 0);
-  std::fill(planes_end, planes_end + layer.tap_width, 0.0f);
+  std::fill(planes_end, planes_end + layer.tap_read_past, 0.0f);
 }
 
 // Moves a band image's window down to start at row `first` for the thread's next band,
@@ -569,10 +568,10 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
     const auto out_rows = rows[first_layer];
     if (out_rows.first >= out_rows.second) continue;  // all kept from the previous band
     const bool writes_output = last_layer == num_layers - 1;
-    const PanelCut cut(k, head, stage_tokens(head, out_rows));
+    const PanelCut cut(k, stage_tokens(head, out_rows));
     for (int64_t p = 0; p < cut.num_panels(); ++p) {
       const TokenRange tokens{p * cut.width, cut.tokens_in(p), head.token_pitch, head.out_w};
-      const int64_t width = head.taps() ? cut.width : ceil_div(tokens.count, k.vector_width) * k.vector_width;
+      const int64_t width = ceil_div(tokens.count, k.vector_width) * k.vector_width;
       int current = 0;  // panels[current]: the input panel of layer l
       for (size_t l = first_layer; l <= last_layer; ++l) {
         const ChainLayer& layer = chain.layers[l];
@@ -635,22 +634,12 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
 
 // ---- the tile planner -------------------------------------------------------------
 
-// The widest panel of whole registers, at most a full panel, that divides `floats`; 0
-// if none.
-int64_t widest_panel_dividing(const kernels::SpmmKernels& k, int64_t floats) {
-  int64_t widest = 0;
-  for (int64_t panel = k.vector_width; panel <= std::min(k.max_panel_width, floats); panel += k.vector_width) {
-    if (floats % panel == 0) widest = panel;
-  }
-  return widest;
-}
-
 // How a layer reads its input (reads_tile, or its band image's layout) and the pitch
 // of its tokens. A 1 x 1 layer (stride 1, no padding) after a layer of exact rows reads
 // that layer's tile; after wide rows it reads a band image of exact rows instead: the
 // wide tile's rows would have to be copied (and the shortcut's and output's pixels)
 // piece by piece, for every one of its channels. A k x k layer of stride 1 takes the
-// tap layout or wide rows (kMaxDroppedTokensDenominator, kMinTapVectors).
+// tap layout or wide rows (kMaxDroppedTokensDenominator).
 void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels::SpmmKernels& k) {
   const bool stride_1 = layer.stride_h == 1 && layer.stride_w == 1;
   const bool one_by_one = layer.kernel_h == 1 && layer.kernel_w == 1;
@@ -663,15 +652,14 @@ void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels:
   layer.reads_tile = previous != nullptr && one_by_one && stride_1 && !layer.padded() &&
                      previous->token_pitch == previous->out_w;
   const int64_t register_pitch = ceil_div(layer.padded_w(), k.vector_width) * k.vector_width;
-  const int64_t tap_width = widest_panel_dividing(k, register_pitch);
-  const bool taps = k_by_k && stride_1 && tap_width >= kMinTapVectors * k.vector_width &&
+  const bool taps = k_by_k && stride_1 && layer.w.block_rows == 1 &&
                     (register_pitch - layer.out_w) * kMaxDroppedTokensDenominator <= register_pitch;
   const bool wide = k_by_k && layer.stride_w == 1 &&
                     (layer.kernel_w - 1) * kMaxDroppedTokensDenominator <= layer.padded_w();
   layer.pitch = taps ? register_pitch : layer.padded_w();
   if (taps) {
     layer.copies = layer.kernel_w;
-    layer.tap_width = tap_width;
+    layer.tap_read_past = k.max_panel_width;
   }
   layer.token_pitch = layer.reads_tile ? previous->token_pitch : (taps || wide ? layer.pitch : layer.out_w);
 }
@@ -688,7 +676,7 @@ int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, const std::
   for (const auto& [first_layer, last_layer] : chain.stages) {
     const ChainLayer& head = chain.layers[first_layer];
     if (rows[first_layer].first >= rows[first_layer].second) continue;
-    const PanelCut cut(k, head, stage_tokens(head, rows[first_layer]));
+    const PanelCut cut(k, stage_tokens(head, rows[first_layer]));
     int64_t per_token = 0, per_panel = 0;
     for (size_t l = first_layer; l <= last_layer; ++l) {
       const ChainLayer& layer = chain.layers[l];
@@ -769,7 +757,8 @@ std::pair<int64_t, int64_t> band_of(int64_t height, int64_t bands, int64_t band)
 // the most tokens a stage of a band has. (Not from one inner band alone: when the bands
 // are at most one row shorter than the image, none has halos on both sides, and a band
 // at the bottom edge can need more rows than one at the top.)
-int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, std::vector<at::Tensor>* tap_packed) {
+int64_t size_band_images(const kernels::SpmmKernels& k, Chain& chain, int64_t bands, at::TensorList weights,
+                         std::vector<at::Tensor>* tap_packed) {
   std::vector<int64_t> most_rows(chain.layers.size(), 0), stage_most_tokens(chain.layers.size(), 0);
   for (int64_t band = 0; band < bands; ++band) {
     const auto [first, end] = band_of(chain.last().out_h, bands, band);
@@ -784,20 +773,22 @@ int64_t size_band_images(Chain& chain, int64_t bands, at::TensorList weights, st
   for (const auto& stage : chain.stages) {
     ChainLayer& head = chain.layers[stage.first];
     const int64_t tokens = stage_most_tokens[stage.first];
-    most_tokens = std::max({most_tokens, tokens, head.tap_width});
+    most_tokens = std::max(most_tokens, tokens);
     if (stage.first == 0) continue;
     head.window_rows = most_rows[stage.first];
-    head.plane_stride = head.taps() ? head.window_rows * head.pitch : ceil_div(head.window_rows * head.pitch, 16) * 16;
+    head.plane_stride = ceil_div(head.window_rows * head.pitch, 16) * 16;  // whole registers, whole lines
     head.band_image_floats = head.in_channels * head.copies * head.plane_stride;
     if (head.taps()) {
       tap_packed->push_back(
-          tap_packed_weight(weights[stage.first], head.w, head.pitch, head.tap_width, head.plane_stride));
+          tap_packed_weight(weights[stage.first], head.w, head.pitch, k.vector_width, head.plane_stride));
       head.w = checked_view(tap_packed->back());
-      // The kernels may read panel_rows() rows from any panel's first token on (its
-      // first output row's, at most a plane into the image, plus its first token).
-      head.band_image_floats =
-          std::max(head.band_image_floats, head.plane_stride + tokens + head.w.panel_rows(false) * head.tap_width) +
-          head.tap_width;
+      head.w.feature_stride = k.vector_width;
+      // The kernels may read panel_rows() features, then a panel, from any panel's first
+      // token on (its first output row's, at most a plane into the image, plus its first
+      // token).
+      head.band_image_floats = std::max(head.band_image_floats,
+                                        head.plane_stride + tokens + head.w.panel_rows(false) * k.vector_width) +
+                               head.tap_read_past;
     }
   }
   return most_tokens;
@@ -943,7 +934,7 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
   const at::Tensor x = channels_last || input.stride(3) == 1 ? input : input.contiguous();
   std::vector<at::Tensor> tap_packed;  // held while the views are used
   const int64_t bands = plan_bands(chain, k, band_rows_override);
-  const int64_t most_tokens = size_band_images(chain, bands, weights, &tap_packed);
+  const int64_t most_tokens = size_band_images(k, chain, bands, weights, &tap_packed);
   // No panel is wider than the most tokens of any stage, nor than a full panel.
   const int64_t widest = std::min(k.max_panel_width, ceil_div(most_tokens, k.vector_width) * k.vector_width);
   const int64_t panel_floats = panel_buffer_floats(k, chain, widest);

@@ -3,13 +3,13 @@
 //
 // The tap layout (conv_chain.cpp): each input channel c of the band keeps kernel_w
 // planes, plane j holding the zero-padded rows shifted left by j columns, each row
-// `pitch` floats (a multiple of the panel width), planes plane_stride floats apart
-// (also a multiple of it). A panel of `width` tokens starting at token t of the band
-// (rows of `pitch` tokens) then finds feature (c, i, j) -- padded pixel (row + i,
-// column + j) -- at planes + t + ((c * kernel_w + j) * plane_stride + i * pitch):
-// a whole number of panel rows from the panel's start. Packed with those row numbers
-// as its input features, the weight runs on the unchanged kernels, reading the band
-// image itself as its panel.
+// `pitch` floats, planes plane_stride floats apart (both multiples of the ISA's vector
+// width). A panel starting at token t of the band (rows of `pitch` tokens) then finds
+// feature (c, i, j) -- padded pixel (row + i, column + j) -- at planes + t + ((c *
+// kernel_w + j) * plane_stride + i * pitch): a whole number of registers from the
+// panel's start, whatever the panel's width. Packed with those register numbers as its
+// input features, and run with PackedLinearView::feature_stride set to the vector
+// width, the weight reads the band image itself as its panel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,10 +19,11 @@
 namespace sparsecpu {
 
 // `weight` [out, in, kernel_h, kernel_w] packed over (in * kernel_w * plane_stride /
-// width) tap features as above, with like's row_block and block_rows and K-blocks of
-// as many input channels as like's K-blocks hold. Packed once per weight (as it is now)
-// and geometry, then cached for as long as the weight lives.
+// feature_stride) tap features as above, feature_stride floats apart, with like's
+// row_block and block_rows and K-blocks of as many input channels as like's K-blocks
+// hold. Packed once per weight (as it is now) and geometry, then cached for as long as
+// the weight lives.
 at::Tensor tap_packed_weight(const at::Tensor& weight, const kernels::PackedLinearView& like, int64_t pitch,
-                             int64_t width, int64_t plane_stride);
+                             int64_t feature_stride, int64_t plane_stride);
 
 }  // namespace sparsecpu
