@@ -245,8 +245,9 @@ void spmv_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin
 }
 
 // 1 x 1 blocks: register tiles of 1 row x 1..kMaxTileVectors vectors, the whole
-// panel (whose features may be a register apart: feature_stride). Tall blocks: kTallBlockRows rows x kTallStripVectors vectors in strips across
-// the panel; a narrower tile takes the rest. (The tile lists are in lists.h.)
+// panel (whose features may be a register apart: feature_stride). Tall blocks:
+// kTallBlockRows rows x kTallStripVectors vectors in strips across the panel; a narrower
+// tile takes the rest. (The tile lists are in lists.h.)
 void spmm_row_block_simd(const PackedLinearView& w, int64_t rb, int64_t kb_begin, int64_t kb_end,
                          const float* panel, int64_t panel_width, const float* bias, Activation act,
                          float* tile) {

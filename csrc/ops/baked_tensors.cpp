@@ -7,22 +7,6 @@ namespace sparsecpu {
 
 namespace {
 
-int64_t version_of(const at::Tensor& tensor) {
-  return tensor.is_inference() ? 0 : static_cast<int64_t>(tensor._version());
-}
-
-}  // namespace
-
-TensorIdentity::TensorIdentity(const at::Tensor& tensor)
-    : version(version_of(tensor)), data(tensor.data_ptr()), sizes(tensor.sizes().vec()), strides(tensor.strides().vec()) {}
-
-bool TensorIdentity::matches(const at::Tensor& tensor) const {
-  return version_of(tensor) == version && tensor.data_ptr() == data && tensor.sizes() == sizes &&
-         tensor.strides() == strides;
-}
-
-namespace {
-
 // Whether `tensor` holds exactly the values of `values` (contiguous, same dtype), bit
 // for bit: a NaN equals itself, unlike torch.equal, so a statistic that is NaN does not
 // rebuild the graph on every call.
@@ -34,7 +18,21 @@ bool same_values(const at::Tensor& tensor, const at::Tensor& values) {
   return std::memcmp(now.data_ptr(), values.data_ptr(), values.nbytes()) == 0;
 }
 
+// The identity of a tensor a build watches; every such tensor has one (at most 4
+// dimensions: weights, biases, batch-norm parameters).
+TensorIdentity identity_of(const at::Tensor& tensor) {
+  TensorIdentity id;
+  TORCH_CHECK(identify(tensor, &id), "sparsecpu: a compiled graph cannot watch a tensor of ", tensor.dim(),
+              " dimensions", tensor.has_storage() ? "" : " without storage");
+  return id;
+}
+
 }  // namespace
+
+bool BakedTensors::Watched::matches(const at::Tensor& tensor) const {
+  TensorIdentity now;
+  return identify(tensor, &now) && now == identity && version_of(tensor) == version;
+}
 
 BakedTensors::BakedTensors(const std::vector<at::Tensor>& watched, std::vector<int64_t> watched_inputs,
                            const std::vector<at::Tensor>& compared, std::vector<int64_t> compared_inputs) {
@@ -47,7 +45,7 @@ BakedTensors::BakedTensors(const std::vector<at::Tensor>& watched, std::vector<i
     watched_.push_back(Watched{watched_inputs[i], argument ? at::Tensor() : watched[i],
                                c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
                                    watched[i].getIntrusivePtr()),
-                               TensorIdentity(watched[i])});
+                               identity_of(watched[i]), version_of(watched[i])});
   }
   for (size_t i = 0; i < compared.size(); ++i) {
     const bool argument = compared_inputs[i] >= 0;
@@ -59,11 +57,11 @@ BakedTensors::BakedTensors(const std::vector<at::Tensor>& watched, std::vector<i
 bool BakedTensors::stale(const std::function<at::Tensor(int64_t)>& argument) const {
   for (const Watched& w : watched_) {
     if (w.input_index < 0) {
-      if (!w.identity.matches(w.constant)) return true;
+      if (!w.matches(w.constant)) return true;
       continue;
     }
     const at::Tensor now = argument(w.input_index);
-    if (!now.defined() || w.built_from.expired() || !w.identity.matches(now)) return true;
+    if (!now.defined() || w.built_from.expired() || !w.matches(now)) return true;
   }
   for (const Compared& c : compared_) {
     const at::Tensor now = c.input_index < 0 ? c.constant : argument(c.input_index);

@@ -10,18 +10,9 @@
 #include <functional>
 #include <vector>
 
-namespace sparsecpu {
+#include "tensor_identity.h"
 
-// A tensor's identity: what it reads (data pointer, sizes, strides) and its version,
-// which an in-place edit bumps (an inference tensor has none: 0). The same fields as
-// torch_sparsecpu.passes.packed_cache.tensor_identity.
-struct TensorIdentity {
-  int64_t version = 0;
-  const void* data = nullptr;
-  std::vector<int64_t> sizes, strides;
-  explicit TensorIdentity(const at::Tensor& tensor);
-  bool matches(const at::Tensor& tensor) const;
-};
+namespace sparsecpu {
 
 class BakedTensors {
  public:
@@ -45,6 +36,8 @@ class BakedTensors {
     at::Tensor constant;  // undefined for an argument
     c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> built_from;
     TensorIdentity identity;
+    uint32_t version;
+    bool matches(const at::Tensor& tensor) const;
   };
   struct Compared {
     int64_t input_index;

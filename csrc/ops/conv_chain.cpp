@@ -785,6 +785,7 @@ int64_t size_band_images(const kernels::SpmmKernels& k, Chain& chain, int64_t ba
       tap_packed->push_back(
           tap_packed_weight(weights[stage.first], head.w, head.pitch, k.vector_width, head.plane_stride));
       head.w = checked_view(tap_packed->back());
+      TORCH_INTERNAL_ASSERT(head.w.block_rows == 1, "a feature stride is for 1 x 1 blocks (choose_layout)");
       head.w.feature_stride = k.vector_width;
       // The kernels may read panel_rows() features, then a panel, from any panel's first
       // token on (its first output row's, at most a plane into the image, plus its first

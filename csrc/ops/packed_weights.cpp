@@ -8,36 +8,10 @@
 #include <vector>
 
 #include "../kernels/spmm.h"
+#include "tensor_identity.h"
 
 namespace sparsecpu {
 namespace {
-
-// What a weight tensor reads: its storage, the address of its first element (the
-// storage offset included), sizes and strides, and whether the op reads it
-// transposed (a [in, out] weight). The
-// storage is held by a weak reference, so its StorageImpl cannot be reused by
-// another tensor while the identity is remembered (the address alone could be).
-struct TensorIdentity {
-  const c10::StorageImpl* storage = nullptr;
-  const void* data = nullptr;
-  int64_t dim = 0;
-  std::array<int64_t, 4> sizes{};
-  std::array<int64_t, 4> strides{};
-  bool transposed = false;
-
-  bool operator==(const TensorIdentity& other) const {
-    return storage == other.storage && data == other.data && dim == other.dim && sizes == other.sizes &&
-           strides == other.strides && transposed == other.transposed;
-  }
-};
-
-struct TensorIdentityHash {
-  size_t operator()(const TensorIdentity& id) const {
-    size_t hash = (std::hash<const void*>()(id.storage) * 31 + std::hash<const void*>()(id.data)) * 2 + id.transposed;
-    for (int64_t d = 0; d < id.dim; ++d) hash = (hash * 31 + static_cast<size_t>(id.sizes[d])) * 31 + static_cast<size_t>(id.strides[d]);
-    return hash;
-  }
-};
 
 // A weight repacked here, and the layout it was packed in (the block sizes, block shape
 // and datatype of the buffer it stands in for): one weight run by buffers of two layouts
@@ -57,21 +31,6 @@ struct RepackKeyHash {
     return hash;
   }
 };
-
-// Inference tensors carry no version counter (and cannot be edited outside inference mode).
-uint32_t version_of(const at::Tensor& t) { return t.is_inference() ? 0 : static_cast<uint32_t>(t._version()); }
-
-bool identify(const at::Tensor& t, TensorIdentity* id) {
-  if (!t.has_storage() || t.dim() > 4) return false;
-  id->storage = t.storage().unsafeGetStorageImpl();
-  id->data = t.data_ptr();
-  id->dim = t.dim();
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    id->sizes[d] = t.size(d);
-    id->strides[d] = t.stride(d);
-  }
-  return true;
-}
 
 // Two tables, guarded by one mutex:
 // - the weight each packed buffer was first used with (keyed by the buffer's storage),
