@@ -270,6 +270,11 @@ struct SpmmKernels {
   // out[i] = act(a[i] + b[i]) for i < count (out may be a): a residual add and the
   // activation after it (conv_chain's identity shortcut).
   void (*residual_row)(const float* a, const float* b, Activation act, int64_t count, float* out);
+
+  // to[i] = from[i * step] for i < count (step >= 1): conv_chain's copies of pixel runs
+  // into panels and band images, tens of floats each, too short for memmove's call to
+  // pay (step 2: a stride-2 layer's pixels, GCC's vector loop for the ISA).
+  void (*copy_row)(const float* from, int64_t step, int64_t count, float* to);
 };
 
 // The AVX2 panel copies (8x8 transposes, spmm_f32__avx2.cpp), which the AVX-512
@@ -293,6 +298,7 @@ float activate_scalar(float x, Activation act);
 void depthwise_row_scalar(const float* const* taps, const float* w, int64_t num_taps, float bias,
                           Activation act, int64_t count, float* out);
 void residual_row_scalar(const float* a, const float* b, Activation act, int64_t count, float* out);
+void copy_row_scalar(const float* from, int64_t step, int64_t count, float* to);
 
 // ---------------------------------------------------------------------------
 // int8 kernels (datatype kInt8; docs/kernels.md#int8-kernels).

@@ -65,6 +65,10 @@ void residual_row_scalar(const float* a, const float* b, Activation act, int64_t
   for (int64_t i = 0; i < count; ++i) out[i] = activate_scalar(a[i] + b[i], act);
 }
 
+void copy_row_scalar(const float* from, int64_t step, int64_t count, float* to) {
+  for (int64_t i = 0; i < count; ++i) to[i] = from[i * step];
+}
+
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                        int64_t feature_stride, int64_t panel_width, float* panel) {
   for (int64_t i = 0; i < in_features; ++i) {
@@ -83,7 +87,7 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
 
 const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
                                  &spmm_row_block_scalar, &unpack_tile_scalar, &depthwise_row_scalar,
-                                 &residual_row_scalar};
+                                 &residual_row_scalar, &copy_row_scalar};
 
 }  // namespace kernels
 }  // namespace sparsecpu

@@ -323,3 +323,20 @@ void residual_row_simd(const float* a, const float* b, Activation act, int64_t c
                      lanes);
   }
 }
+
+// SpmmKernels::copy_row: whole registers, then the first lanes of one (step 1); GCC
+// vectorizes the constant-step loop for this ISA (step 2).
+void copy_row_simd(const float* from, int64_t step, int64_t count, float* to) {
+  if (step == 1) {
+    int64_t i = 0;
+    for (; i + Vec::kWidth <= count; i += Vec::kWidth) Vec::store(to + i, Vec::load(from + i));
+    if (i < count) {
+      const auto lanes = Vec::first(static_cast<int>(count - i));
+      Vec::store_first(to + i, Vec::load_first(from + i, lanes), lanes);
+    }
+  } else if (step == 2) {
+    for (int64_t i = 0; i < count; ++i) to[i] = from[2 * i];
+  } else {
+    for (int64_t i = 0; i < count; ++i) to[i] = from[i * step];
+  }
+}

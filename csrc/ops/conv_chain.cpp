@@ -226,18 +226,6 @@ inline void prefetch_run(const float* p, int64_t count, bool for_writing) {
   }
 }
 
-// to[i] = from[i * step] for i < count (stride 2, the common strided case, with a
-// constant step: GCC vectorizes that loop, not the general one).
-inline void copy_pixels(const float* from, int64_t count, int64_t step, float* to) {
-  if (step == 1) {
-    std::copy_n(from, count, to);
-  } else if (step == 2) {
-    for (int64_t i = 0; i < count; ++i) to[i] = from[2 * i];
-  } else {
-    for (int64_t i = 0; i < count; ++i) to[i] = from[i * step];
-  }
-}
-
 // Panel rows from an input image: channels [first_channel, end_channel) of the tokens
 // of `tokens` into rows (channel c at rows + (c - first_channel) * width), zeros past
 // the pixels up to `width`. Token (band row r, column q) is pixel (first_row + r *
@@ -256,10 +244,10 @@ void pack_image_tokens(const kernels::SpmmKernels& k, const ImageView& image, in
       const float* plane = origin + c * image.channel_stride;
       float* row = rows + c * width;
       if (one_run && stride_w == 1) {
-        std::copy_n(plane + tokens.first, tokens.count, row);
+        k.copy_row(plane + tokens.first, 1, tokens.count, row);
       } else {
         tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
-          copy_pixels(plane + r * stride_h * image.row_stride + q * pixel_stride, pixels, pixel_stride, row + t);
+          k.copy_row(plane + r * stride_h * image.row_stride + q * pixel_stride, pixel_stride, pixels, row + t);
           std::fill(row + t + pixels, row + t + run, 0.0f);
         });
       }
@@ -274,7 +262,7 @@ void pack_image_tokens(const kernels::SpmmKernels& k, const ImageView& image, in
     for (int64_t done = 0; done < count; done += kChunk) {
       const int64_t n = std::min(kChunk, count - done);
       k.pack_panel(pixels + done * pixel_stride, n, channels, pixel_stride, image.channel_stride, kChunk, chunk);
-      for (int64_t c = 0; c < channels; ++c) std::copy_n(chunk + c * kChunk, n, rows + c * width + t + done);
+      for (int64_t c = 0; c < channels; ++c) k.copy_row(chunk + c * kChunk, 1, n, rows + c * width + t + done);
     }
   };
   if (one_run) {
@@ -292,8 +280,9 @@ void pack_image_tokens(const kernels::SpmmKernels& k, const ImageView& image, in
 // convolution, (c, i, j) in weight.flatten(1)'s order. Feature (c, i, j) of token
 // (band row r, column q) is padded pixel (first_output_row * stride_h + r * stride_h +
 // i, q * stride_w + j): with wide rows one contiguous run of the image.
-void pack_band_features(const ChainLayer& layer, const BandImage& image, int64_t first_output_row,
-                        const TokenRange& tokens, int64_t first, int64_t end, int64_t width, float* panel) {
+void pack_band_features(const kernels::SpmmKernels& k, const ChainLayer& layer, const BandImage& image,
+                        int64_t first_output_row, const TokenRange& tokens, int64_t first, int64_t end, int64_t width,
+                        float* panel) {
   const int64_t taps = layer.kernel_h * layer.kernel_w;
   const int64_t row_step = layer.stride_h * image.pitch;
   const bool one_run = layer.stride_w == 1 && row_step == tokens.pitch;
@@ -302,10 +291,10 @@ void pack_band_features(const ChainLayer& layer, const BandImage& image, int64_t
     const float* plane = image.at(c, 0, first_output_row * layer.stride_h + i, j);
     float* row = panel + f * width;
     if (one_run) {
-      std::copy_n(plane + tokens.first, tokens.count, row);
+      k.copy_row(plane + tokens.first, 1, tokens.count, row);
     } else {
       tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
-        copy_pixels(plane + r * row_step + q * layer.stride_w, pixels, layer.stride_w, row + t);
+        k.copy_row(plane + r * row_step + q * layer.stride_w, layer.stride_w, pixels, row + t);
         std::fill(row + t + pixels, row + t + run, 0.0f);
       });
     }
@@ -319,15 +308,16 @@ void pack_band_features(const ChainLayer& layer, const BandImage& image, int64_t
 // next layer: token (band row r, column q) is output row first_output_row + r, at
 // padded row + pad_top, padded column q + pad_left, i.e. column q + pad_left - j of plane j
 // (pixels left of a shifted plane's first column are not in it).
-void write_tile_to_band(const float* tile, int64_t channels, int64_t width, const TokenRange& tokens,
-                        int64_t first_output_row, const ChainLayer& next, const BandImage& image) {
+void write_tile_to_band(const kernels::SpmmKernels& k, const float* tile, int64_t channels, int64_t width,
+                        const TokenRange& tokens, int64_t first_output_row, const ChainLayer& next,
+                        const BandImage& image) {
   for (int64_t c = 0; c < channels; ++c) {
     tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
       for (int64_t j = 0; j < image.copies; ++j) {
         const int64_t skip = std::max<int64_t>(0, j - next.pad_left - q);
         if (skip >= pixels) continue;
-        std::copy_n(tile + c * width + t + skip, pixels - skip,
-                    image.at(c, j, first_output_row + r + next.pad_top, q + skip + next.pad_left - j));
+        k.copy_row(tile + c * width + t + skip, 1, pixels - skip,
+                   image.at(c, j, first_output_row + r + next.pad_top, q + skip + next.pad_left - j));
       }
     });
   }
@@ -397,7 +387,7 @@ void write_tile_to_output(const kernels::SpmmKernels& k, const float* tile, int6
     const auto write = [&](const float* from, int64_t count, int64_t c, int64_t offset) {
       float* to = origin + c * y.channel_stride + offset;
       if (residual == nullptr) {
-        std::copy_n(from, count, to);
+        k.copy_row(from, 1, count, to);
       } else {
         const float* added = residual->data + c * residual->channel_stride + first_output_row * residual->row_stride;
         k.residual_row(from, added + offset, act, count, to);
@@ -588,7 +578,7 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
               pack_image_tokens(k, x, out_rows.first * layer.stride_h, layer.stride_h, layer.stride_w, tokens, first,
                                 conv_end, width, panel + first * width);
             } else {
-              pack_band_features(layer, images[l], out_rows.first, tokens, first, conv_end, width, panel);
+              pack_band_features(k, layer, images[l], out_rows.first, tokens, first, conv_end, width, panel);
             }
           }
           const int64_t shortcut_first = std::max(first, layer.conv_features());
@@ -628,7 +618,7 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         write_tile_to_output(k, panels[current], tail.out_channels, width, tokens, out_rows.first, y,
                              add_on_write ? &x : nullptr, chain.shortcut_act);
       } else {
-        write_tile_to_band(panels[current], tail.out_channels, width, tokens, out_rows.first,
+        write_tile_to_band(k, panels[current], tail.out_channels, width, tokens, out_rows.first,
                            chain.layers[last_layer + 1], images[last_layer + 1]);
       }
     }
