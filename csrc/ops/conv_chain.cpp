@@ -63,6 +63,10 @@ constexpr int64_t kMaxDroppedTokensDenominator = 8;
 // The per-panel work of one stored nonzero in the band planner's cost, in registers of
 // multiply-adds (band_cost).
 constexpr int64_t kNonzeroOverheadVectors = 1;
+// The first layer reads the input in place (ChainLayer::in_place) only where its packing,
+// which goes through a dense [out, in * plane / register width] matrix once per weight,
+// takes at most this many floats (64 MiB).
+constexpr int64_t kMaxInPlacePackingFloats = int64_t{1} << 24;
 
 // One convolution of the chain and the sizes of its input and output images.
 struct ChainLayer {
@@ -89,6 +93,12 @@ struct ChainLayer {
   // plane (a full panel). 0 otherwise.
   int64_t tap_read_past = 0;
   bool taps() const { return tap_read_past > 0; }
+  // The first layer (1 x 1, stride 1) of a chain whose input planes are a whole number
+  // of registers: its weight packed to read the input image in place, features one
+  // channel plane apart (tap_weights.h; feature_stride set), for every panel that ends
+  // inside the image (the others copy). Unset otherwise.
+  PackedLinearView in_place;
+  bool reads_input_in_place() const { return in_place.out_features > 0; }
 
   int64_t padded_w() const { return in_w + pad_left + pad_right; }
   bool padded() const { return pad_top != 0 || pad_bottom != 0 || pad_left != 0 || pad_right != 0; }
@@ -590,7 +600,12 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         };
         const PackedLinearView& w = layer.w;
         float* tile = panels[1 - current];
-        if (layer.depthwise()) {
+        // The first layer's panel is the input itself when it ends inside the image.
+        const float* input_panel = x.data + out_rows.first * x.row_stride + tokens.first;
+        if (l == 0 && layer.reads_input_in_place() && input_panel + width <= x.data + x.channel_stride) {
+          run_row_blocks(k, layer.in_place, 0, w.num_row_blocks, input_panel, width, /*gemv=*/false, layer.bias,
+                         layer.act, tile);
+        } else if (layer.depthwise()) {
           depthwise_tile(k, layer, images[l], out_rows.first, tokens, width, tile);
         } else if (layer.taps()) {  // its panel is its band image, from this panel's first token on
           run_row_blocks(k, w, 0, w.num_row_blocks, images[l].at(0, 0, out_rows.first * layer.stride_h, 0) + tokens.first,
@@ -927,6 +942,18 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
   // channels-last-like input is transposed 8 pixels at a time; see pack_image_tokens).
   const at::Tensor x = channels_last || input.stride(3) == 1 ? input : input.contiguous();
   std::vector<at::Tensor> tap_packed;  // held while the views are used
+  // The first layer reads whole channel planes of the input in place: rows one after
+  // the other (a band's tokens contiguous), planes whole registers apart.
+  ChainLayer& first = chain.layers.front();
+  const int64_t plane = x.size(2) * x.size(3);
+  if (n >= 2 && !channels_last && first.stride_h == 1 && first.stride_w == 1 && k.vector_width >= 8 &&
+      x.stride(3) == 1 && x.stride(2) == x.size(3) && x.stride(1) == plane && plane % k.vector_width == 0 &&
+      first.w.block_rows == 1 &&
+      first.out_channels * first.in_channels * (plane / k.vector_width) <= kMaxInPlacePackingFloats) {
+    tap_packed.push_back(tap_packed_weight(weights[0], first.w, k.vector_width, k.vector_width, plane));
+    first.in_place = checked_view(tap_packed.back());
+    first.in_place.feature_stride = k.vector_width;
+  }
   const int64_t bands = plan_bands(chain, k, band_rows_override);
   const int64_t most_tokens = size_band_images(k, chain, bands, weights, &tap_packed);
   // No panel is wider than the most tokens of any stage, nor than a full panel.

@@ -10,6 +10,10 @@
 // panel's start, whatever the panel's width. Packed with those register numbers as its
 // input features, and run with PackedLinearView::feature_stride set to the vector
 // width, the weight reads the band image itself as its panel.
+//
+// A 1 x 1 weight packed with one plane per channel (kernel_w = 1, plane_stride the
+// input's channel plane) reads the chain's input image in place the same way:
+// conv_chain's first layer over an input whose planes are whole registers.
 #pragma once
 
 #include <ATen/ATen.h>
