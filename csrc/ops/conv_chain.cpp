@@ -17,7 +17,9 @@
 // reads its band image in place (the tap layout, tap_weights.h): the previous layer
 // writes one copy of its rows per kernel column, shifted, and the k x k weight is
 // packed so that its features are places in that image, a whole number of registers
-// apart, which the kernels read in place: no panel is copied at all.
+// apart, which the kernels read in place: no panel is copied at all. The first layer
+// reads the chain's input in place the same way when its channel planes are whole
+// registers (ChainLayer::in_place).
 //
 // A MobileNet inverted residual's depthwise convolution (a layer whose packed entry is
 // empty; weight [channels, 1, kernel_h, kernel_w]) runs dense inside the column:
