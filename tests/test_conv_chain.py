@@ -84,10 +84,10 @@ BOTTLENECKS = [
     (1, 8, 4, 8, 60, 62, 1, "identity"),
     (2, 16, 8, 16, 28, 28, 1, "identity"),
     (1, 16, 8, 32, 28, 28, 2, "projection"),
-    # planes of whole registers (28 x 28 above, 8 x 12 here): the first layer reads the
+    # 128 input channels and planes of whole registers (8 x 12): the first layer reads the
     # input in place, and copies the panels that would run past an image's last plane
-    (3, 16, 8, 16, 8, 12, 1, "identity"),
-    (2, 16, 8, 24, 8, 12, 1, "projection"),
+    (3, 128, 8, 128, 8, 12, 1, "identity"),
+    (2, 128, 8, 24, 8, 12, 1, "projection"),
 ]
 
 
