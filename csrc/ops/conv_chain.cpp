@@ -100,9 +100,10 @@ struct ChainLayer {
   int64_t tap_read_past = 0;
   bool taps() const { return tap_read_past > 0; }
   // The first layer (1 x 1, stride 1, kMinInPlaceChannels inputs or more) of a chain
-  // whose input planes are a whole number of registers: its weight packed to read the input image in place, features one
-  // channel plane apart (tap_weights.h; feature_stride set), for every panel that ends
-  // inside the image (the others copy). Unset otherwise.
+  // whose input planes are a whole number of registers: its weight packed to read the
+  // input image in place, features one channel plane apart (tap_weights.h;
+  // feature_stride set), for every panel that ends inside the image (the others copy).
+  // Unset otherwise.
   PackedLinearView in_place;
   bool reads_input_in_place() const { return in_place.out_features > 0; }
 
