@@ -31,7 +31,9 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
 - ``model``: the whole model at batch 1, eager (dense kernels on the pruned weights)
   against sparsecpu fused and with ``fuse_layers=False``; outputs within 1e-4 of eager.
   ResNet-50: every convolution but the stem pruned; MobileNetV2: every convolution
-  (``sparsecpu-bench``'s recipe; its depthwise ones run dense either way).
+  (``sparsecpu-bench``'s recipe; its depthwise ones run dense either way). With
+  ``--floor`` also the fused model with its convolutions at 99.9% zeros: the forward's
+  time outside the sparse multiplies, and so what the multiplies take.
 """
 
 from __future__ import annotations
@@ -199,20 +201,37 @@ def run_blocks(args) -> None:
             )
 
 
-def run_model(args) -> None:
+def pruned_model(args, sparsity: float) -> tuple[nn.Module, str]:
+    """The model with its convolutions (ResNet-50's but the stem) pruned to ``sparsity``."""
     if args.model == "resnet50":
-        model, pruned = hf_resnet50(args.sparsity / 100, prune_stem=False), "every convolution but the stem"
-    else:
-        model, pruned = hf_mobilenet_v2(args.sparsity / 100), "every convolution"
+        return hf_resnet50(sparsity, prune_stem=False), "every convolution but the stem"
+    return hf_mobilenet_v2(sparsity), "every convolution"
+
+
+def run_model(args) -> None:
+    model, pruned = pruned_model(args, args.sparsity / 100)
     x = torch.randn(1, 3, args.image, args.image)
     print(
         f"HF {args.model}, batch 1, {args.image} x {args.image}, {pruned} {args.sparsity:g}% zeros, "
         f"{args.threads} threads, {args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
     )
     with torch.inference_mode():
-        ms = time_paths(compiled_paths(model, x), args, tolerance=1e-4)
+        paths, expected = compiled_paths(model, x), {}
+        if args.floor:
+            # The same model with almost no multiply left, fused: the forward's time
+            # outside the sparse multiplies (stem, copies, writes, Dynamo, Inductor).
+            floor_model, _ = pruned_model(args, 0.999)
+            floor_paths = compiled_paths(floor_model, x)
+            paths["fused 99.9%"], expected["fused 99.9%"] = floor_paths["fused"], floor_paths["eager"]()
+        ms = time_paths(paths, args, tolerance=1e-4, expected_results=expected)
     for name in ("eager", "unfused", "fused"):
         print(f"{name:>8} {ms[name]:>9.2f} ms  {ms['eager'] / ms[name]:>5.2f}x vs eager")
+    if args.floor:
+        multiplies = ms["fused"] - ms["fused 99.9%"]
+        print(
+            f"fused with 99.9% zeros {ms['fused 99.9%']:.2f} ms: the multiplies take {multiplies:.2f} ms "
+            f"({multiplies / ms['fused']:.0%} of fused), the rest {ms['fused 99.9%']:.2f} ms"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--floor",
         action="store_true",
-        help="blocks mode: also time each block unfused with 99.9%% zeros, and the most fusing could gain",
+        help="blocks mode: also time each block with 99.9%% zeros, and the most fusing could gain; "
+        "model mode: also the fused model with 99.9%% zeros (the time outside the multiplies)",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.sparsity < 100:

@@ -3,6 +3,7 @@ they measured (the figures themselves are measured in benchmarks/, never here)."
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -213,6 +214,20 @@ def test_bench_conv_blocks_fuses_each_inverted_residual_into_one_op(capsys):
     assert row[-7] == "2->1" and row[-6].endswith("x") and row[-2].endswith("x") and row[-1].endswith("x")
     # Times are printed, not compared: one short round on a shared machine orders nothing.
     assert all(float(column) > 0 for column in (row[-9], row[-5], row[-4], row[-3]))
+
+
+@pytest.mark.slow
+def test_bench_conv_model_floor_splits_the_fused_forward(capsys):
+    pytest.importorskip("transformers")
+    run_main(
+        bench_conv, "--mode model --model mobilenetv2 --floor --image 32 --threads 1 --rounds 1 --min-run-time 0.01"
+    )
+    lines = capsys.readouterr().out.splitlines()
+    fused = next(float(line.split()[1]) for line in lines if line.split()[:1] == ["fused"])
+    floor_line = next(line for line in lines if line.startswith("fused with 99.9% zeros"))
+    floor, multiplies = (float(word) for word in re.findall(r"(-?[0-9.]+) ms", floor_line)[:2])
+    # The split adds up (both printed to 2 decimals); times are not compared with each other.
+    assert floor > 0 and abs(floor + multiplies - fused) <= 0.011
 
 
 def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):
