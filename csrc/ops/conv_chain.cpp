@@ -42,6 +42,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -102,8 +103,9 @@ struct ChainLayer {
   // The first layer (1 x 1, stride 1, kMinInPlaceChannels inputs or more) of a chain
   // whose input planes are a whole number of registers: its weight packed to read the
   // input image in place, features one channel plane apart (tap_weights.h;
-  // feature_stride set), for every panel that ends inside the image (the others copy).
-  // Unset otherwise.
+  // feature_stride set), for every panel that starts on a register boundary and ends
+  // inside the image (the others copy: reading from an unaligned start splits every load
+  // across two cache lines). Unset otherwise.
   PackedLinearView in_place;
   bool reads_input_in_place() const { return in_place.out_features > 0; }
 
@@ -229,6 +231,12 @@ int64_t padded_rows(const ChainLayer& layer, std::pair<int64_t, int64_t> rows) {
 constexpr int64_t kPageFloats = 4096 / sizeof(float);
 constexpr int64_t kPrefetchChannels = 4;
 bool prefetch_planes(int64_t channel_stride) { return channel_stride >= kPageFloats; }
+
+// Whether p is on a register boundary of the ISA: none of the kernels' loads from p on
+// (whole registers apart) then straddles two cache lines.
+bool register_aligned(const kernels::SpmmKernels& k, const float* p) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(k.vector_width * sizeof(float)) == 0;
+}
 
 // Asks for the cache lines of floats [p, p + count) ahead of their use (`for_writing`:
 // to be written).
@@ -601,9 +609,11 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         };
         const PackedLinearView& w = layer.w;
         float* tile = panels[1 - current];
-        // The first layer's panel is the input itself when it ends inside the image.
+        // The first layer's panel is the input itself when it starts on a register
+        // boundary and ends inside the image.
         const float* input_panel = x.data + out_rows.first * x.row_stride + tokens.first;
-        if (l == 0 && layer.reads_input_in_place() && input_panel + width <= x.data + x.channel_stride) {
+        if (l == 0 && layer.reads_input_in_place() && register_aligned(k, input_panel) &&
+            input_panel + width <= x.data + x.channel_stride) {
           run_row_blocks(k, layer.in_place, 0, w.num_row_blocks, input_panel, width, /*gemv=*/false, layer.bias,
                          layer.act, tile);
         } else if (layer.depthwise()) {
