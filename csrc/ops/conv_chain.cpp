@@ -368,9 +368,8 @@ void zero_padding_rows(const ChainLayer& layer, const BandImage& image, int64_t 
 // there is zero: padding rows and columns, the floats after each plane's last row, the
 // dropped tokens a tap layer's last panel reads past the last plane. One fill of the
 // window took less time than filling only those (a few floats per row: thousands of
-// fills per image), and leaves its lines in cache for the stage that writes the image
-// (docs/tile_planner.md, "Zeroing a band image"). Nothing but the zeroing writes a
-// padding column, so they stay zero through the thread's later bands.
+// fills per image; docs/tile_planner.md, "Zeroing a band image"). Nothing but the
+// zeroing writes a padding column, so they stay zero through the thread's later bands.
 void zero_band_image(const ChainLayer& layer, const BandImage& image) {
   float* planes_end = image.at(layer.in_channels, 0, image.first_row, 0);
   std::fill(image.data, planes_end + layer.tap_read_past, 0.0f);
