@@ -17,6 +17,21 @@
 
 // ---- the microkernel ------------------------------------------------------------
 
+// Stores a register tile's kRows rows, `stride` floats apart, with kAct applied on the
+// way: kNone, or ReLU and ReLU6 (one or two instructions a register).
+template <Activation kAct, int kRows, int kVectors>
+inline void store_tile(const Vec::T (&acc)[kRows][kVectors], int64_t stride, float* out) {
+  static_assert(kAct == Activation::kNone || kAct == Activation::kRelu || kAct == Activation::kRelu6);
+  for (int m = 0; m < kRows; ++m) {
+    for (int v = 0; v < kVectors; ++v) {
+      Vec::T x = acc[m][v];
+      if constexpr (kAct == Activation::kRelu) x = activate_relu(x);
+      if constexpr (kAct == Activation::kRelu6) x = activate_relu6(x);
+      Vec::store(out + m * stride + v * Vec::kWidth, x);
+    }
+  }
+}
+
 // spmm_f32_<kRows>x<kVectors*kWidth>: for each row group of row block rb (one row,
 // or one kTallBlockRows x 1 block row), kRows x kVectors registers accumulate bias +
 // sum_j value_j * panel[offset_j] over tokens [first_token, first_token + kVectors *
@@ -24,9 +39,10 @@
 // and kRows * kVectors FMAs: tall blocks reuse every activation load kRows times.
 // A 1-row tile spans the whole panel, so its row stride is a compile-time constant;
 // a tall tile covers one strip of it. Partial sums cross K-blocks through the tile,
-// which stays in L1/L2 (row_block x panel width floats). After the last K-block the
-// activation is applied to the row just stored, while it is in L1: its arithmetic
-// fills FMA slots the load-bound nonzero loop leaves idle. Segment ranges and rows are
+// which stays in L1/L2 (row_block x panel width floats). After the last K-block ReLU
+// and ReLU6 are applied to the accumulators as they are stored; other activations to
+// the row just stored, while it is in L1: their arithmetic fills FMA slots the
+// load-bound nonzero loop leaves idle. Segment ranges and rows are
 // clamped and offsets masked (PackedLinearView): nothing a buffer holds leaves the
 // panel, the tile or the packed arrays.
 // kRegisterFeatures: the panel's features are one register apart (feature_stride, a
@@ -52,6 +68,10 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
     int32_t next = clamp_index(seg[0], blocks);  // a segment starts where the previous one ends
     const float* panel_kb = panel + kb * w.k_block * feature_stride + first_token;  // this K-block's features
     const bool finish = act != Activation::kNone && kb == w.num_k_blocks - 1;
+    // ReLU and ReLU6, one or two instructions, are applied to the registers on their way
+    // to the store.
+    const Activation store_act =
+        finish && (act == Activation::kRelu || act == Activation::kRelu6) ? act : Activation::kNone;
     for (int64_t s = 0; s < groups; ++s) {
       const int64_t r = clamp_index(seg_rows[s], last_row);
       float* out = tile + r * stride + first_token;
@@ -110,12 +130,17 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
           }
         }
       }
-      for (int m = 0; m < kRows; ++m) {
-        for (int v = 0; v < kVectors; ++v) Vec::store(out + m * stride + v * Vec::kWidth, acc[m][v]);
+      if (store_act == Activation::kRelu) {
+        store_tile<Activation::kRelu>(acc, stride, out);
+      } else if (store_act == Activation::kRelu6) {
+        store_tile<Activation::kRelu6>(acc, stride, out);
+      } else {
+        store_tile<Activation::kNone>(acc, stride, out);
       }
-      // A pass of its own: with activate() in the store loop, GCC keeps the accumulators
-      // on the stack in every segment (cost in docs/kernels.md#epilogue-activations).
-      if (finish) {
+      // Other activations: a pass of their own. With activate() in the store loop, GCC
+      // keeps the accumulators on the stack in every segment (cost in
+      // docs/kernels.md#epilogue-activations).
+      if (finish && store_act == Activation::kNone) {
         for (int m = 0; m < kRows; ++m) {
           for (int v = 0; v < kVectors; ++v) {
             float* at = out + m * stride + v * Vec::kWidth;
