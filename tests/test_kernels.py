@@ -113,19 +113,20 @@ def _tile_widths(isa):
 
 def check_every_tile_and_edge(isa, weights, blockings, **pack_args):
     """Each weight at NR - 1, NR and NR + 1 tokens for every tile NR of the ISA (and two
-    full panels + 3), packed with each (k_block, row_block), with bias and fused GELU."""
+    full panels + 3), packed with each (k_block, row_block), with bias and fused GELU (a
+    pass over the stored row) and ReLU6 (applied on the store, clamped on both sides)."""
     widths = _tile_widths(isa)
     panel = kernels.max_panel_width(isa)
     token_counts = sorted({n for w in widths for n in (w - 1, w, w + 1) if n > 0} | {panel * 2 + 3})
     for (label, weight), tokens in itertools.product(weights.items(), token_counts):
         x = torch.randn(tokens, weight.shape[1])
         bias = torch.randn(weight.shape[0])
-        for k_block, row_block in blockings:
+        for (k_block, row_block), activation in itertools.product(blockings, ("gelu", "relu6")):
             check_linear(
                 x,
                 weight,
                 bias,
-                "gelu",
+                activation,
                 isa=isa,
                 k_block=k_block,
                 row_block=row_block,

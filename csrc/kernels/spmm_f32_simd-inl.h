@@ -17,16 +17,19 @@
 
 // ---- the microkernel ------------------------------------------------------------
 
-// Stores a register tile's kRows rows, `stride` floats apart, with kAct applied on the
-// way: kNone, or ReLU and ReLU6 (one or two instructions a register).
+// The activations applied to the accumulators on their way to the store (one or two
+// instructions a register); the others get a pass over the stored row.
+constexpr bool applied_on_store(Activation act) { return act == Activation::kRelu || act == Activation::kRelu6; }
+
+// Stores a register tile's kRows rows, `stride` floats apart, with kAct (kNone or one
+// applied_on_store) applied on the way.
 template <Activation kAct, int kRows, int kVectors>
 inline void store_tile(const Vec::T (&acc)[kRows][kVectors], int64_t stride, float* out) {
-  static_assert(kAct == Activation::kNone || kAct == Activation::kRelu || kAct == Activation::kRelu6);
+  static_assert(kAct == Activation::kNone || applied_on_store(kAct));
   for (int m = 0; m < kRows; ++m) {
     for (int v = 0; v < kVectors; ++v) {
       Vec::T x = acc[m][v];
-      if constexpr (kAct == Activation::kRelu) x = activate_relu(x);
-      if constexpr (kAct == Activation::kRelu6) x = activate_relu6(x);
+      if constexpr (kAct != Activation::kNone) x = activate(x, kAct);
       Vec::store(out + m * stride + v * Vec::kWidth, x);
     }
   }
@@ -68,10 +71,7 @@ void spmm_register_tile(const PackedLinearView& w, int64_t rb, int64_t kb_begin,
     int32_t next = clamp_index(seg[0], blocks);  // a segment starts where the previous one ends
     const float* panel_kb = panel + kb * w.k_block * feature_stride + first_token;  // this K-block's features
     const bool finish = act != Activation::kNone && kb == w.num_k_blocks - 1;
-    // ReLU and ReLU6, one or two instructions, are applied to the registers on their way
-    // to the store.
-    const Activation store_act =
-        finish && (act == Activation::kRelu || act == Activation::kRelu6) ? act : Activation::kNone;
+    const Activation store_act = finish && applied_on_store(act) ? act : Activation::kNone;
     for (int64_t s = 0; s < groups; ++s) {
       const int64_t r = clamp_index(seg_rows[s], last_row);
       float* out = tile + r * stride + first_token;
