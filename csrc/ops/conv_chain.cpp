@@ -715,19 +715,30 @@ int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, const std::
   return cost;
 }
 
-// Bytes a band keeps in flight, which should stay in L2: the rows of its band images
-// (band_rows() `rows`: written, then read back), of the chain's input that its first
-// layer reads (and the shortcut again), and of the output it writes.
+// Bytes of a layer's weight as its kernels read it: each stored value and its 16-bit
+// offset (packed_format.md), or a depthwise layer's dense taps.
+int64_t weight_bytes(const ChainLayer& layer) {
+  if (layer.depthwise()) return layer.out_channels * layer.kernel_h * layer.kernel_w * static_cast<int64_t>(sizeof(float));
+  return layer.w.nnz * static_cast<int64_t>(sizeof(float)) + layer.w.blocks * static_cast<int64_t>(sizeof(uint16_t));
+}
+
+// Bytes a band reads again after touching them, which should stay in L2 in between: the
+// chain's weights (read by every panel of the band), the rows of its band images
+// (band_rows() `rows`: written by one stage, read back by the next) and, with a
+// shortcut, the input rows under the band's output, which the first layer reads at the
+// band's start and the last layer again at its end. The rest of the input the first
+// layer reads, and the output it writes, are touched once: they are not counted.
 int64_t band_window_bytes(const Chain& chain, const std::vector<std::pair<int64_t, int64_t>>& rows) {
-  const ChainLayer &first = chain.layers.front(), &last = chain.last();
-  int64_t floats = first.in_channels * padded_rows(first, rows.front()) * first.in_w +
-                   last.out_channels * (rows.back().second - rows.back().first) * last.out_w;
+  const ChainLayer& first = chain.layers.front();
+  int64_t floats = chain.shortcut ? first.in_channels * (rows.back().second - rows.back().first) * first.in_w : 0;
   for (const auto& [first_layer, last_layer] : chain.stages) {
     if (first_layer == 0) continue;
     const ChainLayer& head = chain.layers[first_layer];
     floats += head.in_channels * head.copies * padded_rows(head, rows[first_layer]) * head.pitch;
   }
-  return floats * static_cast<int64_t>(sizeof(float));
+  int64_t bytes = floats * static_cast<int64_t>(sizeof(float));
+  for (const ChainLayer& layer : chain.layers) bytes += weight_bytes(layer);
+  return bytes;
 }
 
 // Bands per image. Threads take contiguous ranges of ceil(batch * B / T) of the B bands
@@ -736,18 +747,24 @@ int64_t band_window_bytes(const Chain& chain, const std::vector<std::pair<int64_
 // rows without a halo, plus one halo; more bands keep threads busy, and a band's rows
 // cut into panels waste less or more. Among the heights whose window (band_window_bytes)
 // fits the L2 cache, the planner takes the band count of least makespan (the fewest
-// bands on a tie); when none fits, one row per band. band_rows > 0 overrides it.
+// bands on a tie). When none fits (the weights alone fill L2, and every panel streams
+// them from L3 whatever the height), it takes the least makespan of all heights: short
+// bands would only stream the weights more often. band_rows > 0 overrides it.
 int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override) {
   const int64_t height = chain.last().out_h;
   if (band_rows_override > 0) return ceil_div(height, std::min(band_rows_override, height));
   const int64_t threads = at::get_num_threads(), budget = l2_cache_bytes();
-  int64_t best = height, best_makespan = -1;
+  struct Choice {  // the band count of least makespan seen (the first, so the fewest, on a tie)
+    int64_t bands = 0, makespan = -1;
+    void offer(int64_t b, int64_t m) {
+      if (makespan < 0 || m < makespan) bands = b, makespan = m;
+    }
+  } fitting, any;
   for (int64_t bands = 1; bands <= height; ++bands) {
     const int64_t rows = ceil_div(height, bands);
     if (ceil_div(height, rows) != bands) continue;  // the same height as a smaller count
     const int64_t first = (height - rows) / 2;  // an inner band: halos on both sides
     const auto needed = band_rows(chain, first, first + rows);
-    if (band_window_bytes(chain, needed) > budget) continue;
     const int64_t with_halo = band_cost(chain, k, needed);
     int64_t rolled = with_halo;
     if (first > 0) {
@@ -755,12 +772,10 @@ int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t ba
       rolled = band_cost(chain, k, computed_rows(needed, &previous));
     }
     const int64_t makespan = ceil_div(chain.batch * bands, threads) * rolled + (with_halo - rolled);
-    if (best_makespan < 0 || makespan < best_makespan) {
-      best = bands;
-      best_makespan = makespan;
-    }
+    any.offer(bands, makespan);
+    if (band_window_bytes(chain, needed) <= budget) fitting.offer(bands, makespan);
   }
-  return best;
+  return fitting.makespan >= 0 ? fitting.bands : any.bands;
 }
 
 // ---- the op -----------------------------------------------------------------------------
