@@ -170,6 +170,23 @@ def test_rolling_bands_over_any_thread_ranges(threads):
             assert_close_rel(actual, expected, what=f"{threads} threads, band_rows={band_rows}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weights_larger_than_l2(threads):
+    """A chain whose weights alone (2.5 MiB packed: a 3 x 3 layer 256 -> 256 with 25%
+    zeros) fill the L2 of every machine here: the planner takes its bands by makespan
+    within the thread's share of L3 instead (docs/tile_planner.md), whole images on one
+    thread; on an odd size, with the tap layout and an identity shortcut."""
+    weights = [conv_weight(256, 32, 1), conv_weight(256, 256, 3, sparsity=0.25), conv_weight(32, 256, 1)]
+    biases = [torch.randn(w.size(0)) for w in weights]
+    strides, paddings, activations = [1, 1, 1], [0, 1, 0], ["relu", "relu", "relu"]
+    x = torch.randn(2, 32, 13, 14)
+    expected = reference(x, weights, biases, strides, paddings, activations, True)
+    with torch_threads(threads):
+        for band_rows in (0, 1):
+            actual = run_chain(x, weights, biases, strides, paddings, activations, True, band_rows)
+            assert_close_rel(actual, expected, what=f"{threads} threads, band_rows={band_rows}")
+
+
 @pytest.mark.parametrize("width", [22, 28], ids=["strided_view", "tap_sized"])
 def test_strided_views_and_4x1_blocks(width):
     """A non-contiguous input (every other column) and weights packed in 4 x 1 blocks

@@ -748,23 +748,28 @@ int64_t band_window_bytes(const Chain& chain, const std::vector<std::pair<int64_
 // cut into panels waste less or more. Among the heights whose window (band_window_bytes)
 // fits the L2 cache, the planner takes the band count of least makespan (the fewest
 // bands on a tie). When none fits (the weights alone fill L2, and every panel streams
-// them from L3 whatever the height), it takes the least makespan of all heights: short
-// bands would only stream the weights more often. band_rows > 0 overrides it.
+// them from L3 whatever the height), it takes the least makespan among the heights whose
+// window fits the thread's share of L3: shorter bands would only stream the weights more
+// often, and the share bounds the band images' memory. When none fits that either, one
+// row per band. band_rows > 0 overrides it.
 int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override) {
   const int64_t height = chain.last().out_h;
   if (band_rows_override > 0) return ceil_div(height, std::min(band_rows_override, height));
-  const int64_t threads = at::get_num_threads(), budget = l2_cache_bytes();
+  const int64_t threads = at::get_num_threads();
+  const int64_t l2_budget = l2_cache_bytes(), l3_budget = l3_cache_bytes() / std::max<int64_t>(1, threads);
   struct Choice {  // the band count of least makespan seen (the first, so the fewest, on a tie)
     int64_t bands = 0, makespan = -1;
     void offer(int64_t b, int64_t m) {
       if (makespan < 0 || m < makespan) bands = b, makespan = m;
     }
-  } fitting, any;
+  } in_l2, in_l3;
   for (int64_t bands = 1; bands <= height; ++bands) {
     const int64_t rows = ceil_div(height, bands);
     if (ceil_div(height, rows) != bands) continue;  // the same height as a smaller count
     const int64_t first = (height - rows) / 2;  // an inner band: halos on both sides
     const auto needed = band_rows(chain, first, first + rows);
+    const int64_t window = band_window_bytes(chain, needed);
+    if (window > std::max(l2_budget, l3_budget)) continue;
     const int64_t with_halo = band_cost(chain, k, needed);
     int64_t rolled = with_halo;
     if (first > 0) {
@@ -772,10 +777,11 @@ int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t ba
       rolled = band_cost(chain, k, computed_rows(needed, &previous));
     }
     const int64_t makespan = ceil_div(chain.batch * bands, threads) * rolled + (with_halo - rolled);
-    any.offer(bands, makespan);
-    if (band_window_bytes(chain, needed) <= budget) fitting.offer(bands, makespan);
+    if (window <= l2_budget) in_l2.offer(bands, makespan);
+    if (window <= l3_budget) in_l3.offer(bands, makespan);
   }
-  return fitting.makespan >= 0 ? fitting.bands : any.bands;
+  if (in_l2.makespan >= 0) return in_l2.bands;
+  return in_l3.makespan >= 0 ? in_l3.bands : height;
 }
 
 // ---- the op -----------------------------------------------------------------------------
