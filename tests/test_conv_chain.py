@@ -173,9 +173,9 @@ def test_rolling_bands_over_any_thread_ranges(threads):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_weights_larger_than_l2(threads):
     """A chain whose weights alone (2.5 MiB packed: a 3 x 3 layer 256 -> 256 with 25%
-    zeros) fill the L2 of every machine here: the planner takes its bands by makespan
-    within the thread's share of L3 instead (docs/tile_planner.md), whole images on one
-    thread; on an odd size, with the tap layout and an identity shortcut."""
+    zeros) fill the L2 of every machine here: the planner charges every band for
+    streaming them from L3 (docs/tile_planner.md) and takes whole images on one thread;
+    on an odd size, with the tap layout and an identity shortcut."""
     weights = [conv_weight(256, 32, 1), conv_weight(256, 256, 3, sparsity=0.25), conv_weight(32, 256, 1)]
     biases = [torch.randn(w.size(0)) for w in weights]
     strides, paddings, activations = [1, 1, 1], [0, 1, 0], ["relu", "relu", "relu"]

@@ -66,6 +66,11 @@ constexpr int64_t kMaxDroppedTokensDenominator = 8;
 // The per-panel work of one stored nonzero in the band planner's cost, in registers of
 // multiply-adds (band_cost).
 constexpr int64_t kNonzeroOverheadVectors = 1;
+// What the band planner charges, in band_cost's units (multiply-adds per token), for
+// each float of a band's window past the L2 cache: read back from L3 rather than L2, once
+// per band (plan_bands). On ResNet-50 and MobileNetV2, 4 to 32 pick the same bands
+// (docs/tile_planner.md).
+constexpr int64_t kL3FloatCost = 8;
 // The first layer reads the input in place (ChainLayer::in_place) only where it has at
 // least kMinInPlaceChannels input channels (with fewer the copy it saves is small, and
 // the kernels' reads of unaligned planes cost more: MobileNetV2's expand layers, 16-32
@@ -745,24 +750,18 @@ int64_t band_window_bytes(const Chain& chain, const std::vector<std::pair<int64_
 // (at::parallel_for's split) and roll through them (computed_rows): only the first of
 // a range computes its halo. So the makespan is that many bands of ceil(height / B)
 // rows without a halo, plus one halo; more bands keep threads busy, and a band's rows
-// cut into panels waste less or more. Among the heights whose window (band_window_bytes)
-// fits the L2 cache, the planner takes the band count of least makespan (the fewest
-// bands on a tie). When none fits (the weights alone fill L2, and every panel streams
-// them from L3 whatever the height), it takes the least makespan among the heights whose
-// window fits the thread's share of L3: shorter bands would only stream the weights more
-// often, and the share bounds the band images' memory. When none fits that either, one
+// cut into panels waste less or more. Each band also reads its window
+// (band_window_bytes) again; what of it exceeds the L2 cache comes back from L3, at
+// kL3FloatCost per float and band. Among the heights whose window fits L2 or the
+// thread's share of L3 (which bounds the band images' memory), the planner takes the band count
+// of least makespan plus that charge (the fewest bands on a tie); when none fits, one
 // row per band. band_rows > 0 overrides it.
 int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override) {
   const int64_t height = chain.last().out_h;
   if (band_rows_override > 0) return ceil_div(height, std::min(band_rows_override, height));
   const int64_t threads = at::get_num_threads();
   const int64_t l2_budget = l2_cache_bytes(), l3_budget = l3_cache_bytes() / std::max<int64_t>(1, threads);
-  struct Choice {  // the band count of least makespan seen (the first, so the fewest, on a tie)
-    int64_t bands = 0, makespan = -1;
-    void offer(int64_t b, int64_t m) {
-      if (makespan < 0 || m < makespan) bands = b, makespan = m;
-    }
-  } in_l2, in_l3;
+  int64_t best_bands = height, best_cost = -1;
   for (int64_t bands = 1; bands <= height; ++bands) {
     const int64_t rows = ceil_div(height, bands);
     if (ceil_div(height, rows) != bands) continue;  // the same height as a smaller count
@@ -776,12 +775,13 @@ int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t ba
       const auto previous = band_rows(chain, std::max<int64_t>(0, first - rows), first);
       rolled = band_cost(chain, k, computed_rows(needed, &previous));
     }
-    const int64_t makespan = ceil_div(chain.batch * bands, threads) * rolled + (with_halo - rolled);
-    if (window <= l2_budget) in_l2.offer(bands, makespan);
-    if (window <= l3_budget) in_l3.offer(bands, makespan);
+    const int64_t bands_per_thread = ceil_div(chain.batch * bands, threads);
+    const int64_t past_l2_floats = std::max<int64_t>(0, window - l2_budget) / static_cast<int64_t>(sizeof(float));
+    const int64_t cost =
+        bands_per_thread * (rolled + past_l2_floats * kL3FloatCost) + (with_halo - rolled);
+    if (best_cost < 0 || cost < best_cost) best_bands = bands, best_cost = cost;
   }
-  if (in_l2.makespan >= 0) return in_l2.bands;
-  return in_l3.makespan >= 0 ? in_l3.bands : height;
+  return best_bands;
 }
 
 // ---- the op -----------------------------------------------------------------------------
