@@ -187,6 +187,30 @@ def test_weights_larger_than_l2(threads):
             assert_close_rel(actual, expected, what=f"{threads} threads, band_rows={band_rows}")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("tf_padding", [False, True], ids=["symmetric", "tf_same"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stride_2_taps(isa, tf_padding, threads):
+    """A 3 x 3 layer of stride 2 reads its band image in place, split into phases of even
+    and odd rows and columns (docs/tile_planner.md): a 28 x 30 input (14 x 15 outputs,
+    rows of 16 tokens), padded on every side or, TensorFlow's "same", only at the bottom
+    and right (padded columns then start on an odd phase); bands of every height, rolling
+    on 2 threads, with a projection shortcut, against float64 F.conv2d."""
+    weights, biases, strides, _ = bottleneck_args(16, 8, 24, 2, "projection")
+    top, bottom, left, right = same_padding(28, 30, 3, 2) if tf_padding else (1, 1, 1, 1)
+    paddings = [0, (top, bottom, left, right), 0]
+    x = torch.randn(2, 16, 28, 30)
+    w = [weight.double() for weight in weights]
+    b = [bias.double() for bias in biases]
+    h = F.relu(F.conv2d(x.double(), w[0], b[0]))
+    h = F.relu(F.conv2d(F.pad(h, (left, right, top, bottom)), w[1], b[1], stride=2))
+    expected = F.relu(F.conv2d(h, w[2][:, :8], b[2]) + F.conv2d(x.double()[:, :, ::2, ::2], w[2][:, 8:])).float()
+    with torch_threads(threads):
+        for band_rows in (0, 1, 2, 3, 5):
+            actual = run_chain(x, weights, biases, strides, paddings, ["relu"] * 3, True, band_rows, isa)
+            assert_close_rel(actual, expected, what=f"{isa} {threads} threads, band_rows={band_rows}")
+
+
 @pytest.mark.parametrize("width", [22, 28], ids=["strided_view", "tap_sized"])
 def test_strided_views_and_4x1_blocks(width):
     """A non-contiguous input (every other column) and weights packed in 4 x 1 blocks

@@ -17,7 +17,9 @@
 // reads its band image in place (the tap layout, tap_weights.h): the previous layer
 // writes one copy of its rows per kernel column, shifted, and the k x k weight is
 // packed so that its features are places in that image, a whole number of registers
-// apart, which the kernels read in place: no panel is copied at all. The first layer
+// apart, which the kernels read in place: no panel is copied at all. A k x k layer of
+// stride 2 takes the tap layout too, its band image split into phases of even and odd
+// rows and columns (BandImage), so that its taps are whole rows apart as well. The first layer
 // reads the chain's input in place the same way when its channel planes are whole
 // registers (ChainLayer::in_place).
 //
@@ -100,6 +102,9 @@ struct ChainLayer {
   // the tap layout, else 1) of window_rows rows of `pitch` floats, plane_stride floats
   // apart (set when the bands are planned), and band_image_floats in all.
   int64_t copies = 1, pitch = 0, window_rows = 0, plane_stride = 0, band_image_floats = 0;
+  // A tap layer of stride 2 splits its band image into phases (BandImage): 2, and its
+  // pitch holds half a padded row. Else 1.
+  int64_t phases = 1;
   // Tap layout: its panels are tokens of the band image itself, features a register
   // apart (tap_weights.h); a panel may read up to tap_read_past floats past the last
   // plane (a full panel). 0 otherwise.
@@ -131,12 +136,18 @@ struct ImageView {
 // A layer's band image: the padded input rows [first_row, first_row + rows) it reads,
 // channel by channel. A channel has `copies` planes: plane j holds padded pixel (row,
 // col + j) at (row - first_row) * pitch + col (one plane, but kernel_w shifted ones in
-// the tap layout). Planes are plane_stride floats apart.
+// the tap layout). Planes are plane_stride floats apart. A tap layer of stride 2 has two
+// `phases` of rows and of columns: the planes of channel c's even rows, then of its odd
+// rows, plane j holding padded pixel (row, 2 * col + j) at (row - first_row) / 2 * pitch
+// + col (first_row is even), so that its taps, too, are whole rows apart.
 struct BandImage {
   float* data;
-  int64_t copies, plane_stride, pitch, first_row, rows;
+  int64_t copies, plane_stride, pitch, first_row, rows, phases = 1;  // phases: 1 or 2
+  // Divisions by `phases` as shifts (an idiv per row piece showed in profiles).
+  int64_t phase_shift() const { return phases - 1; }
   float* at(int64_t c, int64_t j, int64_t row, int64_t col) const {
-    return data + (c * copies + j) * plane_stride + (row - first_row) * pitch + col;
+    const int64_t plane = (c * phases + (row & phase_shift())) * copies + j;
+    return data + plane * plane_stride + ((row - first_row) >> phase_shift()) * pitch + col;
   }
 };
 
@@ -337,17 +348,21 @@ void pack_band_features(const kernels::SpmmKernels& k, const ChainLayer& layer, 
 // Writes the pixels of an output tile [channels][width] into the band image of the
 // next layer: token (band row r, column q) is output row first_output_row + r, at
 // padded row + pad_top, padded column q + pad_left, i.e. column q + pad_left - j of plane j
-// (pixels left of a shifted plane's first column are not in it).
+// (pixels left of a shifted plane's first column are not in it); with two phases,
+// column (q + pad_left - j) / 2 of plane j for the pixels where that divides.
 void write_tile_to_band(const kernels::SpmmKernels& k, const float* tile, int64_t channels, int64_t width,
                         const TokenRange& tokens, int64_t first_output_row, const ChainLayer& next,
                         const BandImage& image) {
+  const int64_t shift = image.phase_shift();
   for (int64_t c = 0; c < channels; ++c) {
     tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
+      float* planes = image.at(c, 0, first_output_row + r + next.pad_top, 0);
       for (int64_t j = 0; j < image.copies; ++j) {
-        const int64_t skip = std::max<int64_t>(0, j - next.pad_left - q);
+        int64_t skip = std::max<int64_t>(0, j - next.pad_left - q);
+        skip += (q + skip + next.pad_left - j) & shift;  // the first pixel of plane j's phase
         if (skip >= pixels) continue;
-        k.copy_row(tile + c * width + t + skip, 1, pixels - skip,
-                   image.at(c, j, first_output_row + r + next.pad_top, q + skip + next.pad_left - j));
+        k.copy_row(tile + c * width + t + skip, image.phases, (pixels - skip + shift) >> shift,
+                   planes + j * image.plane_stride + ((q + skip + next.pad_left - j) >> shift));
       }
     });
   }
@@ -385,11 +400,11 @@ void zero_band_image(const ChainLayer& layer, const BandImage& image) {
 // them again: the halo), and zeroes the padding rows among the rows the window gains up
 // to `end`. `image` is the window as it was.
 void roll_band_image(const ChainLayer& layer, BandImage& image, int64_t first, int64_t kept_end, int64_t end) {
-  const int64_t shift = first - image.first_row;
+  const int64_t shift = (first - image.first_row) / image.phases;  // rows of a plane
   if (shift > 0 && kept_end > first) {
-    for (int64_t plane = 0; plane < layer.in_channels * image.copies; ++plane) {
+    for (int64_t plane = 0; plane < layer.in_channels * image.phases * image.copies; ++plane) {
       float* rows = image.data + plane * image.plane_stride;
-      std::copy_n(rows + shift * image.pitch, (kept_end - first) * image.pitch, rows);
+      std::copy_n(rows + shift * image.pitch, ceil_div(kept_end - first, image.phases) * image.pitch, rows);
     }
   }
   image.first_row = first;
@@ -572,10 +587,10 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
     const int64_t first = needed[l].first * head.stride_h;
     if (rolling) {  // keeps the rows the stage before computed for the previous band
       images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, previous[l].first * head.stride_h,
-                            head.window_rows};
+                            head.window_rows, head.phases};
       roll_band_image(head, images[l], first, previous[l - 1].second + head.pad_top, head.input_end(needed[l].second));
     } else {
-      images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, first, head.window_rows};
+      images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, first, head.window_rows, head.phases};
       zero_band_image(head, images[l]);
     }
   }
@@ -674,14 +689,17 @@ void choose_layout(ChainLayer& layer, const ChainLayer* previous, const kernels:
   }
   layer.reads_tile = previous != nullptr && one_by_one && stride_1 && !layer.padded() &&
                      previous->token_pitch == previous->out_w;
-  const int64_t register_pitch = ceil_div(layer.padded_w(), k.vector_width) * k.vector_width;
-  const bool taps = k_by_k && stride_1 && layer.w.block_rows == 1 &&
+  const bool stride_2 = layer.stride_h == 2 && layer.stride_w == 2;
+  const int64_t phases = stride_2 ? 2 : 1;
+  const int64_t register_pitch = ceil_div(ceil_div(layer.padded_w(), phases), k.vector_width) * k.vector_width;
+  const bool taps = k_by_k && (stride_1 || stride_2) && layer.w.block_rows == 1 &&
                     (register_pitch - layer.out_w) * kMaxDroppedTokensDenominator <= register_pitch;
   const bool wide = k_by_k && layer.stride_w == 1 &&
                     (layer.kernel_w - 1) * kMaxDroppedTokensDenominator <= layer.padded_w();
   layer.pitch = taps ? register_pitch : layer.padded_w();
   if (taps) {
     layer.copies = layer.kernel_w;
+    layer.phases = phases;
     layer.tap_read_past = k.max_panel_width;
   }
   layer.token_pitch = layer.reads_tile ? previous->token_pitch : (taps || wide ? layer.pitch : layer.out_w);
@@ -714,7 +732,8 @@ int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, const std::
       per_panel += layer.w.nnz * k.vector_width * kNonzeroOverheadVectors;
     }
     const size_t next = last_layer + 1;
-    per_token += chain.layers[last_layer].out_channels * (next < chain.layers.size() ? chain.layers[next].copies : 1);
+    per_token += chain.layers[last_layer].out_channels *
+                 (next < chain.layers.size() ? ceil_div(chain.layers[next].copies, chain.layers[next].phases) : 1);
     cost += cut.num_panels() * (cut.width * per_token + per_panel);
   }
   return cost;
@@ -739,7 +758,8 @@ int64_t band_window_bytes(const Chain& chain, const std::vector<std::pair<int64_
   for (const auto& [first_layer, last_layer] : chain.stages) {
     if (first_layer == 0) continue;
     const ChainLayer& head = chain.layers[first_layer];
-    floats += head.in_channels * head.copies * padded_rows(head, rows[first_layer]) * head.pitch;
+    floats += head.in_channels * head.phases * head.copies * ceil_div(padded_rows(head, rows[first_layer]), head.phases) *
+              head.pitch;
   }
   int64_t bytes = floats * static_cast<int64_t>(sizeof(float));
   for (const ChainLayer& layer : chain.layers) bytes += weight_bytes(layer);
@@ -815,11 +835,12 @@ int64_t size_band_images(const kernels::SpmmKernels& k, Chain& chain, int64_t ba
     most_tokens = std::max(most_tokens, tokens);
     if (stage.first == 0) continue;
     head.window_rows = most_rows[stage.first];
-    head.plane_stride = ceil_div(head.window_rows * head.pitch, 16) * 16;  // whole registers, whole lines
-    head.band_image_floats = head.in_channels * head.copies * head.plane_stride;
+    // whole registers, whole lines
+    head.plane_stride = ceil_div(ceil_div(head.window_rows, head.phases) * head.pitch, 16) * 16;
+    head.band_image_floats = head.in_channels * head.phases * head.copies * head.plane_stride;
     if (head.taps()) {
-      tap_packed->push_back(
-          tap_packed_weight(weights[stage.first], head.w, head.pitch, k.vector_width, head.plane_stride));
+      tap_packed->push_back(tap_packed_weight(weights[stage.first], head.w, head.pitch, k.vector_width,
+                                              head.plane_stride, head.phases));
       head.w = checked_view(tap_packed->back());
       TORCH_INTERNAL_ASSERT(head.w.block_rows == 1, "a feature stride is for 1 x 1 blocks (choose_layout)");
       head.w.feature_stride = k.vector_width;
@@ -981,7 +1002,7 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
       x.stride(3) == 1 && x.stride(2) == x.size(3) && x.stride(1) == plane && plane % k.vector_width == 0 &&
       first.w.block_rows == 1 && first.in_channels >= kMinInPlaceChannels &&
       first.out_channels * first.in_channels * (plane / k.vector_width) <= kMaxInPlacePackingFloats) {
-    tap_packed.push_back(tap_packed_weight(weights[0], first.w, k.vector_width, k.vector_width, plane));
+    tap_packed.push_back(tap_packed_weight(weights[0], first.w, k.vector_width, k.vector_width, plane, 1));
     first.in_place = checked_view(tap_packed.back());
     first.in_place.feature_stride = k.vector_width;
   }

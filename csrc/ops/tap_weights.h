@@ -11,6 +11,11 @@
 // input features, and run with PackedLinearView::feature_stride set to the vector
 // width, the weight reads the band image itself as its panel.
 //
+// A stride-2 layer's band image has two phases (conv_chain.cpp's BandImage): per
+// channel, kernel_w planes of its even padded rows, then kernel_w of its odd rows, plane j
+// holding the columns j, j + 2, ... of each row. Feature (c, i, j) then lies at planes +
+// t + (((c * 2 + i % 2) * kernel_w + j) * plane_stride + i / 2 * pitch): `phases` = 2.
+//
 // A 1 x 1 weight packed with one plane per channel (kernel_w = 1, plane_stride the
 // input's channel plane) reads the chain's input image in place the same way:
 // conv_chain's first layer over an input whose planes are whole registers.
@@ -22,12 +27,12 @@
 
 namespace sparsecpu {
 
-// `weight` [out, in, kernel_h, kernel_w] packed over (in * kernel_w * plane_stride /
-// feature_stride) tap features as above, feature_stride floats apart, with like's
+// `weight` [out, in, kernel_h, kernel_w] packed over (in * phases * kernel_w *
+// plane_stride / feature_stride) tap features as above, feature_stride floats apart, with like's
 // row_block and block_rows and K-blocks of as many input channels as like's K-blocks
 // hold. Packed once per weight (as it is now) and geometry, then cached for as long as
 // the weight lives.
 at::Tensor tap_packed_weight(const at::Tensor& weight, const kernels::PackedLinearView& like, int64_t pitch,
-                             int64_t feature_stride, int64_t plane_stride);
+                             int64_t feature_stride, int64_t plane_stride, int64_t phases);
 
 }  // namespace sparsecpu
