@@ -70,7 +70,7 @@ constexpr int64_t kMaxDroppedTokensDenominator = 8;
 constexpr int64_t kNonzeroOverheadVectors = 1;
 // What the band planner charges, in band_cost's units (multiply-adds per token), for
 // each float of a band's window past the L2 cache: read back from L3 rather than L2, once
-// per band (plan_bands). On ResNet-50 and MobileNetV2, 4 to 32 pick the same bands
+// per band (plan_bands). On ResNet-50 and MobileNetV2, 8 to 32 pick the same bands
 // (docs/tile_planner.md).
 constexpr int64_t kL3FloatCost = 8;
 // The first layer reads the input in place (ChainLayer::in_place) only where it has at
