@@ -98,9 +98,10 @@ struct ChainLayer {
   // Tokens per output row in its panels: out_w, or for wide rows padded_w() (tap
   // layout: `pitch`).
   int64_t token_pitch = 0;
-  // Its band image, unless it reads a tile: `copies` planes per channel (kernel_w in
-  // the tap layout, else 1) of window_rows rows of `pitch` floats, plane_stride floats
-  // apart (set when the bands are planned), and band_image_floats in all.
+  // Its band image, unless it reads a tile: phases * `copies` planes per channel
+  // (copies: kernel_w in the tap layout, else 1) of window_rows / phases rows (rounded
+  // up) of `pitch` floats, plane_stride floats apart (set when the bands are planned),
+  // and band_image_floats in all.
   int64_t copies = 1, pitch = 0, window_rows = 0, plane_stride = 0, band_image_floats = 0;
   // A tap layer of stride 2 splits its band image into phases (BandImage): 2, and its
   // pitch holds half a padded row. Else 1.
