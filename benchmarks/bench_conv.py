@@ -1,7 +1,7 @@
 """Sparse convolutions of a real CNN: layer by layer, bottleneck by bottleneck, or the
 whole model.
 
-    python benchmarks/bench_conv.py [--mode layers|blocks|model] [--model resnet50|mobilenetv2]
+    python benchmarks/bench_conv.py [--mode layers|blocks|model|chains] [--model resnet50|mobilenetv2]
                                     [--sparsity 90] [--threads 2] [--rounds 3] [--image 224]
                                     [--block stages.0.layers.1]
 
@@ -34,11 +34,17 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
   (``sparsecpu-bench``'s recipe; its depthwise ones run dense either way). With
   ``--floor`` also the fused model with its convolutions at 99.9% zeros: the forward's
   time outside the sparse multiplies, and so what the multiplies take.
+- ``chains``: each ``sparsecpu::conv_chain`` call of the fused model's forward (as
+  ``model`` prunes it), recorded and called again as it was, under the tile planner's
+  choice, with ``split_channels=False`` (bands, one thread each) and with
+  ``split_channels=True`` (a team per image); each checked against the planner's result
+  before timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import statistics
@@ -52,6 +58,7 @@ from torch import nn
 import torch_sparsecpu
 from torch_sparsecpu import ops
 from torch_sparsecpu.bench.models import BenchModel, build_model, resolve_model
+from torch_sparsecpu.kernels import torch_threads
 
 from common import check_then_time
 
@@ -208,13 +215,18 @@ def pruned_model(args, sparsity: float) -> tuple[nn.Module, str]:
     return hf_mobilenet_v2(sparsity), "every convolution"
 
 
-def run_model(args) -> None:
+def model_and_input(args, what: str) -> tuple[nn.Module, torch.Tensor]:
+    """The pruned model and a batch-1 input, after a header line saying what is timed."""
     model, pruned = pruned_model(args, args.sparsity / 100)
-    x = torch.randn(1, 3, args.image, args.image)
     print(
-        f"HF {args.model}, batch 1, {args.image} x {args.image}, {pruned} {args.sparsity:g}% zeros, "
+        f"HF {args.model}{what}, batch 1, {args.image} x {args.image}, {pruned} {args.sparsity:g}% zeros, "
         f"{args.threads} threads, {args.rounds} interleaved round(s), kernels {torch_sparsecpu.isa()}"
     )
+    return model, torch.randn(1, 3, args.image, args.image)
+
+
+def run_model(args) -> None:
+    model, x = model_and_input(args, "")
     with torch.inference_mode():
         paths, expected = compiled_paths(model, x), {}
         if args.floor:
@@ -234,9 +246,60 @@ def run_model(args) -> None:
         )
 
 
+@contextlib.contextmanager
+def recorded_chain_calls():
+    """Yields a list of the (args, kwargs) of every sparsecpu::conv_chain call made inside.
+    Inductor's wrapper looks the op up as ``torch.ops.sparsecpu.conv_chain.default`` at
+    each call, so a stand-in there sees them (a TorchDispatchMode would make Dynamo run
+    the model eagerly instead)."""
+    packet = torch.ops.sparsecpu.conv_chain
+    op, calls = packet.default, []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return op(*args, **kwargs)
+
+    packet.default = record
+    try:
+        yield calls
+    finally:
+        packet.default = op
+
+
+def run_chains(args) -> None:
+    model, x = model_and_input(args, "'s conv_chain calls")
+    print(f"{'call':>4} {'input':>20} {'planner ms':>11} {'bands ms':>9} {'team ms':>8}")
+    totals = dict.fromkeys(("planner", "bands", "team"), 0.0)
+    with torch.inference_mode(), torch_threads(args.threads):
+        fused = torch.compile(model, backend="sparsecpu")
+        fused(x)
+        with recorded_chain_calls() as calls:
+            fused(x)
+    with torch.inference_mode():
+        for i, (op_args, op_kwargs) in enumerate(calls):
+            op = torch.ops.sparsecpu.conv_chain.default
+            paths = {
+                name: functools.partial(op, *op_args, **op_kwargs, **choice)
+                for name, choice in (
+                    ("planner", {}),
+                    ("bands", {"split_channels": False}),
+                    ("team", {"split_channels": True}),
+                )
+            }
+            times = check_then_time(paths, "planner", args.threads, args.rounds, args.min_run_time)
+            ms = {name: statistics.median(samples) for name, samples in times.items()}
+            for name in totals:
+                totals[name] += ms[name]
+            print(
+                f"{i:>4} {str(list(op_args[0].shape)):>20} {ms['planner']:>11.3f} {ms['bands']:>9.3f} "
+                f"{ms['team']:>8.3f}"
+            )
+    print(f"{'all':>4} {'':>20} {totals['planner']:>11.3f} {totals['bands']:>9.3f} {totals['team']:>8.3f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("layers", "blocks", "model"), default="layers")
+    parser.add_argument("--mode", choices=("layers", "blocks", "model", "chains"), default="layers")
     parser.add_argument("--block", action="append", help="blocks mode: a block (ResNet: under encoder; repeatable)")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     parser.add_argument("--sparsity", type=float, default=90, help="percent of zero weights (default 90)")
@@ -262,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.mode == "model":
         run_model(args)
+        return 0
+    if args.mode == "chains":
+        run_chains(args)
         return 0
 
     layers = conv_layers(args.model, args.sparsity / 100, args.image)

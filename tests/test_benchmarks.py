@@ -190,6 +190,19 @@ def test_bench_conv_times_each_distinct_convolution(capsys):
     assert rows and all(line.rstrip().split()[-1].replace(".", "").isdigit() for line in rows)
 
 
+def test_bench_conv_chains_replays_each_conv_chain_call(capsys):
+    pytest.importorskip("transformers")
+    run_main(bench_conv, "--mode chains --model mobilenetv2 --image 32 --threads 2 --rounds 1 --min-run-time 0.01")
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    # MobileNetV2's 16 inverted residuals after the first, each one conv_chain call, each
+    # timed under the planner, as bands and as a team; then the sums.
+    assert [int(row[0]) for row in rows] == list(range(16))
+    assert all(row[1].startswith("[1,") and all(float(column) > 0 for column in row[-3:]) for row in rows)
+    total = next(line.split() for line in out.splitlines() if line.split()[:1] == ["all"])
+    assert float(total[1]) == pytest.approx(sum(float(row[-3]) for row in rows), abs=0.01)
+
+
 @pytest.mark.slow
 def test_bench_conv_blocks_fuses_each_bottleneck_into_one_op(capsys):
     pytest.importorskip("transformers")

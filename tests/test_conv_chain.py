@@ -60,12 +60,33 @@ def reference(x, weights, biases, strides, paddings, activations, shortcut: bool
     return h.float()
 
 
-def run_chain(x, weights, biases, strides, paddings, activations, shortcut, band_rows=0, isa=None, packed=None):
+def run_chain(
+    x,
+    weights,
+    biases,
+    strides,
+    paddings,
+    activations,
+    shortcut,
+    band_rows=0,
+    isa=None,
+    packed=None,
+    split_channels=None,
+):
     """ops.conv_chain under ``isa``, the weights packed here unless ``packed`` is given."""
     packed = packed or [ops.pack_linear(w.flatten(1)) for w in weights]
     with torch_sparsecpu.force_isa(isa or torch_sparsecpu.isa()):
         return ops.conv_chain(
-            x, weights, packed, biases, strides, paddings, activations, shortcut=shortcut, band_rows=band_rows
+            x,
+            weights,
+            packed,
+            biases,
+            strides,
+            paddings,
+            activations,
+            shortcut=shortcut,
+            band_rows=band_rows,
+            split_channels=split_channels,
         )
 
 
@@ -91,10 +112,8 @@ BOTTLENECKS = [
 ]
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("case", BOTTLENECKS, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_bottleneck_matches_conv2d(isa, case, channels_last):
+def bottleneck_case(case, channels_last):
+    """A BOTTLENECKS case's input, op arguments and float64 reference."""
     batch, in_c, mid_c, out_c, height, width, stride, shortcut = case
     weights, biases, strides, paddings = bottleneck_args(in_c, mid_c, out_c, stride, shortcut)
     x = torch.randn(batch, in_c, height, width)
@@ -102,9 +121,29 @@ def test_bottleneck_matches_conv2d(isa, case, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     activations = ["relu", "relu", "relu" if shortcut else "none"]
     expected = reference(x, weights, biases, strides, paddings, activations, shortcut is not None)
-    for band_rows in (0, 1, 2, 5):  # every band at an image border, or none
-        actual = run_chain(x, weights, biases, strides, paddings, activations, shortcut is not None, band_rows, isa)
-        what = f"{isa} {case} band_rows={band_rows}"
+    return x, weights, biases, strides, paddings, activations, shortcut, expected
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", BOTTLENECKS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bottleneck_matches_conv2d(isa, case, channels_last):
+    x, weights, biases, strides, paddings, activations, shortcut, expected = bottleneck_case(case, channels_last)
+    # every band at an image border, or none; whole images split by channels
+    for band_rows, split in ((0, None), (1, None), (2, None), (5, None), (0, True)):
+        actual = run_chain(
+            x,
+            weights,
+            biases,
+            strides,
+            paddings,
+            activations,
+            shortcut is not None,
+            band_rows,
+            isa,
+            split_channels=split,
+        )
+        what = f"{isa} {case} band_rows={band_rows} split_channels={split}"
         assert_close_rel(actual, expected, what=what)
         # Channels-last in, channels-last out, like F.conv2d.
         assert actual.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -187,6 +226,32 @@ def test_weights_larger_than_l2(threads):
             assert_close_rel(actual, expected, what=f"{threads} threads, band_rows={band_rows}")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    "case",
+    [
+        BOTTLENECKS[0],  # 7 x 7: one panel, an identity shortcut
+        BOTTLENECKS[4],  # batch 2, stride 2, a projection shortcut
+        BOTTLENECKS[7],  # 60 x 62: many panels per stage, the tap layout
+        (2, 128, 8, 24, 8, 12, 1, "projection"),  # the input read in place
+        (1, 16, 300, 130, 7, 7, 1, None),  # 3 and 2 row blocks of 128 rows: a member gets none with 3 threads
+    ],
+    ids=lambda c: "x".join(map(str, c)),
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_split_channels_over_any_team(threads, case, channels_last):
+    """split_channels=True: each image one band that all threads run together, every
+    layer's row blocks, panel features and output channels shared out among them
+    (docs/tile_planner.md). With 2 or 3 threads some shares are uneven or empty."""
+    x, weights, biases, strides, paddings, activations, shortcut, expected = bottleneck_case(case, channels_last)
+    with torch_threads(threads):
+        for isa in ISAS:
+            actual = run_chain(
+                x, weights, biases, strides, paddings, activations, shortcut is not None, isa=isa, split_channels=True
+            )
+            assert_close_rel(actual, expected, what=f"{isa} {threads} threads")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("tf_padding", [False, True], ids=["symmetric", "tf_same"])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -237,8 +302,9 @@ def test_opcheck_conv_chain():
     packed = [ops.pack_linear(w.flatten(1)) for w in weights]
     flat = lambda pairs: [v for p in pairs for v in (p, p)]  # noqa: E731
     for x in (torch.randn(2, 8, 9, 7), torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)):
-        args = (x, weights, packed, biases, flat(strides), flat(paddings), ["relu"] * 3, True, 2)
-        torch.library.opcheck(torch.ops.sparsecpu.conv_chain.default, args)
+        args = (x, weights, packed, biases, flat(strides), flat(paddings), ["relu"] * 3, True)
+        torch.library.opcheck(torch.ops.sparsecpu.conv_chain.default, (*args, 2))  # bands of 2 rows
+        torch.library.opcheck(torch.ops.sparsecpu.conv_chain.default, (*args, 0, True))  # a team per image
 
 
 def test_conv_chain_bad_arguments():
@@ -257,6 +323,15 @@ def test_conv_chain_bad_arguments():
         (ValueError, "same length", lambda: chain(packed=packed[:2])),
         (TypeError, "shortcut must be", lambda: chain(shortcut=1)),
         (ValueError, "band_rows must be >= 0", lambda: chain(band_rows=-1)),
+        (TypeError, "split_channels must be True, False or None", lambda: chain(split_channels=1)),
+        (ValueError, "split_channels=True.*takes no band_rows", lambda: chain(split_channels=True, band_rows=2)),
+        (  # the op itself, past the Python wrapper's checks
+            ValueError,
+            "split_channels=True.*takes no band_rows",
+            lambda: torch.ops.sparsecpu.conv_chain(
+                x, weights, packed, biases, [1] * 6, [0, 0, 1, 1, 0, 0], acts, True, 2, True
+            ),
+        ),
         (
             ValueError,
             "first layer must be a 1 x 1",
@@ -494,10 +569,13 @@ def test_inverted_residual_matches_conv2d(isa, case, channels_last):
     expected = inverted_residual_reference(x, weights, biases, stride, padding, residual)
     paddings = [0, padding, 0]
     activations = ["relu6", "relu6", "none"]
-    for band_rows in (0, 1, 3):
-        actual = run_chain(x, weights, biases, strides, paddings, activations, residual, band_rows, isa, packed)
+    for band_rows, split in ((0, None), (1, None), (3, None), (0, True)):
+        with torch_threads(3 if split else torch.get_num_threads()):  # depthwise channels in uneven shares
+            actual = run_chain(
+                x, weights, biases, strides, paddings, activations, residual, band_rows, isa, packed, split
+            )
         assert actual.shape == expected.shape
-        assert_close_rel(actual, expected, what=f"band_rows={band_rows}")
+        assert_close_rel(actual, expected, what=f"band_rows={band_rows} split_channels={split}")
 
 
 def test_inverted_residual_opcheck_and_bad_depthwise_arguments():

@@ -352,6 +352,7 @@ def conv_chain_cases(draw):
         identity=identity,
         acts=[draw(st.sampled_from(ops.ACTIVATIONS)) for _ in range(layers)],
         band_rows=draw(st.integers(0, 3)),
+        split_channels=draw(st.sampled_from([None, False, True])),
         **conv_packing_and_layout(draw),
     )
 
@@ -399,7 +400,8 @@ def test_sparse_conv_chain_matches_dense(case):
             paddings,
             case["acts"],
             shortcut=case["shortcut"],
-            band_rows=case["band_rows"],
+            band_rows=0 if case["split_channels"] else case["band_rows"],
+            split_channels=case["split_channels"],
         )
     # float64 layer by layer; the scale rounding works at grows with each layer's sum of |terms|.
     h, scale = x.double(), x.double().abs()

@@ -404,6 +404,7 @@ def conv_chain(
     *,
     shortcut: bool = False,
     band_rows: int = 0,
+    split_channels: bool | None = None,
 ) -> Tensor:
     """Several :func:`conv2d` layers in a row, each feeding the next, run as one op: band
     of output rows by band, every layer computing the rows the next one needs, so the
@@ -423,7 +424,10 @@ def conv_chain(
     shortcut is ``input`` itself (identity), added before the last activation; with a
     weight ``cat([W, W_shortcut], 1)`` and the sum of both biases, the last layer reads
     ``input`` as extra input channels after the previous layer's (a projection). ``band_rows`` (0: the tile
-    planner's choice) sets the output rows per band. Inference only: no autograd formula."""
+    planner's choice) sets the output rows per band. ``split_channels`` (None: the tile planner's choice)
+    runs each image as one band that all threads take together, each layer's output channels split among
+    them (True; small images, whose bands would be few rows), or only bands, one thread each (False).
+    Inference only: no autograd formula."""
     layers = dict(weights=weights, packed=packed, biases=biases, activations=activations)
     _check_chain_arguments(input, **layers, strides=strides, paddings=paddings)
     if not isinstance(shortcut, bool):
@@ -432,6 +436,12 @@ def conv_chain(
         raise TypeError(f"band_rows must be an int, got {type(band_rows).__name__}")
     if band_rows < 0:
         raise ValueError(f"band_rows must be >= 0 (0: the tile planner's choice), got {band_rows}")
+    if split_channels is not None and not isinstance(split_channels, bool):
+        raise TypeError(f"split_channels must be True, False or None, got {split_channels!r}")
+    if split_channels and band_rows > 0:
+        raise ValueError(
+            f"split_channels=True runs each image as one band: it takes no band_rows, got band_rows={band_rows}"
+        )
     flat_strides = [v for i, s in enumerate(strides) for v in _pair(f"strides[{i}]", s, 1)]
     flat_paddings = _chain_paddings(paddings)
     return torch.ops.sparsecpu.conv_chain(
@@ -444,6 +454,7 @@ def conv_chain(
         list(activations),
         shortcut,
         band_rows,
+        split_channels,
     )
 
 
@@ -528,7 +539,9 @@ def _conv2d_fake(input, weight, packed, bias=None, stride=(1, 1), padding=(0, 0)
 
 
 @torch.library.register_fake("sparsecpu::conv_chain")
-def _conv_chain_fake(input, weights, packed, biases, strides, paddings, activations, shortcut=False, band_rows=0):
+def _conv_chain_fake(
+    input, weights, packed, biases, strides, paddings, activations, shortcut=False, band_rows=0, split_channels=None
+):
     torch._check(input.dim() == 4, lambda: f"sparsecpu::conv_chain: input must be 4-D, got {tuple(input.shape)}")
     height, width = input.size(2), input.size(3)
     # (height, width) or (top, bottom, left, right) per layer: the sum per dimension.

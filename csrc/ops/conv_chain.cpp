@@ -4,7 +4,9 @@
 // computes the rows the next one needs (a k x k layer's halo rows are kept from the
 // thread's previous band, or computed by the first band of its range: never shared
 // between threads), so a band's intermediate images stay in the thread's L2 cache
-// (docs/tile_planner.md#tensor-columns-for-convolutions-conv_chain).
+// (docs/tile_planner.md#tensor-columns-for-convolutions-conv_chain). For small images
+// (7 x 7) the planner may give each image to all threads together instead, as one band
+// whose every layer's output channels they share out (Team, split_channels).
 //
 // Layout of the work. A layer's input is either the previous layer's output tile
 // (a 1 x 1 convolution, stride 1, no padding: the tile is its panel, as in
@@ -41,11 +43,14 @@
 // activation included -- is one sparse product.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -73,6 +78,10 @@ constexpr int64_t kNonzeroOverheadVectors = 1;
 // per band (plan_bands). On ResNet-50 and MobileNetV2, 8 to 32 pick the same bands
 // (docs/tile_planner.md).
 constexpr int64_t kL3FloatCost = 8;
+// What the planner charges a team (split_channels) for each barrier its members wait
+// at, in band_cost's units: half a microsecond's work (100 more barriers per image made
+// a 7 x 7 bottleneck 45 us slower; docs/tile_planner.md).
+constexpr int64_t kTeamSyncCost = 20000;
 // The first layer reads the input in place (ChainLayer::in_place) only where it has at
 // least kMinInPlaceChannels input channels (with fewer the copy it saves is small, and
 // the kernels' reads of unaligned planes cost more: MobileNetV2's expand layers, 16-32
@@ -132,6 +141,7 @@ struct ChainLayer {
 struct ImageView {
   const float* data;
   int64_t channel_stride, row_stride, col_stride;
+  ImageView from_channel(int64_t c) const { return {data + c * channel_stride, channel_stride, row_stride, col_stride}; }
 };
 
 // A layer's band image: the padded input rows [first_row, first_row + rows) it reads,
@@ -149,6 +159,12 @@ struct BandImage {
   float* at(int64_t c, int64_t j, int64_t row, int64_t col) const {
     const int64_t plane = (c * phases + (row & phase_shift())) * copies + j;
     return data + plane * plane_stride + ((row - first_row) >> phase_shift()) * pitch + col;
+  }
+  // The image from channel c on.
+  BandImage from_channel(int64_t c) const {
+    BandImage image = *this;
+    image.data += c * phases * copies * plane_stride;
+    return image;
   }
 };
 
@@ -236,6 +252,40 @@ int64_t stage_tokens(const ChainLayer& first_layer, std::pair<int64_t, int64_t> 
 int64_t padded_rows(const ChainLayer& layer, std::pair<int64_t, int64_t> rows) {
   return layer.input_end(rows.second) - rows.first * layer.stride_h;
 }
+
+// The threads that run one band together (split_channels): each layer's row blocks,
+// its panel's features and its output channels are shared out among them, and they
+// wait for each other (sync) wherever one reads what another wrote. Their band images
+// and panels are one BandScratch. A thread alone is the team {0, 1}.
+struct Team {
+  int64_t member = 0, size = 1;
+  // This member's share [first, end) of `count` items.
+  std::pair<int64_t, int64_t> share(int64_t count) const {
+    return {count * member / size, count * (member + 1) / size};
+  }
+  // This member's share of a layer's row blocks, balanced by their stored nonzeros.
+  std::pair<int64_t, int64_t> share_row_blocks(const PackedLinearView& w) const {
+    if (size == 1) return {0, w.num_row_blocks};
+    int64_t total = 0;
+    for (int64_t rb = 0; rb < w.num_row_blocks; ++rb) total += w.block_nnz(rb) + 1;
+    const auto [first_work, end_work] = share(total);
+    int64_t first = -1, end = w.num_row_blocks, done = 0;
+    for (int64_t rb = 0; rb < w.num_row_blocks; ++rb) {  // the blocks whose work starts in the share
+      if (first < 0 && done >= first_work) first = rb;
+      if (done >= end_work) {
+        end = rb;
+        break;
+      }
+      done += w.block_nnz(rb) + 1;
+    }
+    return {first < 0 ? w.num_row_blocks : first, std::max(end, first < 0 ? w.num_row_blocks : first)};
+  }
+  void sync() const {
+    if (size > 1) {
+#pragma omp barrier
+    }
+  }
+};
 
 // ---- copying into panels ----------------------------------------------------------
 
@@ -384,16 +434,18 @@ void zero_padding_rows(const ChainLayer& layer, const BandImage& image, int64_t 
   }
 }
 
-// Readies a band image for its first band of a thread's range: zeroes its whole window
-// and a tap layer's panel width after its last plane, so that what no layer writes
-// there is zero: padding rows and columns, the floats after each plane's last row, the
-// dropped tokens a tap layer's last panel reads past the last plane. One fill of the
-// window took less time than filling only those (a few floats per row: thousands of
-// fills per image; docs/tile_planner.md, "Zeroing a band image"). Nothing but the
-// zeroing writes a padding column, so they stay zero through the thread's later bands.
-void zero_band_image(const ChainLayer& layer, const BandImage& image) {
-  float* planes_end = image.at(layer.in_channels, 0, image.first_row, 0);
-  std::fill(image.data, planes_end + layer.tap_read_past, 0.0f);
+// Readies a band image for its first band of a thread's range (a team: each member its
+// share): zeroes its whole window and a tap layer's panel width after its last plane,
+// so that what no layer writes there is zero: padding rows and columns, the floats
+// after each plane's last row, the dropped tokens a tap layer's last panel reads past the
+// last plane. One fill of the window took less time than filling only those (a few
+// floats per row: thousands of fills per image; docs/tile_planner.md, "Zeroing a band
+// image"). Nothing but the zeroing writes a padding column, so they stay zero through
+// the thread's later bands.
+void zero_band_image(const ChainLayer& layer, const BandImage& image, const Team& team) {
+  const int64_t floats = image.at(layer.in_channels, 0, image.first_row, 0) + layer.tap_read_past - image.data;
+  const auto [first, end] = team.share(floats);
+  std::fill(image.data + first, image.data + end, 0.0f);
 }
 
 // Moves a band image's window down to start at row `first` for the thread's next band,
@@ -489,6 +541,16 @@ int64_t panel_buffer_floats(const kernels::SpmmKernels& k, const Chain& chain, i
   return floats + k.vector_width;
 }
 
+// Sizes a thread's or a team's buffers for the chain's band images and two panels of
+// panel_floats (before a team's members share them: run_band's get()s then only read).
+void size_scratch(BandScratch& scratch, const Chain& chain, int64_t panel_floats) {
+  scratch.images.resize(chain.layers.size());
+  for (const auto& stage : chain.stages) {
+    if (stage.first > 0) scratch.images[stage.first].get(static_cast<size_t>(chain.layers[stage.first].band_image_floats));
+  }
+  for (ScratchBuffer& panel : scratch.panels) panel.get(static_cast<size_t>(panel_floats));
+}
+
 // tile[c][t] = act(tile[c][t] + x(c, token t)) for the tokens of `tokens` (exact rows of
 // the output): an identity shortcut and the activation after it. Token (band row r,
 // column q) is input pixel ((first_output_row + r) * stride_h, q * stride_w).
@@ -511,19 +573,20 @@ void add_input_and_activate(const kernels::SpmmKernels& k, float* tile, int64_t 
   }
 }
 
-// A dense depthwise layer's output tile [channels][width] for the tokens of `tokens`
-// (exact rows) from its band image: each piece of an output row is one depthwise_row
-// call per channel over the channel's nonzero taps (a pruned depthwise weight's zeros
-// cost nothing). A strided layer's input rows are first split into phases (phase p
+// Channels [first_channel, end_channel) of a dense depthwise layer's output tile
+// [channels][width] for the tokens of `tokens` (exact rows) from its band image: each
+// piece of an output row is one depthwise_row call per channel over the channel's
+// nonzero taps (a pruned depthwise weight's zeros cost nothing). A strided layer's input rows are first split into phases (phase p
 // holds columns p, p + stride, ...), so that every tap reads contiguous floats.
 void depthwise_tile(const kernels::SpmmKernels& k, const ChainLayer& layer, const BandImage& image,
-                    int64_t first_output_row, const TokenRange& tokens, int64_t width, float* tile) {
+                    int64_t first_output_row, const TokenRange& tokens, int64_t width, int64_t first_channel,
+                    int64_t end_channel, float* tile) {
   const int64_t taps = layer.kernel_h * layer.kernel_w, stride = layer.stride_w;
   thread_local std::vector<const float*> tap_rows;
   thread_local std::vector<float> tap_weights, phases;
   thread_local std::vector<int64_t> tap_index;  // i * kernel_w + j of each nonzero tap
   tap_rows.resize(static_cast<size_t>(taps));
-  for (int64_t c = 0; c < layer.out_channels; ++c) {
+  for (int64_t c = first_channel; c < end_channel; ++c) {
     tap_weights.clear();
     tap_index.clear();
     for (int64_t t = 0; t < taps; ++t) {
@@ -563,19 +626,20 @@ void depthwise_tile(const kernels::SpmmKernels& k, const ChainLayer& layer, cons
 }
 
 // Runs the band of the last layer's output rows [first_row, end_row) of image n
-// through every layer into y.
+// through every layer into y, as member of `team` (alone: {0, 1}). The scratch's
+// buffers must be sized already when the team has more than one member (size_scratch).
 // previous_first: the first row of the thread's band before it, of the same image (its
-// end is first_row), or -1 when it has none (rolling bands, computed_rows).
+// end is first_row), or -1 when it has none (rolling bands, computed_rows; a team
+// never rolls).
 void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView& x, const ImageView& y,
               int64_t first_row, int64_t end_row, int64_t previous_first, int64_t panel_floats,
-              BandScratch& scratch) {
+              BandScratch& scratch, const Team& team) {
   const size_t num_layers = chain.layers.size();
   const bool rolling = previous_first >= 0;
   const auto needed = band_rows(chain, first_row, end_row);
   std::vector<std::pair<int64_t, int64_t>> previous;
   if (rolling) previous = band_rows(chain, previous_first, first_row);
   const auto rows = computed_rows(needed, rolling ? &previous : nullptr);
-  scratch.images.resize(num_layers);
   std::vector<BandImage> images(num_layers, BandImage{nullptr, 1, 0, 0, 0, 0});
   float* panels[2] = {scratch.panels[0].get(static_cast<size_t>(panel_floats)),
                       scratch.panels[1].get(static_cast<size_t>(panel_floats))};
@@ -592,9 +656,10 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
       roll_band_image(head, images[l], first, previous[l - 1].second + head.pad_top, head.input_end(needed[l].second));
     } else {
       images[l] = BandImage{data, head.copies, head.plane_stride, head.pitch, first, head.window_rows, head.phases};
-      zero_band_image(head, images[l]);
+      zero_band_image(head, images[l], team);
     }
   }
+  if (!rolling) team.sync();  // every share zeroed before any member writes a tile there
   for (const auto& [first_layer, last_layer] : chain.stages) {
     const ChainLayer& head = chain.layers[first_layer];
     const auto out_rows = rows[first_layer];
@@ -605,6 +670,7 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
       const TokenRange tokens{p * cut.width, cut.tokens_in(p), head.token_pitch, head.out_w};
       const int64_t width = ceil_div(tokens.count, k.vector_width) * k.vector_width;
       int current = 0;  // panels[current]: the input panel of layer l
+      int64_t first_channel = 0, end_channel = 0;  // of the tile this member computed
       for (size_t l = first_layer; l <= last_layer; ++l) {
         const ChainLayer& layer = chain.layers[l];
         float* panel = panels[current];
@@ -629,44 +695,56 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
         };
         const PackedLinearView& w = layer.w;
         float* tile = panels[1 - current];
+        // This member's row blocks (a depthwise layer's: channels).
+        const auto [rb_begin, rb_end] =
+            layer.depthwise() ? team.share(layer.out_channels) : team.share_row_blocks(w);
+        end_channel = layer.depthwise() ? rb_end : std::min(w.out_features, rb_end * w.row_block);
+        first_channel = layer.depthwise() ? rb_begin : std::min(end_channel, rb_begin * w.row_block);
+        float* rows_tile = tile + first_channel * width;
         // The first layer's panel is the input itself when it starts on a register
         // boundary and ends inside the image.
         const float* input_panel = x.data + out_rows.first * x.row_stride + tokens.first;
         if (l == 0 && layer.reads_input_in_place() && register_aligned(k, input_panel) &&
             input_panel + width <= x.data + x.channel_stride) {
-          run_row_blocks(k, layer.in_place, 0, w.num_row_blocks, input_panel, width, /*gemv=*/false, layer.bias,
-                         layer.act, tile);
+          run_row_blocks(k, layer.in_place, rb_begin, rb_end, input_panel, width, /*gemv=*/false, layer.bias,
+                         layer.act, rows_tile);
         } else if (layer.depthwise()) {
-          depthwise_tile(k, layer, images[l], out_rows.first, tokens, width, tile);
+          depthwise_tile(k, layer, images[l], out_rows.first, tokens, width, rb_begin, rb_end, tile);
         } else if (layer.taps()) {  // its panel is its band image, from this panel's first token on
-          run_row_blocks(k, w, 0, w.num_row_blocks, images[l].at(0, 0, out_rows.first * layer.stride_h, 0) + tokens.first,
-                         width, /*gemv=*/false, layer.bias, layer.act, tile);
-        } else if (panel_fits_l2(w, width)) {
-          pack(0, w.in_features);
-          run_row_blocks(k, w, 0, w.num_row_blocks, panel, width, /*gemv=*/false, layer.bias, layer.act, tile);
+          run_row_blocks(k, w, rb_begin, rb_end, images[l].at(0, 0, out_rows.first * layer.stride_h, 0) + tokens.first,
+                         width, /*gemv=*/false, layer.bias, layer.act, rows_tile);
+        } else if (team.size > 1 || panel_fits_l2(w, width)) {  // a team packs its shares, then waits
+          const auto [first, end] = team.share(w.in_features);
+          pack(first, end);
+          team.sync();
+          run_row_blocks(k, w, rb_begin, rb_end, panel, width, /*gemv=*/false, layer.bias, layer.act, rows_tile);
         } else {  // a K-block slice at a time, right before the kernels sweep it
           run_row_blocks(k, w, 0, w.num_row_blocks, panel, width, /*gemv=*/false, layer.bias, layer.act, tile,
                          [&](int64_t kb) { pack(kb * w.k_block, std::min(w.in_features, (kb + 1) * w.k_block)); });
         }
+        if (l < last_layer) team.sync();  // the next layer reads the whole tile
         current = 1 - current;
       }
-      const ChainLayer& tail = chain.layers[last_layer];
+      const int64_t channels = end_channel - first_channel;
+      const float* tile = panels[current] + first_channel * width;
       // An identity shortcut: the input added on the way out where it has the output's
       // layout (stride 1, channel-major), else in a pass over the tile before.
       const bool add_on_write = chain.identity_shortcut && chain.shortcut_stride_h == 1 &&
                                 chain.shortcut_stride_w == 1 && x.col_stride == 1 && y.col_stride == 1 &&
                                 x.row_stride == y.row_stride;
+      const ImageView x_rows = x.from_channel(first_channel);
       if (writes_output && chain.identity_shortcut && !add_on_write) {
-        add_input_and_activate(k, panels[current], tail.out_channels, width, tokens, out_rows.first, x,
-                               chain.shortcut_stride_h, chain.shortcut_stride_w, chain.shortcut_act);
+        add_input_and_activate(k, panels[current] + first_channel * width, channels, width, tokens, out_rows.first,
+                               x_rows, chain.shortcut_stride_h, chain.shortcut_stride_w, chain.shortcut_act);
       }
       if (writes_output) {
-        write_tile_to_output(k, panels[current], tail.out_channels, width, tokens, out_rows.first, y,
-                             add_on_write ? &x : nullptr, chain.shortcut_act);
+        write_tile_to_output(k, tile, channels, width, tokens, out_rows.first, y.from_channel(first_channel),
+                             add_on_write ? &x_rows : nullptr, chain.shortcut_act);
       } else {
-        write_tile_to_band(k, panels[current], tail.out_channels, width, tokens, out_rows.first,
-                           chain.layers[last_layer + 1], images[last_layer + 1]);
+        write_tile_to_band(k, tile, channels, width, tokens, out_rows.first, chain.layers[last_layer + 1],
+                           images[last_layer + 1].from_channel(first_channel));
       }
+      team.sync();  // the next panel's or stage's layers read this one's writes, or reuse its buffers
     }
   }
 }
@@ -767,21 +845,55 @@ int64_t band_window_bytes(const Chain& chain, const std::vector<std::pair<int64_
   return bytes;
 }
 
-// Bands per image. Threads take contiguous ranges of ceil(batch * B / T) of the B bands
-// (at::parallel_for's split) and roll through them (computed_rows): only the first of
-// a range computes its halo. So the makespan is that many bands of ceil(height / B)
-// rows without a halo, plus one halo; more bands keep threads busy, and a band's rows
-// cut into panels waste less or more. Each band also reads its window
-// (band_window_bytes) again; what of it exceeds the L2 cache comes back from L3, at
-// kL3FloatCost per float and band. Among the heights whose window fits L2 or the
-// thread's share of L3 (which bounds the band images' memory), the planner takes the band count
-// of least makespan plus that charge (the fewest bands on a tie); when none fits, one
-// row per band. band_rows > 0 overrides it.
-int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override) {
+// How a chain runs: `bands` bands per image, each taken by one thread, or with
+// split_channels each image as one band that all threads run together (Team).
+struct BandPlan {
+  int64_t bands = 1;
+  bool split_channels = false;
+};
+
+// Barriers a team waits at for one image (run_band): once its band images are zeroed,
+// then per panel of a stage after each packed panel, between the stage's layers, and
+// after its writes.
+int64_t team_syncs(const Chain& chain, const kernels::SpmmKernels& k) {
+  const auto rows = band_rows(chain, 0, chain.last().out_h);
+  int64_t syncs = 1;
+  for (const auto& [first_layer, last_layer] : chain.stages) {
+    int64_t per_panel = 1 + static_cast<int64_t>(last_layer - first_layer);
+    for (size_t l = first_layer; l <= last_layer; ++l) {
+      const ChainLayer& layer = chain.layers[l];
+      const bool packs = !layer.depthwise() && !layer.taps() && !(l == 0 && layer.reads_input_in_place()) &&
+                         (!layer.reads_tile || (chain.shortcut && l == chain.layers.size() - 1));
+      per_panel += packs ? 1 : 0;
+    }
+    syncs += PanelCut(k, stage_tokens(chain.layers[first_layer], rows[first_layer])).num_panels() * per_panel;
+  }
+  return syncs;
+}
+
+// Bands per image, or a team per image. Threads take contiguous ranges of
+// ceil(batch * B / T) of the B bands (at::parallel_for's split) and roll through them
+// (computed_rows): only the first of a range computes its halo. So the makespan is that
+// many bands of ceil(height / B) rows without a halo, plus one halo; more bands keep
+// threads busy, and a band's rows cut into panels waste less or more. Each band also
+// reads its window (band_window_bytes) again; what of it exceeds the L2 cache comes back
+// from L3, at kL3FloatCost per float and band. Among the heights whose window fits L2 or
+// the thread's share of L3 (which bounds the band images' memory), the planner takes the
+// band count of least makespan plus that charge (the fewest bands on a tie); when none
+// fits, one row per band. A team (split_channels) costs each member a 1/T share of a
+// whole image's band, weights included (each member reads only its rows'), plus
+// kTeamSyncCost per barrier; the planner takes it when that is less. band_rows > 0
+// overrides it (bands, no team); split_channels, when set, decides the team.
+BandPlan plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t band_rows_override,
+                    std::optional<bool> split_channels) {
   const int64_t height = chain.last().out_h;
-  if (band_rows_override > 0) return ceil_div(height, std::min(band_rows_override, height));
+  if (band_rows_override > 0) return {ceil_div(height, std::min(band_rows_override, height)), false};
+  if (split_channels.value_or(false)) return {1, true};
   const int64_t threads = at::get_num_threads();
   const int64_t l2_budget = l2_cache_bytes(), l3_budget = l3_cache_bytes() / std::max<int64_t>(1, threads);
+  const auto past_l2_floats = [&](int64_t window) {
+    return std::max<int64_t>(0, window - l2_budget) / static_cast<int64_t>(sizeof(float));
+  };
   int64_t best_bands = height, best_cost = -1;
   for (int64_t bands = 1; bands <= height; ++bands) {
     const int64_t rows = ceil_div(height, bands);
@@ -797,12 +909,20 @@ int64_t plan_bands(const Chain& chain, const kernels::SpmmKernels& k, int64_t ba
       rolled = band_cost(chain, k, computed_rows(needed, &previous));
     }
     const int64_t bands_per_thread = ceil_div(chain.batch * bands, threads);
-    const int64_t past_l2_floats = std::max<int64_t>(0, window - l2_budget) / static_cast<int64_t>(sizeof(float));
-    const int64_t cost =
-        bands_per_thread * (rolled + past_l2_floats * kL3FloatCost) + (with_halo - rolled);
+    const int64_t cost = bands_per_thread * (rolled + past_l2_floats(window) * kL3FloatCost) + (with_halo - rolled);
     if (best_cost < 0 || cost < best_cost) best_bands = bands, best_cost = cost;
   }
-  return best_bands;
+  if (threads > 1 && !split_channels.has_value()) {
+    const auto whole = band_rows(chain, 0, height);
+    int64_t weights = 0;
+    for (const ChainLayer& layer : chain.layers) weights += weight_bytes(layer);
+    const int64_t window = band_window_bytes(chain, whole) - weights + weights / threads;
+    const int64_t team_cost =
+        chain.batch * (band_cost(chain, k, whole) / threads + past_l2_floats(window) * kL3FloatCost +
+                       team_syncs(chain, k) * kTeamSyncCost);
+    if (window <= std::max(l2_budget, l3_budget) && (best_cost < 0 || team_cost < best_cost)) return {1, true};
+  }
+  return {best_bands, false};
 }
 
 // ---- the op -----------------------------------------------------------------------------
@@ -861,7 +981,7 @@ bool is_channels_last(const at::Tensor& t) { return t.suggest_memory_format() ==
 at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::TensorList packed,
                           const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef strides,
                           at::IntArrayRef paddings, const std::vector<std::string>& activations, bool shortcut,
-                          int64_t band_rows_override) {
+                          int64_t band_rows_override, std::optional<bool> split_channels) {
   const char* op = "sparsecpu::conv_chain";
   const kernels::SpmmKernels& k = kernels::active_kernels();
   const size_t n = weights.size();
@@ -874,6 +994,9 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
                     2 * n, " and ", 2 * n, " or ", 4 * n, " values, got ", strides.size(), " and ", paddings.size());
   const size_t pads_per_layer = paddings.size() / n;
   TORCH_CHECK_VALUE(band_rows_override >= 0, op, ": band_rows must be >= 0 (0: the planner's choice), got ",
+                    band_rows_override);
+  TORCH_CHECK_VALUE(!(split_channels.value_or(false) && band_rows_override > 0), op,
+                    ": split_channels=True runs each image as one band: it takes no band_rows, got band_rows=",
                     band_rows_override);
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat && input.device().is_cpu(), op,
                     ": input must be a float32 CPU tensor, got ", input.scalar_type(), " on ", input.device());
@@ -1007,15 +1130,34 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
     first.in_place = checked_view(tap_packed.back());
     first.in_place.feature_stride = k.vector_width;
   }
-  const int64_t bands = plan_bands(chain, k, band_rows_override);
+  const BandPlan plan = plan_bands(chain, k, band_rows_override, split_channels);
+  const int64_t bands = plan.bands;
   const int64_t most_tokens = size_band_images(k, chain, bands, weights, &tap_packed);
   // No panel is wider than the most tokens of any stage, nor than a full panel.
   const int64_t widest = std::min(k.max_panel_width, ceil_div(most_tokens, k.vector_width) * k.vector_width);
   const int64_t panel_floats = panel_buffer_floats(k, chain, widest);
   const float* x_data = x.data_ptr<float>();
   float* y_data = y.data_ptr<float>();
+  if (plan.split_channels) {
+    thread_local BandScratch calling_thread_scratch;
+    BandScratch& team_scratch = calling_thread_scratch;  // the caller's, not each member's thread_local
+    size_scratch(team_scratch, chain, panel_floats);
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const Team team{omp_get_thread_num(), omp_get_num_threads()};
+      for (int64_t image = 0; image < chain.batch; ++image) {
+        const ImageView x_image{x_data + image * x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+        const ImageView y_image{y_data + image * y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+        run_band(k, chain, x_image, y_image, 0, height, -1, panel_floats, team_scratch, team);
+      }
+    }
+    for (ScratchBuffer& buffer : team_scratch.images) buffer.release_if_large();
+    for (ScratchBuffer& buffer : team_scratch.panels) buffer.release_if_large();
+    return y;
+  }
   at::parallel_for(0, chain.batch * bands, 1, [&](int64_t begin, int64_t end) {
     thread_local BandScratch scratch;
+    size_scratch(scratch, chain, panel_floats);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t image = item / bands, band = item % bands;
       const ImageView x_image{x_data + image * x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
@@ -1023,7 +1165,7 @@ at::Tensor conv_chain_cpu(const at::Tensor& input, at::TensorList weights, at::T
       const auto [first_row, end_row] = band_of(height, bands, band);
       // Rolling bands: the band before, when this thread ran it.
       const int64_t previous_first = item > begin && band > 0 ? band_of(height, bands, band - 1).first : -1;
-      run_band(k, chain, x_image, y_image, first_row, end_row, previous_first, panel_floats, scratch);
+      run_band(k, chain, x_image, y_image, first_row, end_row, previous_first, panel_floats, scratch, Team{});
     }
     for (ScratchBuffer& buffer : scratch.images) buffer.release_if_large();
     for (ScratchBuffer& buffer : scratch.panels) buffer.release_if_large();

@@ -24,9 +24,9 @@ TORCH_LIBRARY(sparsecpu, m) {
   // columns: strides hold (height, width) per layer, paddings (height, width) or (top, bottom,
   // left, right) per layer; a layer whose packed entry is empty runs dense as a depthwise
   // convolution; with shortcut the last layer (1 x 1) reads the input too, as extra channels
-  // (conv_chain.cpp). band_rows=0: the tile planner's choice.
+  // (conv_chain.cpp). band_rows=0 and split_channels=None: the tile planner's choice.
   m.def("conv_chain(Tensor input, Tensor[] weights, Tensor[] packed, Tensor?[] biases, int[] strides, "
-        "int[] paddings, str[] activations, bool shortcut=False, int band_rows=0) -> Tensor",
+        "int[] paddings, str[] activations, bool shortcut=False, int band_rows=0, bool? split_channels=None) -> Tensor",
         {at::Tag::flexible_layout});
 }
 
