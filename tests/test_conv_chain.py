@@ -235,6 +235,10 @@ def test_weights_larger_than_l2(threads):
         BOTTLENECKS[7],  # 60 x 62: many panels per stage, the tap layout
         (2, 128, 8, 24, 8, 12, 1, "projection"),  # the input read in place
         (1, 16, 300, 130, 7, 7, 1, None),  # 3 and 2 row blocks of 128 rows: a member gets none with 3 threads
+        # every layer 2 row blocks: each member adds its own channels of the input
+        (1, 256, 130, 256, 7, 7, 1, "identity"),
+        (2, 136, 8, 136, 8, 12, 1, "identity"),  # and reads the input in place
+        (1, 24, 8, 200, 14, 14, 2, "projection"),
     ],
     ids=lambda c: "x".join(map(str, c)),
 )
