@@ -275,6 +275,12 @@ struct SpmmKernels {
   // into panels and band images, tens of floats each, too short for memmove's call to
   // pay (step 2: a stride-2 layer's pixels, GCC's vector loop for the ISA).
   void (*copy_row)(const float* from, int64_t step, int64_t count, float* to);
+
+  // to[r * to_pitch + i] = from[r * from_pitch + i * step] for r < rows, i < count:
+  // copy_row for several rows in one call (a 7 x 7 image's rows, 7 pixels each, copied
+  // into a panel: one call per row cost more than the copy).
+  void (*copy_rows)(const float* from, int64_t from_pitch, int64_t step, int64_t count, int64_t rows, float* to,
+                    int64_t to_pitch);
 };
 
 // The AVX2 panel copies (8x8 transposes, spmm_f32__avx2.cpp), which the AVX-512
@@ -298,7 +304,10 @@ float activate_scalar(float x, Activation act);
 void depthwise_row_scalar(const float* const* taps, const float* w, int64_t num_taps, float bias,
                           Activation act, int64_t count, float* out);
 void residual_row_scalar(const float* a, const float* b, Activation act, int64_t count, float* out);
+// The scalar copies (spmm_f32__scalar.cpp). Signatures as in SpmmKernels.
 void copy_row_scalar(const float* from, int64_t step, int64_t count, float* to);
+void copy_rows_scalar(const float* from, int64_t from_pitch, int64_t step, int64_t count, int64_t rows, float* to,
+                      int64_t to_pitch);
 
 // ---------------------------------------------------------------------------
 // int8 kernels (datatype kInt8; docs/kernels.md#int8-kernels).

@@ -107,6 +107,6 @@ namespace kernels {
 const SpmmKernels kSpmmAvx2 = {"avx2", Vec::kWidth, Vec::kWidth * kMaxTileVectors,
                                &pack_panel_avx2, &spmm_row_block_simd, &spmv_row_block_simd,
                                &unpack_tile_avx2, &depthwise_row_simd, &residual_row_simd,
-                               &copy_row_simd};
+                               &copy_row_simd, &copy_rows_simd};
 }  // namespace kernels
 }  // namespace sparsecpu

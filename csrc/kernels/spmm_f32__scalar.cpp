@@ -69,6 +69,11 @@ void copy_row_scalar(const float* from, int64_t step, int64_t count, float* to) 
   for (int64_t i = 0; i < count; ++i) to[i] = from[i * step];
 }
 
+void copy_rows_scalar(const float* from, int64_t from_pitch, int64_t step, int64_t count, int64_t rows, float* to,
+                      int64_t to_pitch) {
+  for (int64_t r = 0; r < rows; ++r) copy_row_scalar(from + r * from_pitch, step, count, to + r * to_pitch);
+}
+
 void pack_panel_scalar(const float* x, int64_t tokens, int64_t in_features, int64_t token_stride,
                        int64_t feature_stride, int64_t panel_width, float* panel) {
   for (int64_t i = 0; i < in_features; ++i) {
@@ -87,7 +92,7 @@ void unpack_tile_scalar(const float* tile, int64_t rows, int64_t panel_width, in
 
 const SpmmKernels kSpmmScalar = {"scalar", 1, 64, &pack_panel_scalar, &spmm_row_block_scalar,
                                  &spmm_row_block_scalar, &unpack_tile_scalar, &depthwise_row_scalar,
-                                 &residual_row_scalar, &copy_row_scalar};
+                                 &residual_row_scalar, &copy_row_scalar, &copy_rows_scalar};
 
 }  // namespace kernels
 }  // namespace sparsecpu

@@ -88,7 +88,7 @@ struct Vec {
 const SpmmKernels kSpmmVec16 = {"vec16", Vec::kWidth, Vec::kWidth * kMaxTileVectors,
                                 &pack_panel_scalar, &spmm_row_block_simd, &spmv_row_block_simd,
                                 &unpack_tile_scalar, &depthwise_row_simd, &residual_row_simd,
-                                &copy_row_simd};
+                                &copy_row_simd, &copy_rows_simd};
 
 }  // namespace kernels
 }  // namespace sparsecpu

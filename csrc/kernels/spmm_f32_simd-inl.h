@@ -365,3 +365,17 @@ void copy_row_simd(const float* from, int64_t step, int64_t count, float* to) {
     for (int64_t i = 0; i < count; ++i) to[i] = from[i * step];
   }
 }
+
+// SpmmKernels::copy_rows: rows shorter than a register one masked load and store each
+// (step 1), others by copy_row_simd.
+void copy_rows_simd(const float* from, int64_t from_pitch, int64_t step, int64_t count, int64_t rows, float* to,
+                    int64_t to_pitch) {
+  if (step == 1 && count < Vec::kWidth) {
+    const auto lanes = Vec::first(static_cast<int>(count));
+    for (int64_t r = 0; r < rows; ++r) {
+      Vec::store_first(to + r * to_pitch, Vec::load_first(from + r * from_pitch, lanes), lanes);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) copy_row_simd(from + r * from_pitch, step, count, to + r * to_pitch);
+}

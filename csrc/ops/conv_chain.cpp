@@ -132,6 +132,12 @@ struct ChainLayer {
   int64_t padded_w() const { return in_w + pad_left + pad_right; }
   bool padded() const { return pad_top != 0 || pad_bottom != 0 || pad_left != 0 || pad_right != 0; }
   int64_t conv_features() const { return in_channels * kernel_h * kernel_w; }
+  // Features copied into its panel per token: none for a depthwise or tap layer, the
+  // shortcut's alone for one that reads the previous tile, else all.
+  int64_t copied_features() const {
+    if (depthwise() || taps()) return 0;
+    return reads_tile ? w.in_features - conv_features() : w.in_features;
+  }
   // Rows of its (padded) input that output rows [first, end) read: [first * stride_h, input_end(end)).
   int64_t input_end(int64_t end) const { return (end - 1) * stride_h + kernel_h; }
 };
@@ -318,6 +324,23 @@ inline void prefetch_run(const float* p, int64_t count, bool for_writing) {
   }
 }
 
+// The tokens of `tokens` from one plane of an image into row (token t at row[t], zeros
+// for the dropped tokens of wide rows): token (band row r, column q) at from + r *
+// row_step + q * step. A range of whole exact rows (a 7 x 7 image's) is one copy_rows
+// call, not one copy_row per row.
+void copy_tokens(const kernels::SpmmKernels& k, const float* from, int64_t row_step, int64_t step,
+                 const TokenRange& tokens, float* row) {
+  if (tokens.all_pixels() && tokens.first % tokens.pitch == 0 && tokens.count % tokens.pitch == 0) {
+    k.copy_rows(from + tokens.first / tokens.pitch * row_step, row_step, step, tokens.pitch,
+                tokens.count / tokens.pitch, row, tokens.pitch);
+    return;
+  }
+  tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
+    k.copy_row(from + r * row_step + q * step, step, pixels, row + t);
+    std::fill(row + t + pixels, row + t + run, 0.0f);
+  });
+}
+
 // Panel rows from an input image: channels [first_channel, end_channel) of the tokens
 // of `tokens` into rows (channel c at rows + (c - first_channel) * width), zeros past
 // the pixels up to `width`. Token (band row r, column q) is pixel (first_row + r *
@@ -338,10 +361,7 @@ void pack_image_tokens(const kernels::SpmmKernels& k, const ImageView& image, in
       if (one_run && stride_w == 1) {
         k.copy_row(plane + tokens.first, 1, tokens.count, row);
       } else {
-        tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
-          k.copy_row(plane + r * stride_h * image.row_stride + q * pixel_stride, pixel_stride, pixels, row + t);
-          std::fill(row + t + pixels, row + t + run, 0.0f);
-        });
+        copy_tokens(k, plane, stride_h * image.row_stride, pixel_stride, tokens, row);
       }
       std::fill(row + tokens.count, row + width, 0.0f);
     }
@@ -385,10 +405,7 @@ void pack_band_features(const kernels::SpmmKernels& k, const ChainLayer& layer, 
     if (one_run) {
       k.copy_row(plane + tokens.first, 1, tokens.count, row);
     } else {
-      tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
-        k.copy_row(plane + r * row_step + q * layer.stride_w, layer.stride_w, pixels, row + t);
-        std::fill(row + t + pixels, row + t + run, 0.0f);
-      });
+      copy_tokens(k, plane, row_step, layer.stride_w, tokens, row);
     }
     std::fill(row + tokens.count, row + width, 0.0f);
   }
@@ -714,9 +731,11 @@ void run_band(const kernels::SpmmKernels& k, const Chain& chain, const ImageView
           run_row_blocks(k, w, rb_begin, rb_end, images[l].at(0, 0, out_rows.first * layer.stride_h, 0) + tokens.first,
                          width, /*gemv=*/false, layer.bias, layer.act, rows_tile);
         } else if (team.size > 1 || panel_fits_l2(w, width)) {  // a team packs its shares, then waits
-          const auto [first, end] = team.share(w.in_features);
-          pack(first, end);
-          team.sync();
+          if (layer.copied_features() > 0) {
+            const auto [first, end] = team.share(w.in_features);
+            pack(first, end);
+            team.sync();
+          }
           run_row_blocks(k, w, rb_begin, rb_end, panel, width, /*gemv=*/false, layer.bias, layer.act, rows_tile);
         } else {  // a K-block slice at a time, right before the kernels sweep it
           run_row_blocks(k, w, 0, w.num_row_blocks, panel, width, /*gemv=*/false, layer.bias, layer.act, tile,
@@ -804,10 +823,7 @@ int64_t band_cost(const Chain& chain, const kernels::SpmmKernels& k, const std::
         per_token += layer.out_channels * (layer.kernel_h * layer.kernel_w + 2);
         continue;
       }
-      const int64_t copied = layer.taps() ? 0
-                             : layer.reads_tile ? layer.w.in_features - layer.conv_features()
-                                                : layer.w.in_features;
-      per_token += layer.w.nnz + 2 * layer.w.out_features + copied;
+      per_token += layer.w.nnz + 2 * layer.w.out_features + layer.copied_features();
       per_panel += layer.w.nnz * k.vector_width * kNonzeroOverheadVectors;
     }
     const size_t next = last_layer + 1;
@@ -862,9 +878,7 @@ int64_t team_syncs(const Chain& chain, const kernels::SpmmKernels& k) {
     int64_t per_panel = 1 + static_cast<int64_t>(last_layer - first_layer);
     for (size_t l = first_layer; l <= last_layer; ++l) {
       const ChainLayer& layer = chain.layers[l];
-      const bool packs = !layer.depthwise() && !layer.taps() && !(l == 0 && layer.reads_input_in_place()) &&
-                         (!layer.reads_tile || (chain.shortcut && l == chain.layers.size() - 1));
-      per_panel += packs ? 1 : 0;
+      per_panel += layer.copied_features() > 0 && !(l == 0 && layer.reads_input_in_place()) ? 1 : 0;
     }
     syncs += PanelCut(k, stage_tokens(chain.layers[first_layer], rows[first_layer])).num_panels() * per_panel;
   }
