@@ -269,22 +269,14 @@ struct Team {
   std::pair<int64_t, int64_t> share(int64_t count) const {
     return {count * member / size, count * (member + 1) / size};
   }
-  // This member's share of a layer's row blocks, balanced by their stored nonzeros.
+  // This member's share of a layer's row blocks, balanced by their work as
+  // sparse_linear_2d's threads are (balanced_chunk_starts).
   std::pair<int64_t, int64_t> share_row_blocks(const PackedLinearView& w) const {
     if (size == 1) return {0, w.num_row_blocks};
-    int64_t total = 0;
-    for (int64_t rb = 0; rb < w.num_row_blocks; ++rb) total += w.block_nnz(rb) + 1;
-    const auto [first_work, end_work] = share(total);
-    int64_t first = -1, end = w.num_row_blocks, done = 0;
-    for (int64_t rb = 0; rb < w.num_row_blocks; ++rb) {  // the blocks whose work starts in the share
-      if (first < 0 && done >= first_work) first = rb;
-      if (done >= end_work) {
-        end = rb;
-        break;
-      }
-      done += w.block_nnz(rb) + 1;
-    }
-    return {first < 0 ? w.num_row_blocks : first, std::max(end, first < 0 ? w.num_row_blocks : first)};
+    std::vector<int64_t> work_prefix(w.num_row_blocks + 1, 0);
+    for (int64_t rb = 0; rb < w.num_row_blocks; ++rb) work_prefix[rb + 1] = work_prefix[rb] + row_block_work(w, rb);
+    const std::vector<int64_t> starts = balanced_chunk_starts(work_prefix, size);
+    return {starts[member], starts[member + 1]};
   }
   void sync() const {
     if (size > 1) {

@@ -46,15 +46,10 @@ void for_each_group(const PanelPlan& plan, const PackedLinearView& w, UnpackTile
   std::vector<int64_t> cost_prefix(num_items + 1, 0);
   for (int64_t item = 0; item < num_items; ++item) {
     const int64_t p = item / w.num_row_blocks, rb = item % w.num_row_blocks;
-    cost_prefix[item + 1] = cost_prefix[item] + plan.width_of(p) * (w.block_nnz(rb) + 2 * w.rows_in_block(rb));
+    cost_prefix[item + 1] = cost_prefix[item] + plan.width_of(p) * row_block_work(w, rb);
   }
   const int64_t num_chunks = std::min<int64_t>(num_items, at::get_num_threads());
-  std::vector<int64_t> chunk_start(num_chunks + 1, num_items);
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    const int64_t target = cost_prefix[num_items] * c / num_chunks;
-    chunk_start[c] = std::lower_bound(cost_prefix.begin(), cost_prefix.end(), target) - cost_prefix.begin();
-  }
-  chunk_start[0] = 0;
+  const std::vector<int64_t> chunk_start = balanced_chunk_starts(cost_prefix, num_chunks);
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     thread_local ScratchBuffer tile_buffer;

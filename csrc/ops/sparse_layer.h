@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include "../kernels/spmm.h"
 
@@ -90,6 +91,26 @@ inline bool panel_fits_l2(const kernels::PackedLinearView& w, int64_t width) {
 inline int64_t row_blocks_per_group(const kernels::PackedLinearView& w, int64_t width) {
   const int64_t group_bytes = panel_fits_l2(w, width) ? kTileGroupBytes / 4 : kTileGroupBytes;
   return std::max<int64_t>(1, group_bytes / (w.row_block * width * 4));
+}
+
+// The work of row block rb over one token: its stored nonzeros and two per output row
+// (bias, store). What threads are balanced by (for_each_group, conv_chain's teams).
+inline int64_t row_block_work(const kernels::PackedLinearView& w, int64_t rb) {
+  return w.block_nnz(rb) + 2 * w.rows_in_block(rb);
+}
+
+// Starts of `parts` contiguous chunks of the items whose work's prefix sums are
+// `work_prefix` (one more entry than items, from 0), balanced by that work: chunk c is
+// [starts[c], starts[c + 1]); starts has parts + 1 entries, the last the item count.
+inline std::vector<int64_t> balanced_chunk_starts(const std::vector<int64_t>& work_prefix, int64_t parts) {
+  const int64_t items = static_cast<int64_t>(work_prefix.size()) - 1;
+  std::vector<int64_t> starts(parts + 1, items);
+  for (int64_t c = 1; c < parts; ++c) {
+    const int64_t target = work_prefix[items] * c / parts;
+    starts[c] = std::lower_bound(work_prefix.begin(), work_prefix.end(), target) - work_prefix.begin();
+  }
+  starts[0] = 0;
+  return starts;
 }
 
 // Grow-only scratch memory for one call site and thread: a fresh std::vector per
