@@ -105,6 +105,8 @@ BOTTLENECKS = [
     (1, 8, 4, 8, 60, 62, 1, "identity"),
     (2, 16, 8, 16, 28, 28, 1, "identity"),
     (1, 16, 8, 32, 28, 28, 2, "projection"),
+    # 14 x 14 at stride 2, as ResNet-50's chain into 7 x 7
+    (1, 16, 8, 32, 14, 14, 2, "projection"),
     # 128 input channels and planes of whole registers (8 x 12): the first layer reads the
     # input in place, and copies the panels that would run past an image's last plane
     (3, 128, 8, 128, 8, 12, 1, "identity"),

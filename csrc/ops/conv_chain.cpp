@@ -190,6 +190,18 @@ struct TokenRange {
       t += run;
     }
   }
+  // As for_each_row, but a stretch of whole rows (q = 0, run = pitch) comes as one call
+  // f(t, r, q, pixels, run, rows) for its `rows` rows: row r + i from token t + i * pitch.
+  template <typename F>
+  void for_each_row_run(F f) const {
+    for (int64_t t = 0; t < count;) {
+      const int64_t r = (first + t) / pitch, q = (first + t) % pitch;
+      const int64_t run = std::min(count - t, pitch - q);
+      const int64_t rows = q == 0 && run == pitch ? (count - t) / pitch : 1;
+      f(t, r, q, std::max<int64_t>(0, std::min(run, valid - q)), run, rows);
+      t += rows * run;
+    }
+  }
   bool all_pixels() const { return valid == pitch; }
 };
 
@@ -318,18 +330,15 @@ inline void prefetch_run(const float* p, int64_t count, bool for_writing) {
 
 // The tokens of `tokens` from one plane of an image into row (token t at row[t], zeros
 // for the dropped tokens of wide rows): token (band row r, column q) at from + r *
-// row_step + q * step. A range of whole exact rows (a 7 x 7 image's) is one copy_rows
-// call, not one copy_row per row.
+// row_step + q * step. A stretch of whole rows (a 7 x 7 image's) is one copy_rows call,
+// not one copy_row per row.
 void copy_tokens(const kernels::SpmmKernels& k, const float* from, int64_t row_step, int64_t step,
                  const TokenRange& tokens, float* row) {
-  if (tokens.all_pixels() && tokens.first % tokens.pitch == 0 && tokens.count % tokens.pitch == 0) {
-    k.copy_rows(from + tokens.first / tokens.pitch * row_step, row_step, step, tokens.pitch,
-                tokens.count / tokens.pitch, row, tokens.pitch);
-    return;
-  }
-  tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run) {
-    k.copy_row(from + r * row_step + q * step, step, pixels, row + t);
-    std::fill(row + t + pixels, row + t + run, 0.0f);
+  tokens.for_each_row_run([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t run, int64_t rows) {
+    k.copy_rows(from + r * row_step + q * step, row_step, step, pixels, rows, row + t, tokens.pitch);
+    for (int64_t i = 0; i < rows && pixels < run; ++i) {
+      std::fill(row + t + i * tokens.pitch + pixels, row + t + i * tokens.pitch + run, 0.0f);
+    }
   });
 }
 
@@ -415,14 +424,28 @@ void write_tile_to_band(const kernels::SpmmKernels& k, const float* tile, int64_
                         const BandImage& image) {
   const int64_t shift = image.phase_shift();
   for (int64_t c = 0; c < channels; ++c) {
-    tokens.for_each_row([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t) {
-      float* planes = image.at(c, 0, first_output_row + r + next.pad_top, 0);
-      for (int64_t j = 0; j < image.copies; ++j) {
-        int64_t skip = std::max<int64_t>(0, j - next.pad_left - q);
-        skip += (q + skip + next.pad_left - j) & shift;  // the first pixel of plane j's phase
-        if (skip >= pixels) continue;
-        k.copy_row(tile + c * width + t + skip, image.phases, (pixels - skip + shift) >> shift,
-                   planes + j * image.plane_stride + ((q + skip + next.pad_left - j) >> shift));
+    tokens.for_each_row_run([&](int64_t t, int64_t r, int64_t q, int64_t pixels, int64_t, int64_t rows) {
+      // Rows shorter than a register (14 x 14 and 7 x 7 images) go plane by plane, one
+      // copy_rows call each (a plane's rows follow each other, image.pitch apart);
+      // longer ones row by row, each into every plane (faster there). A strided layer's
+      // image has two phases, but rows that short never do: its output rows would be too
+      // short for the tap layout.
+      const bool by_plane = rows > 1 && pixels < k.vector_width && image.phases == 1;
+      for (int64_t i = 0; i < (by_plane ? 1 : rows); ++i) {
+        const int64_t row = first_output_row + r + i + next.pad_top;
+        const float* from = tile + c * width + t + i * tokens.pitch;
+        for (int64_t j = 0; j < image.copies; ++j) {
+          int64_t skip = std::max<int64_t>(0, j - next.pad_left - q);
+          skip += (q + skip + next.pad_left - j) & shift;  // the first pixel of plane j's phase
+          if (skip >= pixels) continue;
+          const int64_t count = (pixels - skip + shift) >> shift, column = (q + skip + next.pad_left - j) >> shift;
+          float* to = image.at(c, j, row, column);
+          if (by_plane) {
+            k.copy_rows(from + skip, tokens.pitch, 1, count, rows, to, image.pitch);
+          } else {
+            k.copy_row(from + skip, image.phases, count, to);
+          }
+        }
       }
     });
   }
