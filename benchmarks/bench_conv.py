@@ -1,7 +1,7 @@
 """Sparse convolutions of a real CNN: layer by layer, bottleneck by bottleneck, or the
 whole model.
 
-    python benchmarks/bench_conv.py [--mode layers|blocks|model|chains] [--model resnet50|mobilenetv2]
+    python benchmarks/bench_conv.py [--mode layers|blocks|model|chains|forward] [--model resnet50|mobilenetv2]
                                     [--sparsity 90] [--threads 2] [--rounds 3] [--image 224]
                                     [--block stages.0.layers.1]
 
@@ -39,6 +39,12 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
   choice, with ``split_channels=False`` (bands, one thread each) and with
   ``split_channels=True`` (a team per image); each checked against the planner's result
   before timing.
+- ``forward``: where the fused model's forward goes (checked against eager first): each
+  forward's wall time cut at the entry and exit of its ``conv_chain`` calls, into the
+  time before the first (Dynamo's guards, Inductor's wrapper, the dense stem and its
+  pooling), in the calls, between them and after the last; and each call's time inside
+  the forward, next to which ``chains`` shows the same call run alone. Medians over
+  ``--rounds`` x 50 forwards (each piece's own median: they need not add up).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import copy
 import functools
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -57,6 +64,7 @@ from torch import nn
 
 import torch_sparsecpu
 from torch_sparsecpu import ops
+from torch_sparsecpu.bench.measure import relative_error
 from torch_sparsecpu.bench.models import BenchModel, build_model, resolve_model
 from torch_sparsecpu.kernels import torch_threads
 
@@ -247,23 +255,34 @@ def run_model(args) -> None:
 
 
 @contextlib.contextmanager
-def recorded_chain_calls():
-    """Yields a list of the (args, kwargs) of every sparsecpu::conv_chain call made inside.
-    Inductor's wrapper looks the op up as ``torch.ops.sparsecpu.conv_chain.default`` at
-    each call, so a stand-in there sees them (a TorchDispatchMode would make Dynamo run
-    the model eagerly instead)."""
+def conv_chain_replaced(stand_in_for):
+    """sparsecpu::conv_chain calls made inside go to ``stand_in_for(op)``. Inductor's
+    wrapper looks the op up as ``torch.ops.sparsecpu.conv_chain.default`` at each call,
+    so a stand-in there sees them (a TorchDispatchMode would make Dynamo run the model
+    eagerly instead)."""
     packet = torch.ops.sparsecpu.conv_chain
-    op, calls = packet.default, []
-
-    def record(*args, **kwargs):
-        calls.append((args, kwargs))
-        return op(*args, **kwargs)
-
-    packet.default = record
+    op = packet.default
+    packet.default = stand_in_for(op)
     try:
-        yield calls
+        yield
     finally:
         packet.default = op
+
+
+@contextlib.contextmanager
+def recorded_chain_calls():
+    """Yields a list of the (args, kwargs) of every sparsecpu::conv_chain call made inside."""
+    calls = []
+
+    def recording(op):
+        def record(*args, **kwargs):
+            calls.append((args, kwargs))
+            return op(*args, **kwargs)
+
+        return record
+
+    with conv_chain_replaced(recording):
+        yield calls
 
 
 def run_chains(args) -> None:
@@ -297,9 +316,62 @@ def run_chains(args) -> None:
     print(f"{'all':>4} {'':>20} {totals['planner']:>11.3f} {totals['bands']:>9.3f} {totals['team']:>8.3f}")
 
 
+FORWARDS_PER_ROUND = 50
+
+
+def run_forward(args) -> None:
+    model, x = model_and_input(args, "'s forward, piece by piece")
+    stamps: list[float] = []  # perf_counter at each conv_chain call's entry and exit
+
+    def stamping(op):
+        def stamp(*op_args, **op_kwargs):
+            stamps.append(time.perf_counter())
+            y = op(*op_args, **op_kwargs)
+            stamps.append(time.perf_counter())
+            return y
+
+        return stamp
+
+    pieces: dict[str, list[float]] = {
+        name: [] for name in ("forward", "before the first chain", "in the chains", "between chains", "after the last")
+    }
+    with torch.inference_mode(), torch_threads(args.threads):
+        fused = torch.compile(model, backend="sparsecpu")
+        error = relative_error(BenchModel.output(fused(x)), BenchModel.output(model(x)))
+        if not error <= 1e-4:
+            sys.exit(f"error: fused: wrong result (max error {error:.3g} relative), no timings reported")
+        with recorded_chain_calls() as calls:
+            fused(x)
+        if not calls:
+            sys.exit("error: the fused forward makes no sparsecpu::conv_chain call (nothing sparse to fuse?)")
+        per_call: list[list[float]] = [[] for _ in calls]
+        with conv_chain_replaced(stamping):
+            for _ in range(args.rounds * FORWARDS_PER_ROUND):
+                stamps.clear()
+                start = time.perf_counter()
+                fused(x)
+                end = time.perf_counter()
+                entries, exits = stamps[0::2], stamps[1::2]
+                for i, (entry, exit_) in enumerate(zip(entries, exits, strict=True)):
+                    per_call[i].append(exit_ - entry)
+                for name, seconds in (
+                    ("forward", end - start),
+                    ("before the first chain", entries[0] - start),
+                    ("in the chains", sum(b - a for a, b in zip(entries, exits, strict=True))),
+                    ("between chains", sum(b - a for a, b in zip(exits[:-1], entries[1:], strict=True))),
+                    ("after the last", end - exits[-1]),
+                ):
+                    pieces[name].append(seconds)
+    for name, seconds in pieces.items():
+        print(f"{name:>22} {statistics.median(seconds) * 1e3:>8.3f} ms")
+    print(f"{'call':>4} {'input':>20} {'ms in the forward':>18}")
+    for i, ((op_args, _), seconds) in enumerate(zip(calls, per_call, strict=True)):
+        print(f"{i:>4} {str(list(op_args[0].shape)):>20} {statistics.median(seconds) * 1e3:>18.3f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("layers", "blocks", "model", "chains"), default="layers")
+    parser.add_argument("--mode", choices=("layers", "blocks", "model", "chains", "forward"), default="layers")
     parser.add_argument("--block", action="append", help="blocks mode: a block (ResNet: under encoder; repeatable)")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     parser.add_argument("--sparsity", type=float, default=90, help="percent of zero weights (default 90)")
@@ -328,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.mode == "chains":
         run_chains(args)
+        return 0
+    if args.mode == "forward":
+        run_forward(args)
         return 0
 
     layers = conv_layers(args.model, args.sparsity / 100, args.image)

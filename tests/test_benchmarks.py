@@ -203,6 +203,22 @@ def test_bench_conv_chains_replays_each_conv_chain_call(capsys):
     assert float(total[1]) == pytest.approx(sum(float(row[-3]) for row in rows), abs=0.01)
 
 
+def test_bench_conv_forward_cuts_the_forward_at_each_conv_chain_call(capsys):
+    pytest.importorskip("transformers")
+    run_main(bench_conv, "--mode forward --model mobilenetv2 --image 32 --threads 2 --rounds 1")
+    out = capsys.readouterr().out
+    pieces = {
+        line.rsplit(None, 2)[0].strip(): float(line.split()[-2]) for line in out.splitlines() if line.endswith(" ms")
+    }
+    assert list(pieces) == ["forward", "before the first chain", "in the chains", "between chains", "after the last"]
+    assert all(ms > 0 for ms in pieces.values())
+    # Each piece is a part of every forward, so its median is at most the forward's.
+    assert all(ms <= pieces["forward"] for ms in pieces.values())
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in rows] == list(range(16))  # MobileNetV2's 16 conv_chain calls
+    assert sum(float(row[-1]) for row in rows) == pytest.approx(pieces["in the chains"], rel=0.5)
+
+
 @pytest.mark.slow
 def test_bench_conv_blocks_fuses_each_bottleneck_into_one_op(capsys):
     pytest.importorskip("transformers")
