@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <utility>
+#include <vector>
 
 namespace sparsecpu {
 
@@ -25,6 +26,12 @@ TensorIdentity identity_of(const at::Tensor& tensor) {
   TORCH_CHECK(identify(tensor, &id), "sparsecpu: a compiled graph cannot watch a tensor of ", tensor.dim(),
               " dimensions", tensor.has_storage() ? "" : " without storage");
   return id;
+}
+
+// Asks for the cache lines of [p, p + bytes) ahead of their use.
+void prefetch_lines(const void* p, size_t bytes) {
+  constexpr size_t kLine = 64;
+  for (size_t offset = 0; offset < bytes; offset += kLine) __builtin_prefetch(static_cast<const char*>(p) + offset);
 }
 
 }  // namespace
@@ -55,17 +62,30 @@ BakedTensors::BakedTensors(const std::vector<at::Tensor>& watched, std::vector<i
 }
 
 bool BakedTensors::stale(const std::function<at::Tensor(int64_t)>& argument) const {
-  for (const Watched& w : watched_) {
-    if (w.input_index < 0) {
-      if (!w.matches(w.constant)) return true;
-      continue;
+  // The tensors first, then the levels of memory the checks read -- TensorImpls, their
+  // storages, the compared values -- asked for ahead, each level for all tensors at once:
+  // after a forward they are out of the caches, and checked one at a time each tensor
+  // would wait for its misses in turn (docs/architecture.md).
+  std::vector<at::Tensor> now;
+  now.reserve(watched_.size() + compared_.size());
+  for (const Watched& w : watched_) now.push_back(w.input_index < 0 ? w.constant : argument(w.input_index));
+  for (const Compared& c : compared_) now.push_back(c.input_index < 0 ? c.constant : argument(c.input_index));
+  const auto each_tensor = [&](auto f) {
+    for (const at::Tensor& t : now) {
+      if (t.defined() && t.has_storage()) f(t);
     }
-    const at::Tensor now = argument(w.input_index);
-    if (!now.defined() || w.built_from.expired() || !w.matches(now)) return true;
+    for (const Compared& c : compared_) f(c.values);
+  };
+  each_tensor([](const at::Tensor& t) { prefetch_lines(t.unsafeGetTensorImpl(), sizeof(c10::TensorImpl)); });
+  each_tensor([](const at::Tensor& t) { prefetch_lines(t.storage().unsafeGetStorageImpl(), sizeof(c10::StorageImpl)); });
+  each_tensor([](const at::Tensor& t) { __builtin_prefetch(t.storage().data()); });
+  for (size_t i = 0; i < watched_.size(); ++i) {
+    const Watched& w = watched_[i];
+    if (!now[i].defined() || (w.input_index >= 0 && w.built_from.expired()) || !w.matches(now[i])) return true;
   }
-  for (const Compared& c : compared_) {
-    const at::Tensor now = c.input_index < 0 ? c.constant : argument(c.input_index);
-    if (!now.defined() || !same_values(now, c.values)) return true;
+  for (size_t i = 0; i < compared_.size(); ++i) {
+    const at::Tensor& t = now[watched_.size() + i];
+    if (!t.defined() || !same_values(t, compared_[i].values)) return true;
   }
   return false;
 }

@@ -1,7 +1,8 @@
 // What one build of a compiled graph baked in (torch_sparsecpu/backend.py), checked
 // before every call of the graph: in C++ because a ResNet-50 build watches about 160
 // tensors and compares the values of about 100 more, which cost about 0.6 ms a call as
-// Python, 39 us here (docs/architecture.md, what the Python wrapper watches).
+// Python, 20-40 us here, 120 us right after a forward (docs/architecture.md, what the
+// Python wrapper watches).
 #pragma once
 
 #include <ATen/ATen.h>

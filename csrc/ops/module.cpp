@@ -86,6 +86,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("watched"), pybind11::arg("watched_inputs"), pybind11::arg("compared"),
            pybind11::arg("compared_inputs"))
       .def("stale", [](const BakedTensors& baked, const pybind11::tuple& args) {
+            for (const auto& arg : args) __builtin_prefetch(arg.ptr());  // see BakedTensors::stale
             return baked.stale([&](int64_t i) {
               PyObject* object = i < static_cast<int64_t>(args.size()) ? args[i].ptr() : nullptr;
               return object != nullptr && THPVariable_Check(object) ? THPVariable_Unpack(object) : at::Tensor();
