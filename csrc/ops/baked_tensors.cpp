@@ -61,18 +61,29 @@ BakedTensors::BakedTensors(const std::vector<at::Tensor>& watched, std::vector<i
   }
 }
 
-bool BakedTensors::stale(const std::function<at::Tensor(int64_t)>& argument) const {
-  // The tensors first, then the levels of memory the checks read -- TensorImpls, their
-  // storages, the compared values -- asked for ahead, each level for all tensors at once:
-  // after a forward they are out of the caches, and checked one at a time each tensor
-  // would wait for its misses in turn (docs/architecture.md).
-  std::vector<at::Tensor> now;
+bool BakedTensors::stale(const std::vector<const at::Tensor*>& arguments) const {
+  // The tensor a check reads (argument input_index, or at -1 the constant), null when
+  // there is none (then stale).
+  const auto tensor = [&](int64_t input_index, const at::Tensor& constant) -> const at::Tensor* {
+    const at::Tensor* t = nullptr;
+    if (input_index < 0) {
+      t = &constant;
+    } else if (input_index < static_cast<int64_t>(arguments.size())) {
+      t = arguments[input_index];
+    }
+    return t != nullptr && t->defined() ? t : nullptr;
+  };
+  // The levels of memory the checks read -- TensorImpls, their storages, the compared
+  // values -- asked for ahead, each level for all tensors at once: after a forward they
+  // are out of the caches, and checked one at a time each tensor would wait for its
+  // misses in turn (docs/architecture.md).
+  std::vector<const at::Tensor*> now;
   now.reserve(watched_.size() + compared_.size());
-  for (const Watched& w : watched_) now.push_back(w.input_index < 0 ? w.constant : argument(w.input_index));
-  for (const Compared& c : compared_) now.push_back(c.input_index < 0 ? c.constant : argument(c.input_index));
+  for (const Watched& w : watched_) now.push_back(tensor(w.input_index, w.constant));
+  for (const Compared& c : compared_) now.push_back(tensor(c.input_index, c.constant));
   const auto each_tensor = [&](auto f) {
-    for (const at::Tensor& t : now) {
-      if (t.defined() && t.has_storage()) f(t);
+    for (const at::Tensor* t : now) {
+      if (t != nullptr && t->has_storage()) f(*t);
     }
     for (const Compared& c : compared_) f(c.values);
   };
@@ -81,11 +92,11 @@ bool BakedTensors::stale(const std::function<at::Tensor(int64_t)>& argument) con
   each_tensor([](const at::Tensor& t) { __builtin_prefetch(t.storage().data()); });
   for (size_t i = 0; i < watched_.size(); ++i) {
     const Watched& w = watched_[i];
-    if (!now[i].defined() || (w.input_index >= 0 && w.built_from.expired()) || !w.matches(now[i])) return true;
+    if (now[i] == nullptr || (w.input_index >= 0 && w.built_from.expired()) || !w.matches(*now[i])) return true;
   }
   for (size_t i = 0; i < compared_.size(); ++i) {
-    const at::Tensor& t = now[watched_.size() + i];
-    if (!t.defined() || !same_values(t, compared_[i].values)) return true;
+    const at::Tensor* t = now[watched_.size() + i];
+    if (t == nullptr || !same_values(*t, compared_[i].values)) return true;
   }
   return false;
 }

@@ -86,11 +86,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("watched"), pybind11::arg("watched_inputs"), pybind11::arg("compared"),
            pybind11::arg("compared_inputs"))
       .def("stale", [](const BakedTensors& baked, const pybind11::tuple& args) {
-            for (const auto& arg : args) __builtin_prefetch(arg.ptr());  // see BakedTensors::stale
-            return baked.stale([&](int64_t i) {
-              PyObject* object = i < static_cast<int64_t>(args.size()) ? args[i].ptr() : nullptr;
-              return object != nullptr && THPVariable_Check(object) ? THPVariable_Unpack(object) : at::Tensor();
-            });
+            // The tensors borrowed from their Python objects, all fetched first (see
+            // BakedTensors::stale).
+            for (const auto& arg : args) __builtin_prefetch(arg.ptr());
+            std::vector<const at::Tensor*> tensors;
+            tensors.reserve(args.size());
+            for (const auto& arg : args) {
+              tensors.push_back(THPVariable_Check(arg.ptr()) ? &THPVariable_Unpack(arg.ptr()) : nullptr);
+            }
+            return baked.stale(tensors);
           }, pybind11::arg("args"), "Whether any of them changed, given the call's arguments (a tuple).");
   m.attr("HEADER_WORDS") = kernels::kHeaderWords;
   m.attr("PACKED_MAGIC") = kernels::kPackedMagic;
