@@ -43,8 +43,9 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
   forward's wall time cut at the entry and exit of its ``conv_chain`` calls, into the
   time before the first (Dynamo's guards, Inductor's wrapper, the dense stem and its
   pooling), in the calls, between them and after the last; and each call's time inside
-  the forward, next to which ``chains`` shows the same call run alone. Medians over
-  ``--rounds`` x 50 forwards (each piece's own median: they need not add up).
+  the forward next to the same call run alone right after (warm: what ``chains`` times
+  under the planner). Medians over ``--rounds`` x 50 forwards (each piece's own median:
+  they need not add up).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from torch_sparsecpu.bench.measure import relative_error
 from torch_sparsecpu.bench.models import BenchModel, build_model, resolve_model
 from torch_sparsecpu.kernels import torch_threads
 
-from common import check_then_time
+from common import check_then_time, median_ms
 
 # --model choice: its name in torch_sparsecpu.bench.models
 MODELS = {"resnet50": "resnet50", "mobilenetv2": "mobilenet-v2"}
@@ -362,11 +363,15 @@ def run_forward(args) -> None:
                     ("after the last", end - exits[-1]),
                 ):
                     pieces[name].append(seconds)
+        op = torch.ops.sparsecpu.conv_chain.default
+        alone = [median_ms(functools.partial(op, *a, **k), args.threads, args.min_run_time) for a, k in calls]
     for name, seconds in pieces.items():
         print(f"{name:>22} {statistics.median(seconds) * 1e3:>8.3f} ms")
-    print(f"{'call':>4} {'input':>20} {'ms in the forward':>18}")
-    for i, ((op_args, _), seconds) in enumerate(zip(calls, per_call, strict=True)):
-        print(f"{i:>4} {str(list(op_args[0].shape)):>20} {statistics.median(seconds) * 1e3:>18.3f}")
+    print(f"{'call':>4} {'input':>20} {'ms in the forward':>18} {'ms alone':>9}")
+    in_forward = [statistics.median(seconds) * 1e3 for seconds in per_call]
+    for i, ((op_args, _), ms, alone_ms) in enumerate(zip(calls, in_forward, alone, strict=True)):
+        print(f"{i:>4} {str(list(op_args[0].shape)):>20} {ms:>18.3f} {alone_ms:>9.3f}")
+    print(f"{'all':>4} {'':>20} {sum(in_forward):>18.3f} {sum(alone):>9.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

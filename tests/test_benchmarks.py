@@ -205,7 +205,7 @@ def test_bench_conv_chains_replays_each_conv_chain_call(capsys):
 
 def test_bench_conv_forward_cuts_the_forward_at_each_conv_chain_call(capsys):
     pytest.importorskip("transformers")
-    run_main(bench_conv, "--mode forward --model mobilenetv2 --image 32 --threads 2 --rounds 1")
+    run_main(bench_conv, "--mode forward --model mobilenetv2 --image 32 --threads 2 --rounds 1 --min-run-time 0.01")
     out = capsys.readouterr().out
     pieces = {
         line.rsplit(None, 2)[0].strip(): float(line.split()[-2]) for line in out.splitlines() if line.endswith(" ms")
@@ -216,7 +216,12 @@ def test_bench_conv_forward_cuts_the_forward_at_each_conv_chain_call(capsys):
     assert all(ms <= pieces["forward"] for ms in pieces.values())
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(row[0]) for row in rows] == list(range(16))  # MobileNetV2's 16 conv_chain calls
-    assert sum(float(row[-1]) for row in rows) == pytest.approx(pieces["in the chains"], rel=0.5)
+    # Each call in the forward and alone; then the sums of both columns.
+    assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows)
+    assert sum(float(row[-2]) for row in rows) == pytest.approx(pieces["in the chains"], rel=0.5)
+    total = next(line.split() for line in out.splitlines() if line.split()[:1] == ["all"])
+    assert float(total[1]) == pytest.approx(sum(float(row[-2]) for row in rows), abs=0.01)
+    assert float(total[2]) == pytest.approx(sum(float(row[-1]) for row in rows), abs=0.01)
 
 
 @pytest.mark.slow
