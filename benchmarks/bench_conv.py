@@ -374,42 +374,7 @@ def run_forward(args) -> None:
     print(f"{'all':>4} {'':>20} {sum(in_forward):>18.3f} {sum(alone):>9.3f}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("layers", "blocks", "model", "chains", "forward"), default="layers")
-    parser.add_argument("--block", action="append", help="blocks mode: a block (ResNet: under encoder; repeatable)")
-    parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
-    parser.add_argument("--sparsity", type=float, default=90, help="percent of zero weights (default 90)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--image", type=int, default=224, help="input height and width (default 224)")
-    parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument(
-        "--floor",
-        action="store_true",
-        help="blocks mode: also time each block with 99.9%% zeros, and the most fusing could gain; "
-        "model mode: also the fused model with 99.9%% zeros (the time outside the multiplies)",
-    )
-    args = parser.parse_args(argv)
-    if not 0 <= args.sparsity < 100:
-        parser.error(f"--sparsity must be in [0, 100), got {args.sparsity}")
-    for name in ("threads", "rounds", "image"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    torch.manual_seed(0)
-    if args.mode == "blocks":
-        run_blocks(args)
-        return 0
-    if args.mode == "model":
-        run_model(args)
-        return 0
-    if args.mode == "chains":
-        run_chains(args)
-        return 0
-    if args.mode == "forward":
-        run_forward(args)
-        return 0
-
+def run_layers(args) -> None:
     layers = conv_layers(args.model, args.sparsity / 100, args.image)
     print(
         f"{args.model}, {args.image} x {args.image}, {args.sparsity:g}% zeros, {args.threads} threads, "
@@ -451,6 +416,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"all {sum(c for *_, c in layers)} ungrouped convolutions: dense {total_dense:.1f} ms, "
         f"sparse {total_sparse:.1f} ms, {total_dense / total_sparse:.2f}x"
     )
+
+
+# --mode: what each runs (the module docstring says what each times).
+MODES = {"layers": run_layers, "blocks": run_blocks, "model": run_model, "chains": run_chains, "forward": run_forward}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=tuple(MODES), default="layers")
+    parser.add_argument("--block", action="append", help="blocks mode: a block (ResNet: under encoder; repeatable)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
+    parser.add_argument("--sparsity", type=float, default=90, help="percent of zero weights (default 90)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--image", type=int, default=224, help="input height and width (default 224)")
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="blocks mode: also time each block with 99.9%% zeros, and the most fusing could gain; "
+        "model mode: also the fused model with 99.9%% zeros (the time outside the multiplies)",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.sparsity < 100:
+        parser.error(f"--sparsity must be in [0, 100), got {args.sparsity}")
+    for name in ("threads", "rounds", "image"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    torch.manual_seed(0)
+    MODES[args.mode](args)
     return 0
 
 
