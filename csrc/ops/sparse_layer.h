@@ -102,12 +102,17 @@ inline int64_t row_block_work(const kernels::PackedLinearView& w, int64_t rb) {
 // Starts of `parts` contiguous chunks of the items whose work's prefix sums are
 // `work_prefix` (one more entry than items, from 0), balanced by that work: chunk c is
 // [starts[c], starts[c + 1]); starts has parts + 1 entries, the last the item count.
+// Each cut is the item boundary nearest its share of the work, not the first past it:
+// with few, large items (a team's 4 row blocks of 128 rows) the first past it gave
+// the first chunk 3 of 4.
 inline std::vector<int64_t> balanced_chunk_starts(const std::vector<int64_t>& work_prefix, int64_t parts) {
   const int64_t items = static_cast<int64_t>(work_prefix.size()) - 1;
   std::vector<int64_t> starts(parts + 1, items);
   for (int64_t c = 1; c < parts; ++c) {
     const int64_t target = work_prefix[items] * c / parts;
-    starts[c] = std::lower_bound(work_prefix.begin(), work_prefix.end(), target) - work_prefix.begin();
+    int64_t cut = std::lower_bound(work_prefix.begin(), work_prefix.end(), target) - work_prefix.begin();
+    if (cut > 0 && target - work_prefix[cut - 1] < work_prefix[cut] - target) --cut;
+    starts[c] = cut;
   }
   starts[0] = 0;
   return starts;
