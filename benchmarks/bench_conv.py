@@ -438,6 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="blocks mode: also time each block with 99.9%% zeros, and the most fusing could gain; "
         "model mode: also the fused model with 99.9%% zeros (the time outside the multiplies)",
     )
+    parser.add_argument(
+        "--dict-tag-guards",
+        action="store_true",
+        help="compile with torch._dynamo.config.use_recursive_dict_tags_for_guards = True: Dynamo "
+        "skips the guards under a module whose attribute dicts are unchanged since the last call",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.sparsity < 100:
         parser.error(f"--sparsity must be in [0, 100), got {args.sparsity}")
@@ -445,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.manual_seed(0)
-    MODES[args.mode](args)
+    with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=args.dict_tag_guards):
+        MODES[args.mode](args)
     return 0
 
 

@@ -224,6 +224,17 @@ def test_bench_conv_forward_cuts_the_forward_at_each_conv_chain_call(capsys):
     assert float(total[2]) == pytest.approx(sum(float(row[-1]) for row in rows), abs=0.01)
 
 
+def test_bench_conv_dict_tag_guards_sets_dynamos_config_for_the_run_only(monkeypatch):
+    seen = []
+    monkeypatch.setitem(
+        bench_conv.MODES, "layers", lambda args: seen.append(torch._dynamo.config.use_recursive_dict_tags_for_guards)
+    )
+    run_main(bench_conv, "--dict-tag-guards")
+    run_main(bench_conv, "")
+    assert seen == [True, False]
+    assert not torch._dynamo.config.use_recursive_dict_tags_for_guards
+
+
 @pytest.mark.slow
 def test_bench_conv_blocks_fuses_each_bottleneck_into_one_op(capsys):
     pytest.importorskip("transformers")
