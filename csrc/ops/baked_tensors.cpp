@@ -4,6 +4,8 @@
 #include <utility>
 #include <vector>
 
+#include "prefetch.h"
+
 namespace sparsecpu {
 
 namespace {
@@ -26,12 +28,6 @@ TensorIdentity identity_of(const at::Tensor& tensor) {
   TORCH_CHECK(identify(tensor, &id), "sparsecpu: a compiled graph cannot watch a tensor of ", tensor.dim(),
               " dimensions", tensor.has_storage() ? "" : " without storage");
   return id;
-}
-
-// Asks for the cache lines of [p, p + bytes) ahead of their use.
-void prefetch_lines(const void* p, size_t bytes) {
-  constexpr size_t kLine = 64;
-  for (size_t offset = 0; offset < bytes; offset += kLine) __builtin_prefetch(static_cast<const char*>(p) + offset);
 }
 
 }  // namespace

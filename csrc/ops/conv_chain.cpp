@@ -56,6 +56,7 @@
 #include "checks.h"
 #include "cpu_caches.h"
 #include "packed_weights.h"
+#include "prefetch.h"
 #include "sparse_layer.h"
 #include "tap_weights.h"
 
@@ -315,18 +316,6 @@ bool register_aligned(const kernels::SpmmKernels& k, const float* p) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(k.vector_width * sizeof(float)) == 0;
 }
 
-// Asks for the cache lines of floats [p, p + count) ahead of their use (`for_writing`:
-// to be written).
-inline void prefetch_run(const float* p, int64_t count, bool for_writing) {
-  constexpr int64_t kLineFloats = 16;
-  for (int64_t i = 0; i < count; i += kLineFloats) {
-    if (for_writing) {
-      __builtin_prefetch(p + i, 1);
-    } else {
-      __builtin_prefetch(p + i, 0);
-    }
-  }
-}
 
 // The tokens of `tokens` from one plane of an image into row (token t at row[t], zeros
 // for the dropped tokens of wide rows): token (band row r, column q) at from + r *
@@ -521,11 +510,11 @@ void write_tile_to_output(const kernels::SpmmKernels& k, const float* tile, int6
       if (one_run) {
         if (prefetch && c + kPrefetchChannels < channels) {
           const int64_t ahead = c + kPrefetchChannels;
-          prefetch_run(origin + ahead * y.channel_stride + tokens.first, tokens.count, /*for_writing=*/true);
+          prefetch_lines(origin + ahead * y.channel_stride + tokens.first, tokens.count * sizeof(float), /*for_writing=*/true);
           if (residual != nullptr) {
-            prefetch_run(residual->data + ahead * residual->channel_stride + first_output_row * residual->row_stride +
-                             tokens.first,
-                         tokens.count, /*for_writing=*/false);
+            prefetch_lines(residual->data + ahead * residual->channel_stride + first_output_row * residual->row_stride +
+                               tokens.first,
+                           tokens.count * sizeof(float));
           }
         }
         write(tile + c * width, tokens.count, c, tokens.first);
