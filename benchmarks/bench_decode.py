@@ -53,7 +53,7 @@ import torch
 import torch_sparsecpu
 from torch_sparsecpu.backend import sparsecpu_backend
 from torch_sparsecpu.bench.cli import INT8_LOGITS_TOLERANCE
-from torch_sparsecpu.bench.measure import greedy_with_logits, step_logits_errors
+from torch_sparsecpu.bench.measure import greedy_with_logits, step_logits_errors, warn_if_threads_sleep
 
 from common import parse_int_list
 
@@ -326,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return first_call_child(args)
     if args.first_call:
         return first_call(args, [a for a in argv if a != "--first-call"])
+    warn_if_threads_sleep()
     print_table(args, [time_sparsity(args, sparsity) for sparsity in args.sparsities])
     return 0
 

@@ -41,7 +41,13 @@ from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
 import torch_sparsecpu
-from torch_sparsecpu.bench.measure import cpu_model_name, interleaved_rounds, relative_error
+from torch_sparsecpu.bench.measure import (
+    cpu_model_name,
+    interleaved_rounds,
+    relative_error,
+    timing_environment,
+    warn_if_threads_sleep,
+)
 from torch_sparsecpu.kernels import torch_threads
 
 SHAPES_FILE = Path(__file__).with_name("shapes.json")
@@ -671,6 +677,7 @@ def machine_info(
     threads: Sequence[int], min_run_time: float, rounds: int = 1, block_rows: int = 1, block_cols: int = 1
 ) -> dict:
     """What a reader needs to compare these numbers with others."""
+    warn_if_threads_sleep()
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model_name(),
@@ -683,6 +690,7 @@ def machine_info(
         "torch_sparsecpu": torch_sparsecpu.__version__,
         "isa": torch_sparsecpu.isa(),
         "available_isas": torch_sparsecpu.available_isas(),
+        "environment": timing_environment(),
         "threads": list(threads),
         "min_run_time_s": min_run_time,
         "rounds": rounds,

@@ -19,7 +19,7 @@ from torch import nn
 
 import torch_sparsecpu
 from torch_sparsecpu.backend import sparsecpu_backend
-from torch_sparsecpu.bench import cli
+from torch_sparsecpu.bench import cli, measure
 from torch_sparsecpu.bench.measure import percentile, relative_error
 from torch_sparsecpu.bench.models import IMAGE, ConfigFieldError, build_model, is_causal_lm_type, resolve_model
 
@@ -35,7 +35,7 @@ TINY_LLAMA_CONFIG = {
 }
 TINY_LLAMA = ["--model", "llama-tiny", *(f"--config={k}={v}" for k, v in TINY_LLAMA_CONFIG.items()), "--seq", "8"]
 REQUIRED_KEYS = {"path", "median_ms", "p90_ms", "speedup", "compile_s", "model", "sparsity", "block", "batch", "seq"}
-REQUIRED_KEYS |= {"threads", "throughput", "peak_rss_mb"}
+REQUIRED_KEYS |= {"threads", "throughput", "peak_rss_mb", "environment"}
 
 
 @pytest.mark.parametrize(
@@ -286,3 +286,42 @@ def test_relative_error_counts_nan_and_shape_as_wrong():
     assert relative_error(torch.tensor([1.0, math.nan]), expected) == math.inf
     assert relative_error(torch.ones(3), expected) == math.inf
     assert relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "variable, value, sleeps",
+    [
+        ("OMP_WAIT_POLICY", "passive", True),
+        ("OMP_WAIT_POLICY", "PASSIVE", True),
+        ("OMP_WAIT_POLICY", "active", False),
+        ("GOMP_SPINCOUNT", "0", True),
+        ("GOMP_SPINCOUNT", "300000", False),
+        ("KMP_BLOCKTIME", "0", True),
+        ("OMP_PROC_BIND", "close", False),
+    ],
+)
+def test_timing_environment_is_recorded_and_sleeping_threads_warned(variable, value, sleeps, monkeypatch):
+    for name in measure.TIMING_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    assert measure.timing_environment() == {}
+    monkeypatch.setenv(variable, value)
+    assert measure.timing_environment() == {variable: value}
+    warning = measure.sleeping_threads_warning(measure.timing_environment())
+    if sleeps:
+        assert warning is not None and f"{variable}={value}" in warning and "read too high" in warning
+    else:
+        assert warning is None
+
+
+def test_a_run_with_sleeping_threads_warns_once_and_records_it(tmp_path, monkeypatch, capsys):
+    """OMP_WAIT_POLICY=passive inflates speed-ups against eager (docs/benchmarks.md): the
+    run says so on stderr, once however many rounds, and its records and header keep it."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    measure._warn_once.cache_clear()
+    records_path = tmp_path / "r.json"
+    arguments = [*TINY_MLP, "--repeats", "2", "--warmup", "0", "--threads", "1", "--json", str(records_path)]
+    assert cli.main(arguments) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("OMP_WAIT_POLICY=passive: idle OpenMP threads sleep") == 1, captured.err
+    assert "environment: OMP_WAIT_POLICY=passive" in captured.out
+    assert all(record["environment"]["OMP_WAIT_POLICY"] == "passive" for record in json.loads(records_path.read_text()))

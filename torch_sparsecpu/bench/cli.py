@@ -49,6 +49,7 @@ from .measure import (
     relative_error,
     reset_peak_rss,
     step_logits_errors,
+    timing_environment,
 )
 from .models import (
     BLOCK_SHAPES,
@@ -457,6 +458,7 @@ def make_records(
         "isa": torch_sparsecpu.isa(),
         "torch": torch.__version__,
         "cpu": cpu_model_name(),
+        "environment": timing_environment(),
     }
     totals = {name: [t.total_ms for t in times] if args.decode else list(times) for name, times in samples.items()}
     reference_ms = statistics.median(totals[REFERENCE])
@@ -621,6 +623,8 @@ def run(args: argparse.Namespace, spec: ModelSpec) -> int:
         f"torch {torch.__version__}",
         flush=True,
     )
+    if environment := timing_environment():
+        print(f"  environment: {', '.join(f'{name}={value}' for name, value in environment.items())}", flush=True)
     with torch.inference_mode():
         try:
             if args.decode:

@@ -1,12 +1,16 @@
 """What the benchmarks measure and how: interleaved timing rounds, percentiles, the
-relative error a compiled path is checked by, peak resident memory, the CPU's name."""
+relative error a compiled path is checked by, peak resident memory, the CPU's name and
+the environment variables that move timings."""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import platform
 import re
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +29,7 @@ def interleaved_rounds(
     candidates one after another, rather than each for a while, makes a slow spell of a
     noisy machine hit all of them alike: compare medians over rounds. ``progress`` wraps
     the rounds (a progress bar)."""
+    warn_if_threads_sleep()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in progress(range(rounds)):
         for name, fn in candidates.items():
@@ -121,3 +126,56 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+# Environment variables that decide how idle OpenMP threads wait, where threads run and how
+# memory is paged: each moves timings, so the records keep the ones that are set.
+TIMING_ENVIRONMENT = (
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "OMP_PROC_BIND",
+    "OMP_PLACES",
+    "GOMP_CPU_AFFINITY",
+    "KMP_AFFINITY",
+    "THP_MEM_ALLOC_ENABLE",
+)
+
+
+def timing_environment() -> dict[str, str]:
+    """The variables of ``TIMING_ENVIRONMENT`` set in this process, with their values."""
+    return {name: os.environ[name] for name in TIMING_ENVIRONMENT if name in os.environ}
+
+
+def sleeping_threads_warning(environment: Mapping[str, str]) -> str | None:
+    """A warning when ``environment`` makes idle OpenMP threads sleep instead of spin
+    (``OMP_WAIT_POLICY=passive``, ``GOMP_SPINCOUNT=0``, ``KMP_BLOCKTIME=0``), else None.
+    Eager PyTorch's many short parallel regions then each wait for threads to wake and
+    slow down far more than sparsecpu's: a speed-up against eager reads too high
+    (ResNet-50 4.9x instead of 3.7x, docs/benchmarks.md, "Sleeping waiters")."""
+    sleeping = [
+        f"{name}={value}"
+        for name, value in environment.items()
+        if (name == "OMP_WAIT_POLICY" and value.strip().lower() == "passive")
+        or (name in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME") and value.strip() == "0")
+    ]
+    if not sleeping:
+        return None
+    return (
+        f"warning: {', '.join(sleeping)}: idle OpenMP threads sleep between parallel regions, which slows "
+        "eager PyTorch's many short regions far more than sparsecpu's, so speed-ups against eager read too "
+        'high (docs/benchmarks.md, "Sleeping waiters"); unset it to compare'
+    )
+
+
+def warn_if_threads_sleep() -> None:
+    """Prints :func:`sleeping_threads_warning` for this process's environment to stderr,
+    once per process, if there is one (every benchmark that times paths calls it)."""
+    warning = sleeping_threads_warning(timing_environment())
+    if warning is not None:
+        _warn_once(warning)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    print(message, file=sys.stderr)
