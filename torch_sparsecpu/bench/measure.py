@@ -150,9 +150,10 @@ def timing_environment() -> dict[str, str]:
 def sleeping_threads_warning(environment: Mapping[str, str]) -> str | None:
     """A warning when ``environment`` makes idle OpenMP threads sleep instead of spin
     (``OMP_WAIT_POLICY=passive``, ``GOMP_SPINCOUNT=0``, ``KMP_BLOCKTIME=0``), else None.
-    Eager PyTorch's many short parallel regions then each wait for threads to wake and
-    slow down far more than sparsecpu's: a speed-up against eager reads too high
-    (ResNet-50 4.9x instead of 3.7x, docs/benchmarks.md, "Sleeping waiters")."""
+    A path of many short parallel regions (eager PyTorch, ``fuse_layers=False``) then
+    waits for threads to wake at each and slows down far more than a fused one: speed-ups
+    read too high (ResNet-50 4.9x eager instead of 3.7x, docs/benchmarks.md, "Sleeping
+    waiters")."""
     sleeping = [
         f"{name}={value}"
         for name, value in environment.items()
@@ -162,9 +163,9 @@ def sleeping_threads_warning(environment: Mapping[str, str]) -> str | None:
     if not sleeping:
         return None
     return (
-        f"warning: {', '.join(sleeping)}: idle OpenMP threads sleep between parallel regions, which slows "
-        "eager PyTorch's many short regions far more than sparsecpu's, so speed-ups against eager read too "
-        'high (docs/benchmarks.md, "Sleeping waiters"); unset it to compare'
+        f"warning: {', '.join(sleeping)}: idle OpenMP threads sleep between parallel regions, which slows a "
+        "path of many short regions (eager PyTorch, fuse_layers=False) far more than a fused one, so speed-ups "
+        'read too high (docs/benchmarks.md, "Sleeping waiters"); unset it to compare'
     )
 
 
