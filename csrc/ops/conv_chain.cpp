@@ -316,7 +316,6 @@ bool register_aligned(const kernels::SpmmKernels& k, const float* p) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(k.vector_width * sizeof(float)) == 0;
 }
 
-
 // The tokens of `tokens` from one plane of an image into row (token t at row[t], zeros
 // for the dropped tokens of wide rows): token (band row r, column q) at from + r *
 // row_step + q * step. A stretch of whole rows (a 7 x 7 image's) is one copy_rows call,
@@ -510,7 +509,8 @@ void write_tile_to_output(const kernels::SpmmKernels& k, const float* tile, int6
       if (one_run) {
         if (prefetch && c + kPrefetchChannels < channels) {
           const int64_t ahead = c + kPrefetchChannels;
-          prefetch_lines(origin + ahead * y.channel_stride + tokens.first, tokens.count * sizeof(float), /*for_writing=*/true);
+          prefetch_lines(origin + ahead * y.channel_stride + tokens.first, tokens.count * sizeof(float),
+                         /*for_writing=*/true);
           if (residual != nullptr) {
             prefetch_lines(residual->data + ahead * residual->channel_stride + first_output_row * residual->row_stride +
                                tokens.first,
