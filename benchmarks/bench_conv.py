@@ -33,7 +33,9 @@ the median over rounds), so a slow spell of a shared machine hits every path ali
   ResNet-50: every convolution but the stem pruned; MobileNetV2: every convolution
   (``sparsecpu-bench``'s recipe; its depthwise ones run dense either way). With
   ``--floor`` also the fused model with its convolutions at 99.9% zeros: the forward's
-  time outside the sparse multiplies, and so what the multiplies take.
+  time outside the sparse multiplies, and so what the multiplies take, with their rate
+  (GFLOP/s over the nonzeros the 99.9% model lacks) next to eager's over its dense
+  convolutions.
 - ``chains``: each ``sparsecpu::conv_chain`` call of the fused model's forward (as
   ``model`` prunes it), recorded and called again as it was, under the tile planner's
   choice, with ``split_channels=False`` (bands, one thread each) and with
@@ -92,6 +94,28 @@ def conv_layers(model_name: str, sparsity: float, image: int) -> list[tuple[nn.C
     for hook in hooks:
         hook.remove()
     return [tuple(entry) for entry in seen.values()]
+
+
+def conv_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """FLOPs of one forward of ``model`` on ``x`` in its convolutions: over the nonzero
+    weights of the ungrouped ones (what the sparse kernels multiply) and over every weight
+    of all of them (what dense kernels do)."""
+    totals = [0, 0]
+
+    def count(layer, _inputs, output):
+        pixels = output[0, 0].numel() * output.shape[0]
+        if layer.groups == 1:
+            totals[0] += 2 * pixels * int(torch.count_nonzero(layer.weight))
+        totals[1] += 2 * pixels * layer.weight.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return totals[0], totals[1]
 
 
 def hf_resnet50(sparsity: float, prune_stem: bool) -> nn.Module:
@@ -244,6 +268,7 @@ def run_model(args) -> None:
             floor_model, _ = pruned_model(args, 0.999)
             floor_paths = compiled_paths(floor_model, x)
             paths["fused 99.9%"], expected["fused 99.9%"] = floor_paths["fused"], floor_paths["eager"]()
+            (sparse_flops, dense_flops), (floor_flops, _) = conv_flops(model, x), conv_flops(floor_model, x)
         ms = time_paths(paths, args, tolerance=1e-4, expected_results=expected)
     for name in ("eager", "unfused", "fused"):
         print(f"{name:>8} {ms[name]:>9.2f} ms  {ms['eager'] / ms[name]:>5.2f}x vs eager")
@@ -252,6 +277,14 @@ def run_model(args) -> None:
         print(
             f"fused with 99.9% zeros {ms['fused 99.9%']:.2f} ms (all but the multiplies): "
             f"the multiplies take {multiplies:.2f} ms ({multiplies / ms['fused']:.0%} of fused)"
+        )
+        # The nonzeros the 99.9% model lacks, in the multiplies' time; eager's convolutions
+        # over every weight in eager's whole forward (so a lower bound on their rate).
+        sparse_rate = (sparse_flops - floor_flops) / (multiplies * 1e6) / args.threads
+        dense_rate = dense_flops / (ms["eager"] * 1e6) / args.threads
+        print(
+            f"multiplies {sparse_rate:.1f} GFLOP/s over nonzeros per thread; "
+            f"eager {dense_rate:.1f} GFLOP/s per thread (its convolutions, dense)"
         )
 
 

@@ -273,6 +273,20 @@ def test_bench_conv_model_floor_splits_the_fused_forward(capsys):
     floor, multiplies = (float(word) for word in re.findall(r"(-?[0-9.]+) ms", floor_line)[:2])
     # The split adds up (both printed to 2 decimals); times are not compared with each other.
     assert floor > 0 and abs(floor + multiplies - fused) <= 0.011
+    rates = next(line for line in lines if line.startswith("multiplies "))
+    assert "GFLOP/s over nonzeros per thread" in rates
+    assert float(re.search(r"eager (-?[0-9.]+) GFLOP/s", rates).group(1)) > 0
+
+
+def test_conv_flops_counts_nonzero_weights_of_ungrouped_convolutions_and_every_weight():
+    ungrouped = nn.Conv2d(3, 4, 3, padding=1, bias=False)  # 8 x 8 output pixels
+    depthwise = nn.Conv2d(4, 4, 3, groups=4, bias=False)  # 6 x 6
+    with torch.no_grad():
+        ungrouped.weight.fill_(1.0)
+        ungrouped.weight[0].zero_()  # 27 of its 108 weights zero
+    sparse, dense = bench_conv.conv_flops(nn.Sequential(ungrouped, depthwise), torch.randn(2, 3, 8, 8))
+    assert sparse == 2 * (2 * 64) * 81  # 2 images; the depthwise layer's not counted
+    assert dense == 2 * (2 * 64) * 108 + 2 * (2 * 36) * 36
 
 
 def test_bench_decode_checks_tokens_then_times_each_sparsity(capsys):
