@@ -280,12 +280,14 @@ def run_model(args) -> None:
         )
         # The nonzeros the 99.9% model lacks, in the multiplies' time; eager's convolutions
         # over every weight in eager's whole forward (so a lower bound on their rate).
-        sparse_rate = (sparse_flops - floor_flops) / (multiplies * 1e6) / args.threads
         dense_rate = dense_flops / (ms["eager"] * 1e6) / args.threads
-        print(
-            f"multiplies {sparse_rate:.1f} GFLOP/s over nonzeros per thread; "
-            f"eager {dense_rate:.1f} GFLOP/s per thread (its convolutions, dense)"
+        sparse_rate = (
+            f"multiplies {(sparse_flops - floor_flops) / (multiplies * 1e6) / args.threads:.1f} "
+            "GFLOP/s over nonzeros per thread"
+            if multiplies > 0
+            else "multiplies: no time left to rate"
         )
+        print(f"{sparse_rate}; eager {dense_rate:.1f} GFLOP/s per thread (its convolutions, dense)")
 
 
 @contextlib.contextmanager

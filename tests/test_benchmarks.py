@@ -273,8 +273,9 @@ def test_bench_conv_model_floor_splits_the_fused_forward(capsys):
     floor, multiplies = (float(word) for word in re.findall(r"(-?[0-9.]+) ms", floor_line)[:2])
     # The split adds up (both printed to 2 decimals); times are not compared with each other.
     assert floor > 0 and abs(floor + multiplies - fused) <= 0.011
-    rates = next(line for line in lines if line.startswith("multiplies "))
-    assert "GFLOP/s over nonzeros per thread" in rates
+    rates = next(line for line in lines if line.startswith("multiplies"))
+    # (A forward this small may leave the multiplies no time to rate.)
+    assert "GFLOP/s over nonzeros per thread" in rates or "no time left to rate" in rates
     assert float(re.search(r"eager (-?[0-9.]+) GFLOP/s", rates).group(1)) > 0
 
 
